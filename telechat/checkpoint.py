@@ -1,0 +1,172 @@
+"""Checkpoint discovery, validation and loading with errors a person can act on.
+
+Official layouts (SPEC.md §2) and how they map onto our parameter names (= official 12B names):
+
+| checkpoint key (7B release)            | model parameter                                   |
+|----------------------------------------|---------------------------------------------------|
+| ``h.{i}.<rest>``                        | ``transformer.h.{i}.<rest>``                      |
+| ``word_embeddings.weight``              | ``transformer.word_embeddings.weight``            |
+| ``ln_f.weight``                         | ``transformer.ln_f.weight``                       |
+| (no ``lm_head.weight``: tied)           | ``lm_head.weight`` = word embeddings              |
+
+12B/12B-V2 and TeleChat2 keys already carry the ``transformer.`` prefix and an ``lm_head``;
+transformers' ``base_model_prefix`` logic adds the prefix for the 7B layout. Fused ``key_value``
+stays fused (per-head interleaved K/V rows), so no tensor is rewritten on load or save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a valid checkpoint folder holds."""
+
+    path: Path
+    config: dict
+    weight_files: tuple[Path, ...]
+    quantized: bool
+    is_demo: bool
+
+
+def inspect_checkpoint(path: str | Path, *, need_tokenizer: bool = False) -> CheckpointInfo:
+    """Validate a checkpoint folder without loading tensors; raise :class:`CheckpointError`."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model folder {path} does not exist; pass --model with a TeleChat checkpoint folder "
+                              "(or run `telechat demo-model DIR` to create a demo one)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; --model expects the checkpoint folder that holds config.json")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing; a TeleChat checkpoint folder needs its config.json")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); restore it from the original release") from e
+    archs = config.get("architectures") or []
+    from telechat.config import ARCHITECTURES
+
+    if config.get("model_type") not in ("telechat", "telechat2") or any(a not in ARCHITECTURES for a in archs):
+        raise CheckpointError(
+            f"{cfg_file} declares model_type={config.get('model_type')!r}, architectures={archs}; "
+            f"this runtime loads TeleChat checkpoints ({', '.join(ARCHITECTURES)})")
+    quantized = "quantization_config" in config or (path / "quantize_config.json").is_file()
+    files = _weight_files(path, quantized)
+    if need_tokenizer and not any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        raise CheckpointError(f"{path} has no tokenizer.model or tokenizer.json; copy the tokenizer files of the "
+                              "release into the folder")
+    return CheckpointInfo(path, config, files, quantized, bool(config.get("telechat_demo")))
+
+
+def _weight_files(path: Path, quantized: bool) -> tuple[Path, ...]:
+    for name in INDEX_FILES:
+        index = path / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is corrupt ({e}); restore it from the original release") from e
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{path / missing[0]} is missing ({len(missing)} of {len(shards)} shards listed "
+                                      f"in {name}); finish downloading the checkpoint")
+            return tuple(path / s for s in shards)
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return (path / name,)
+    if quantized:
+        gptq = sorted(p for p in path.iterdir() if p.name.startswith("gptq_model-") or p.suffix == ".safetensors")
+        if gptq:
+            return tuple(gptq)
+    raise CheckpointError(f"{path} holds no weights (expected {' or '.join(WEIGHT_FILES)} or a sharded "
+                          f"{' / '.join(INDEX_FILES)})")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` → bf16 on CUDA with bf16 support, else fp16 on CUDA, fp32 on CPU; validates support."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        if device.startswith("cuda"):
+            resolved = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            resolved = torch.float32
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
+    if device.startswith("cuda") and resolved == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise CheckpointError("this GPU has no bfloat16 support; pass --dtype float16")
+    return resolved
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; rejects CUDA requests without a GPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} requested but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict | None = None,
+    **config_overrides,
+):
+    """Load a TeleChat checkpoint (any official layout) as :class:`TelechatForCausalLM`, in eval mode.
+
+    Weights stream shard by shard onto a meta-initialised model (no second full copy in RAM), with
+    transformers' progress bar. ``config_overrides`` (e.g. ``rope_mode``, ``training_seqlen``,
+    ``base_seqlen``) replace config values for this load only.
+    """
+    import telechat  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    info = inspect_checkpoint(path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    overrides = {k: v for k, v in config_overrides.items() if v is not None}
+    config = AutoConfig.from_pretrained(info.path, **overrides)
+    if hasattr(config, "validate_telechat"):
+        config.validate_telechat()
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
+            output_loading_info=True,
+        )
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CheckpointError(f"could not read the weights in {info.path} ({_first_line(e)}); "
+                              "the files may be corrupt or incomplete: re-download them") from e
+    missing = [k for k in loading.get("missing_keys", ()) if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing:
+        raise CheckpointError(f"{info.path} lacks {len(missing)} tensors (first: {sorted(missing)[0]}); "
+                              "the checkpoint is incomplete or not a TeleChat checkpoint")
+    model.eval()
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
