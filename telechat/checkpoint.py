@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from telechat.errors import UserError
+
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -31,7 +33,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder cannot be used; the message names the file and the fix."""
 
 
@@ -148,15 +150,19 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
-    config = AutoConfig.from_pretrained(info.path, **overrides)
-    if hasattr(config, "validate_telechat"):
-        config.validate_telechat()
+    try:
+        config = AutoConfig.from_pretrained(info.path, **overrides)
+    except ValueError as e:
+        raise CheckpointError(f"{info.path / 'config.json'}: {_first_line(e)}") from e
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
             output_loading_info=True,
         )
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
+    except torch.OutOfMemoryError as e:
+        raise CheckpointError(f"out of memory loading {info.path} on {device} as {torch_dtype}; use a GPU with more "
+                              "memory, --device-map auto, a lower precision or a quantized checkpoint") from e
+    except Exception as e:  # noqa: BLE001 - safetensors/pickle/zip errors have no common base
         raise CheckpointError(f"could not read the weights in {info.path} ({_first_line(e)}); "
                               "the files may be corrupt or incomplete: re-download them") from e
     missing = [k for k in loading.get("missing_keys", ()) if k != "lm_head.weight" or not config.tie_word_embeddings]

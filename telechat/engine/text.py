@@ -1,0 +1,44 @@
+"""Token ids → streamed text for one request: incremental detokenization and stop strings.
+
+Text that might be the beginning of a stop string is held back until it is known not to be,
+so no stop string (or part of one) ever reaches the client.
+"""
+
+from __future__ import annotations
+
+from telechat.detokenizer import IncrementalDetokenizer
+
+
+class TextStream:
+    """Turns one request's new token ids into text deltas; reports when a stop string appears."""
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, skip_token_ids: list[int] | None = None):
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._stop = [s for s in (stop or []) if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._skip = set(skip_token_ids or [])
+        self._pending = ""
+        self.text = ""
+        self.stopped = False
+
+    def feed(self, token_ids: list[int], finished: bool = False) -> str:
+        """Add new ids; return the text that may be shown now (all of it once ``finished``)."""
+        if self.stopped:
+            return ""
+        self._pending += self._detok.push([t for t in token_ids if t not in self._skip])
+        if finished:
+            self._pending += self._detok.flush()
+        cut = self._find_stop()
+        if cut is not None:
+            delta, self._pending, self.stopped = self._pending[:cut], "", True
+        elif finished or not self._hold:
+            delta, self._pending = self._pending, ""
+        else:
+            keep = min(self._hold, len(self._pending))
+            delta, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        self.text += delta
+        return delta
+
+    def _find_stop(self) -> int | None:
+        hits = [i for i in (self._pending.find(s) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None

@@ -1,0 +1,165 @@
+"""A served model: weights + tokenizer + chat format + generation defaults + running engine.
+
+One place that the API, the CLI and the benchmarks use to go from a folder to something that
+answers chat messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from telechat.engine.async_engine import AsyncEngine
+from telechat.engine.engine import EngineConfig, LLMEngine
+from telechat.engine.sampling import SamplingParams
+from telechat.engine.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationDefaults:
+    """Sampling defaults from the checkpoint's ``generation_config.json`` (do_sample false → greedy)."""
+
+    temperature: float = 0.3
+    top_k: int = 5
+    top_p: float = 0.85
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+
+    @classmethod
+    def from_folder(cls, path: Path) -> GenerationDefaults:
+        """Read the defaults, falling back to the official values when the file is absent."""
+        f = path / "generation_config.json"
+        raw = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        return cls(**{k: raw[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample")
+                      if k in raw})
+
+
+@dataclass
+class StreamDelta:
+    """A piece of a reply: new text, and the final state when ``finish_reason`` is set."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Runtime:
+    """Everything needed to answer requests for one model."""
+
+    name: str
+    path: Path
+    model: object
+    tokenizer: object
+    chat: object
+    engine: AsyncEngine
+    defaults: GenerationDefaults
+    is_demo: bool = False
+    loaded_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        engine_config: EngineConfig | None = None,
+        lora: str | Path | None = None,
+        **config_overrides,
+    ) -> Runtime:
+        """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine."""
+        from telechat.chat_format import ChatFormat
+        from telechat.checkpoint import inspect_checkpoint, load_model
+        from telechat.tokenizer import load_tokenizer
+
+        path = Path(path).expanduser().resolve()
+        info = inspect_checkpoint(path, need_tokenizer=True)
+        model = load_model(path, device=device, dtype=dtype, **config_overrides)
+        if lora:
+            model = merge_adapter(model, Path(lora))
+        tokenizer = load_tokenizer(path)
+        gen_path = path / "generation_config.json"
+        generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else None
+        chat = ChatFormat(tokenizer, generation)
+        engine = AsyncEngine(LLMEngine(model, engine_config))
+        return cls(name=name or path.name, path=path, model=model, tokenizer=tokenizer, chat=chat, engine=engine,
+                   defaults=GenerationDefaults.from_folder(path), is_demo=info.is_demo)
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + reply this runtime accepts."""
+        return self.engine.engine.max_model_len
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """Request values over checkpoint defaults; ``None`` means "use the default"."""
+        d = self.defaults
+        values = dict(
+            temperature=d.temperature if d.do_sample else 0.0, top_k=d.top_k if d.do_sample else 0,
+            top_p=d.top_p if d.do_sample else 1.0, repetition_penalty=d.repetition_penalty,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.setdefault("stop_token_ids", list(self.chat.stop_token_ids))
+        return SamplingParams(**values)
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+                     ) -> AsyncIterator[StreamDelta]:
+        """Generate and stream text deltas; closing the iterator early aborts the request."""
+        text = TextStream(self.tokenizer, params.stop, skip_token_ids=params.stop_token_ids)
+        prompt_tokens = len(prompt_ids)
+        completion = 0
+        agen = self.engine.generate(prompt_ids, params, request_id)
+        try:
+            async for out in agen:
+                completion = out.num_output_tokens
+                delta = text.feed(out.new_token_ids, finished=out.finished)
+                if text.stopped and not out.finished:
+                    yield StreamDelta(delta, "stop", prompt_tokens, completion)
+                    return
+                if out.finished:
+                    reason = "stop" if text.stopped else out.finish_reason
+                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error)
+                    return
+                if delta:
+                    yield StreamDelta(delta, None, prompt_tokens, completion)
+        finally:
+            await agen.aclose()
+
+
+def merge_adapter(model, adapter: Path):
+    """Apply a PEFT LoRA adapter folder to ``model`` and merge it into the weights (serving without a
+    merged checkpoint on disk)."""
+    if not (adapter / "adapter_config.json").is_file():
+        from telechat.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{adapter} has no adapter_config.json; pass the LoRA adapter folder written by "
+                              "`telechat finetune --method lora`")
+    from peft import PeftModel
+
+    log.info("merging LoRA adapter %s", adapter)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
+def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
+    """The model folder to serve: ``path``, else ``MODEL_PATH``, else the demo model (built on first use).
+
+    Returns ``(folder, is_builtin_demo)``.
+    """
+    import os
+
+    from telechat.demo import ensure_demo_model
+
+    chosen = path or os.environ.get("MODEL_PATH") or None
+    if chosen:
+        return Path(chosen).expanduser(), False
+    log.info("no model configured (--model / MODEL_PATH): serving the built-in demo model")
+    return ensure_demo_model(), True
