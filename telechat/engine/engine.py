@@ -53,6 +53,8 @@ class EngineConfig:
     """Fraction of GPU memory the process may use (weights + KV cache + activations)."""
     seed: int = 0
     """Seed of the generator shared by requests that bring no seed."""
+    cuda_graphs: bool | None = None
+    """Capture decode passes in CUDA graphs (default: on for CUDA devices)."""
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Sequence:
     rope: RopeParams | None = None
     generator: torch.Generator | None = None
     aborted: bool = False
+    row: int | None = None  # sampling-state row (presence mask), held from first admission to finish
 
     @property
     def all_ids(self) -> list[int]:
@@ -110,14 +113,21 @@ class LLMEngine:
         if num_blocks < 2:
             raise MemoryError(f"KV cache budget of {budget / 2**20:.1f} MiB holds fewer than 2 blocks of "
                               f"{config.block_size} tokens; lower the model size or raise the memory budget")
-        self.cache = PagedKVCache(num_layers=mc.n_layer, num_blocks=num_blocks, block_size=config.block_size,
+        # One extra block: scratch space that padded rows of a captured decode batch write into.
+        self.cache = PagedKVCache(num_layers=mc.n_layer, num_blocks=num_blocks + 1, block_size=config.block_size,
                                   n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=dtype, device=self.device)
-        if self.cache.capacity_tokens < self.max_model_len:
+        self.allocator = BlockAllocator(num_blocks + 1, reserved=1)
+        self.capacity_tokens = num_blocks * config.block_size
+        if self.capacity_tokens < self.max_model_len:
             log.warning("max_model_len %d exceeds the KV capacity; lowering it to %d",
-                        self.max_model_len, self.cache.capacity_tokens)
-            self.max_model_len = self.cache.capacity_tokens
-        self.allocator = BlockAllocator(num_blocks)
-        self.runner = ModelRunner(model, self.cache)
+                        self.max_model_len, self.capacity_tokens)
+            self.max_model_len = self.capacity_tokens
+        self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
+        self.runner.capture_graphs()
+        self.presence: torch.Tensor | None = None  # [rows, vocab] tokens seen, for repetition penalties
+        # Rows for running sequences plus as many preempted ones waiting to resume.
+        self._free_rows = list(range(config.max_num_seqs * 2 - 1, -1, -1))
         self.rotary = model.transformer.rotary
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order
@@ -127,7 +137,7 @@ class LLMEngine:
         self.num_preemptions = 0
         self._ids = itertools.count()
         log.info("KV cache: %d blocks × %d tokens = %d tokens capacity (%.1f MiB)", num_blocks,
-                 config.block_size, self.cache.capacity_tokens, num_blocks * config.block_size * per_token / 2**20)
+                 config.block_size, self.capacity_tokens, num_blocks * config.block_size * per_token / 2**20)
 
     def _default_kv_budget(self, mc, dtype) -> int:
         if self.device.type == "cuda":
@@ -180,7 +190,7 @@ class LLMEngine:
         return {
             "running": len(self.running),
             "waiting": len(self.waiting),
-            "kv_capacity_tokens": self.cache.capacity_tokens,
+            "kv_capacity_tokens": self.capacity_tokens,
             "kv_usage": 1.0 - self.allocator.free / self.allocator.num_blocks,
             "tokens_generated": self.tokens_generated,
             "preemptions": self.num_preemptions,
@@ -235,7 +245,8 @@ class LLMEngine:
             if budget <= 0:
                 break
             admitted = seq in self.running
-            if not admitted and len(self.running) >= self.config.max_num_seqs:
+            if not admitted and (len(self.running) >= self.config.max_num_seqs
+                                 or (seq.row is None and not self._free_rows)):
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
             # Keep one free block per decoding sequence so decodes rarely need preemption.
@@ -244,8 +255,9 @@ class LLMEngine:
             if not admitted:
                 self.waiting.remove(seq)
                 self.running.append(seq)
-                if seq.rope is None:  # RoPE fixed once, from the prompt length at first prefill
+                if seq.rope is None:  # RoPE and sampling state fixed once, at first admission
                     seq.rope = self.rotary.params(len(seq.prompt_ids))
+                    self._init_row(seq)
             chosen.append((seq, n))
             budget -= n
         return chosen
@@ -268,15 +280,35 @@ class LLMEngine:
         log.info("preempted %s (KV cache full); it will be recomputed", seq.request_id)
 
     def _step_input(self, seq: Sequence, n: int) -> StepInput:
-        start = seq.num_computed
-        return StepInput(tokens=seq.all_ids[start : start + n], start=start, blocks=seq.blocks, rope=seq.rope)
+        start, end, plen = seq.num_computed, seq.num_computed + n, len(seq.prompt_ids)
+        if end <= plen:
+            tokens = seq.prompt_ids[start:end]
+        elif start >= plen:
+            tokens = seq.output_ids[start - plen : end - plen]
+        else:
+            tokens = seq.prompt_ids[start:] + seq.output_ids[: end - plen]
+        return StepInput(tokens=tokens, start=start, blocks=seq.blocks, rope=seq.rope)
+
+    def _init_row(self, seq: Sequence) -> None:
+        seq.row = self._free_rows.pop()
+        if seq.params.repetition_penalty == 1.0:
+            return
+        if self.presence is None:  # allocated on the first request that uses a penalty
+            self.presence = torch.zeros(2 * self.config.max_num_seqs, self.model.config.vocab_size,
+                                        dtype=torch.bool, device=self.device)
+        self.presence[seq.row] = False
+        self.presence[seq.row, torch.tensor(seq.all_ids, device=self.device)] = True
 
     def _sample(self, rows: list[int], seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         outputs = []
         try:
-            seen = [torch.tensor(s.all_ids, device=logits.device) for s in seqs]
-            gens = [s.generator or self.generator for s in seqs]
-            tokens = sample(logits[rows], [s.params for s in seqs], gens, seen)
+            penalised = self.presence is not None and any(s.params.repetition_penalty != 1.0 for s in seqs)
+            state_rows = torch.tensor([s.row for s in seqs], device=self.device) if penalised else None
+            presence = self.presence[state_rows] if penalised else None
+            gens = [s.generator for s in seqs]
+            tokens = sample(logits[rows], [s.params for s in seqs], gens, presence, self.generator)
+            if penalised:
+                self.presence[state_rows, torch.tensor(tokens, device=self.device)] = True
         except Exception as e:  # noqa: BLE001 - fail these requests only
             log.exception("sampling failed")
             return [self._finish(s, "error", error=f"sampling failed: {e}") for s in seqs]
@@ -304,6 +336,9 @@ class LLMEngine:
             self.waiting.remove(seq)
         self.allocator.release(seq.blocks)
         seq.blocks = []
+        if seq.row is not None:
+            self._free_rows.append(seq.row)
+            seq.row = None
         self.requests.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, new or [], finished=True, finish_reason=reason,
                              num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),

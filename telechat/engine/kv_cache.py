@@ -12,14 +12,15 @@ from dataclasses import dataclass
 import torch
 
 from telechat.attention import attention
+from telechat.engine.paged_attention import paged_decode_attention
 
 
 class BlockAllocator:
     """Free list of KV blocks. Allocation never exceeds the budget fixed at start."""
 
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+    def __init__(self, num_blocks: int, reserved: int = 1):
+        self.num_blocks = num_blocks - reserved  # usable blocks; the first `reserved` are scratch space
+        self._free = list(range(num_blocks - 1, reserved - 1, -1))
 
     @property
     def free(self) -> int:
@@ -80,14 +81,16 @@ class StepAttention:
     """Attention metadata for one engine step over a flat batch of tokens.
 
     Passed to the model as its cache object: :class:`~telechat.modeling.TelechatAttention` calls
-    :meth:`attend` with the step's q/k/v (``[T, heads, d]``, RoPE applied).
+    :meth:`attend` with the step's q/k/v (``[T, heads, d]``, RoPE applied). The first
+    ``decode_rows`` tokens are single-token decodes (one per sequence), the rest prefill chunks.
     """
 
     cache: PagedKVCache
     write_slots: torch.Tensor  # [T] slot of every token of the step
-    decode_rows: int  # the first `decode_rows` tokens are single-token decodes, one per sequence
-    decode_slots: torch.Tensor | None  # [S, Lmax] context slots of each decoding sequence (padded)
-    decode_mask: torch.Tensor | None  # [S, 1, 1, Lmax] True = attend
+    decode_rows: int
+    block_tables: torch.Tensor | None  # [S, max_blocks] int32, decoding sequences
+    seq_lens: torch.Tensor | None  # [S] int32, context length including the new token
+    partition: int
     prefills: list[PrefillChunk]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -95,13 +98,14 @@ class StepAttention:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.write_slots] = k
         vc[self.write_slots] = v
+        if self.decode_rows and not self.prefills:
+            return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
+                                          self.partition)
         out = torch.empty_like(q)
         if self.decode_rows:
             s = self.decode_rows
-            keys = kc[self.decode_slots].transpose(1, 2)  # (S, n_kv, Lmax, d)
-            vals = vc[self.decode_slots].transpose(1, 2)
-            o = attention(q[:s].unsqueeze(2), keys, vals, mask=self.decode_mask)  # (S, N, 1, d)
-            out[:s] = o.squeeze(2)
+            out[:s] = paged_decode_attention(q[:s], kc, vc, self.block_tables, self.seq_lens,
+                                             self.cache.block_size, self.partition)
         for c in self.prefills:
             rows = slice(c.row, c.row + c.end - c.start)
             qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, N, C, d)

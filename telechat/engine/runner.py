@@ -1,18 +1,34 @@
-"""Model runner: one forward pass over a flat batch of decode tokens and prefill chunks.
+"""Model runner: forward passes over the paged KV cache.
 
-Linear layers see all tokens of the step at once (``[T, H]``); attention is per sequence through
-the paged KV cache (:class:`~telechat.engine.kv_cache.StepAttention`). Each sequence carries its
-own RoPE parameters, fixed when it was first prefilled.
+Two kinds of pass per engine step:
+
+* **decode** — one token for each of B sequences. Metadata is a handful of fixed-shape tensors
+  (tokens, positions, cache slots, block tables, lengths, RoPE rows), so on CUDA the whole pass is
+  captured once per batch-size bucket in a CUDA graph and replayed (no per-layer launch cost);
+  attention reads only each sequence's live KV (Triton paged kernel; gather + SDPA on CPU).
+* **prefill** — chunks of prompts, run eagerly: linear layers see all tokens at once (``[T, H]``),
+  attention is per sequence (SDPA/flash causal for a fresh prompt, masked over the gathered
+  context for later chunks).
+
+Each sequence carries its own RoPE parameters, fixed when it was first prefilled.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
+from telechat.engine.paged_attention import partition_size
 from telechat.rope import RopeParams, cos_sin, inv_freq
+
+log = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
+SCRATCH_SLOT = 0  # block 0 is never allocated: padded graph rows write their KV there
 
 
 @dataclass
@@ -25,58 +41,170 @@ class StepInput:
     rope: RopeParams
 
 
+class RopeTable:
+    """Rotary inverse frequencies of every base in use, one row each, on the model's device.
+
+    Decode passes index it by row, so a captured graph serves sequences with any NTK factor.
+    """
+
+    def __init__(self, head_dim: int, device: torch.device, rows: int = 64):
+        self.head_dim = head_dim
+        self.table = torch.zeros(rows, head_dim // 2, dtype=torch.float32, device=device)
+        self._rows: dict[float, int] = {}
+
+    def row(self, base: float) -> int:
+        """Row of ``base``, added on first use."""
+        idx = self._rows.get(base)
+        if idx is None:
+            idx = len(self._rows)
+            if idx >= self.table.shape[0]:
+                raise RuntimeError("too many distinct RoPE bases in flight")
+            self.table[idx] = inv_freq(base, self.head_dim, self.table.device)
+            self._rows[base] = idx
+        return idx
+
+
+class DecodeBuffers:
+    """Fixed-address inputs of the decode pass (the first ``b`` rows are used for a batch of b)."""
+
+    def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
+        z = lambda dtype, *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.tokens = z(torch.long, max_batch)
+        self.positions = z(torch.long, max_batch)
+        self.slots = z(torch.long, max_batch)
+        self.block_tables = z(torch.int32, max_batch, max_blocks)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.rope_rows = z(torch.long, max_batch)
+        self.mscale = torch.ones(max_batch, dtype=torch.float32, device=device)
+
+    def fill(self, rows: dict[str, torch.Tensor], b: int) -> None:
+        """Copy a batch's metadata (host tensors, padded to ``b`` rows) into the buffers."""
+        for name, value in rows.items():
+            getattr(self, name)[:b].copy_(value, non_blocking=True)
+
+
 class ModelRunner:
     """Runs :class:`~telechat.modeling.TelechatForCausalLM` weights over the paged cache."""
 
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
+                 cuda_graphs: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.head_dim = model.config.head_dim
+        self.block_size = cache.block_size
+        self.max_blocks = math.ceil(max_model_len / cache.block_size)
+        self.partition = partition_size(max_model_len)
+        self.rope = RopeTable(self.head_dim, self.device)
+        self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+        self.buffers = DecodeBuffers(self.buckets[-1], self.max_blocks, self.device)
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if use_graphs else None
+        self._pool = None
+
+    # ------------------------------------------------------------------ public
 
     @torch.inference_mode()
     def forward(self, decodes: list[StepInput], prefills: list[StepInput]) -> torch.Tensor:
         """Logits ``[len(decodes) + len(prefills), V]`` at the last token of each input, decodes first."""
+        parts = []
+        if decodes:
+            parts.append(self._decode(decodes))
+        if prefills:
+            parts.append(self._prefill(prefills))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def capture_graphs(self) -> None:
+        """Capture the decode pass for every batch bucket (CUDA only; done once at start)."""
+        if self.graphs is None:
+            return
+        self.rope.row(self.model.transformer.rotary.params(1).base)
+        self._pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for b in reversed(self.buckets):
+                self._decode_body(b)  # warm-up: compiles kernels, creates cuBLAS handles
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = self._decode_body(b)
+                self.graphs[b] = (graph, out)
+        log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    # ------------------------------------------------------------------ decode
+
+    def _decode(self, decodes: list[StepInput]) -> torch.Tensor:
+        n = len(decodes)
+        b = next((x for x in self.buckets if x >= n), n) if self.graphs is not None else n
+        bs = self.block_size
+        tokens, positions, slots, lens, rows, mscale = [], [], [], [], [], []
+        table = torch.zeros(b, self.max_blocks, dtype=torch.int32)
+        for i, d in enumerate(decodes):
+            p = d.start
+            tokens.append(d.tokens[0])
+            positions.append(p)
+            slots.append(d.blocks[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            rows.append(self.rope.row(d.rope.base))
+            mscale.append(d.rope.mscale)
+            table[i, : len(d.blocks)] = torch.tensor(d.blocks, dtype=torch.int32)
+        pad = b - n
+        meta = {
+            "tokens": torch.tensor(tokens + [0] * pad), "positions": torch.tensor(positions + [0] * pad),
+            "slots": torch.tensor(slots + [SCRATCH_SLOT] * pad), "block_tables": table,
+            "seq_lens": torch.tensor(lens + [1] * pad, dtype=torch.int32), "rope_rows": torch.tensor(rows + [0] * pad),
+            "mscale": torch.tensor(mscale + [1.0] * pad),
+        }
+        if self.device.type == "cuda":
+            meta = {k: v.pin_memory() for k, v in meta.items()}
+        self.buffers.fill(meta, b)
+        if self.graphs is not None and b in self.graphs:
+            graph, out = self.graphs[b]
+            graph.replay()
+            return out[:n]
+        return self._decode_body(b)[:n]
+
+    def _decode_body(self, b: int) -> torch.Tensor:
+        buf = self.buffers
+        freqs = self.rope.table[buf.rope_rows[:b]]
+        step = StepAttention(cache=self.cache, write_slots=buf.slots[:b], decode_rows=b,
+                             block_tables=buf.block_tables[:b], seq_lens=buf.seq_lens[:b],
+                             partition=self.partition, prefills=[])
+        return self._body(buf.tokens[:b], buf.positions[:b], freqs, buf.mscale[:b], step)
+
+    # ------------------------------------------------------------------ prefill
+
+    def _prefill(self, prefills: list[StepInput]) -> torch.Tensor:
         dev = self.device
-        inputs = decodes + prefills
-        tokens, positions, write_slots, freqs, mscales, last_rows = [], [], [], [], [], []
+        tokens, positions, slots, freqs, mscales, last_rows = [], [], [], [], [], []
         chunks: list[PrefillChunk] = []
         row = 0
-        for i, inp in enumerate(inputs):
-            n = len(inp.tokens)
-            end = inp.start + n
+        for inp in prefills:
+            n, end = len(inp.tokens), inp.start + len(inp.tokens)
             tokens.extend(inp.tokens)
             positions.append(torch.arange(inp.start, end))
-            write_slots.append(self.cache.slots(inp.blocks, inp.start, end, "cpu"))
-            f = inv_freq(inp.rope.base, self.head_dim)
-            freqs.append(f.expand(n, -1))
+            slots.append(self.cache.slots(inp.blocks, inp.start, end, "cpu"))
+            freqs.append(inv_freq(inp.rope.base, self.head_dim).expand(n, -1))
             mscales.append(torch.full((n,), inp.rope.mscale))
-            if i >= len(decodes):
-                ctx = self.cache.slots(inp.blocks, 0, end, dev) if inp.start else None
-                chunks.append(PrefillChunk(row=row, start=inp.start, end=end, context_slots=ctx))
+            ctx = self.cache.slots(inp.blocks, 0, end, dev) if inp.start else None
+            chunks.append(PrefillChunk(row=row, start=inp.start, end=end, context_slots=ctx))
             row += n
             last_rows.append(row - 1)
-        pos = torch.cat(positions).to(dev)
-        cos, sin = cos_sin(pos, torch.cat(freqs).to(dev), torch.cat(mscales).to(dev), self.dtype)
-        dec_slots = dec_mask = None
-        if decodes:
-            lens = [d.start + 1 for d in decodes]
-            lmax = max(lens)
-            dec_slots = torch.zeros(len(decodes), lmax, dtype=torch.long)
-            for j, d in enumerate(decodes):
-                dec_slots[j, : lens[j]] = self.cache.slots(d.blocks, 0, lens[j], "cpu")
-            dec_slots = dec_slots.to(dev)
-            dec_mask = (torch.arange(lmax)[None, :] < torch.tensor(lens)[:, None]).to(dev)[:, None, None, :]
-        step = StepAttention(
-            cache=self.cache, write_slots=torch.cat(write_slots).to(dev), decode_rows=len(decodes),
-            decode_slots=dec_slots, decode_mask=dec_mask, prefills=chunks,
-        )
+        step = StepAttention(cache=self.cache, write_slots=torch.cat(slots).to(dev), decode_rows=0,
+                             block_tables=None, seq_lens=None, partition=self.partition, prefills=chunks)
+        return self._body(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), torch.cat(freqs).to(dev),
+                          torch.cat(mscales).to(dev), step, torch.tensor(last_rows, device=dev))
+
+    # ------------------------------------------------------------------ shared body
+
+    def _body(self, tokens, positions, freqs, mscale, step: StepAttention, last_rows=None) -> torch.Tensor:
+        cos, sin = cos_sin(positions, freqs, mscale, self.dtype)
         t = self.model.transformer
-        x = t.word_embeddings(torch.tensor(tokens, device=dev))
+        x = t.word_embeddings(tokens)
         if t.word_embeddings_layernorm is not None:
             x = t.word_embeddings_layernorm(x)
         for block in t.h:
             x = block(x, cos, sin, None, step)
-        x = t.ln_f(x[torch.tensor(last_rows, device=dev)])
-        return self.model.lm_head(x).float()
+        if last_rows is not None:
+            x = x[last_rows]
+        return self.model.lm_head(t.ln_f(x)).float()

@@ -51,45 +51,53 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: list[torch.Tensor], penalties: list[float]) -> None:
-    """In place: for each row, divide positive / multiply negative logits of seen tokens."""
-    for row, (ids, p) in enumerate(zip(seen, penalties)):
-        if p == 1.0 or ids.numel() == 0:
-            continue
-        vals = logits[row, ids]
-        logits[row, ids] = torch.where(vals > 0, vals / p, vals * p)
+def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """Divide positive / multiply negative logits of tokens already seen (``presence [S, V]``)."""
+    p = penalties.unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(presence, penalised, logits)
 
 
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    seen: list[torch.Tensor],
+    presence: torch.Tensor | None = None,
+    default_generator: torch.Generator | None = None,
 ) -> list[int]:
     """Pick one token per row of ``logits [S, V]`` following each row's parameters.
 
-    ``seen`` holds each row's prompt + output ids (for the repetition penalty); ``generators``
-    each row's random generator (None = the global one).
+    ``presence [S, V]`` marks each row's prompt + output tokens (needed when a row has a
+    repetition penalty); ``generators`` are per-row generators (None = ``default_generator``).
+    Rows sharing the default generator are drawn in one batched call; the result crosses to
+    the host once.
     """
     logits = logits.float()
-    apply_repetition_penalty(logits, seen, [p.repetition_penalty for p in params])
-    out = logits.argmax(dim=-1).tolist()
+    dev = logits.device
+    if presence is not None and any(p.repetition_penalty != 1.0 for p in params):
+        pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
+        logits = apply_repetition_penalty(logits, presence, pen)
+    choice = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return out
-    sub = logits[rows]
-    temps = torch.tensor([params[i].temperature for i in rows], device=sub.device).unsqueeze(1)
-    sub = sub / temps
-    sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)
-    ranks = torch.arange(sub.shape[-1], device=sub.device).unsqueeze(0)
-    top_k = torch.tensor([params[i].top_k or sub.shape[-1] for i in rows], device=sub.device).unsqueeze(1)
-    drop = ranks >= top_k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    top_p = torch.tensor([params[i].top_p for i in rows], device=sub.device).unsqueeze(1)
-    # Drop a token when the mass before it already reaches top_p (the first token always stays).
-    drop |= (probs.cumsum(-1) - probs) >= top_p
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    for j, i in enumerate(rows):
-        choice = torch.multinomial(probs[j], 1, generator=generators[i])
-        out[i] = int(sorted_ids[j, choice])
-    return out
+    if rows:
+        idx = torch.tensor(rows, device=dev)
+        sub = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
+        sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)
+        ranks = torch.arange(sub.shape[-1], device=dev).unsqueeze(0)
+        top_k = torch.tensor([params[i].top_k or sub.shape[-1] for i in rows], device=dev).unsqueeze(1)
+        drop = ranks >= top_k
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=dev).unsqueeze(1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop |= (probs.cumsum(-1) - probs) >= top_p
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        picked = torch.empty(len(rows), dtype=torch.long, device=dev)
+        shared = [j for j, i in enumerate(rows) if generators[i] is None]
+        if shared:
+            sel = torch.tensor(shared, device=dev)
+            picked[sel] = torch.multinomial(probs[sel], 1, generator=default_generator).squeeze(1)
+        for j, i in enumerate(rows):
+            if generators[i] is not None:
+                picked[j] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+        choice[idx] = sorted_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+    return choice.tolist()

@@ -1,0 +1,125 @@
+"""Decode attention over the paged KV cache.
+
+One query token per sequence attends to its own ``seq_len`` cached tokens, found through its
+block table. On CUDA a Triton kernel reads only the live KV (split into partitions so long
+contexts still fill the GPU; the partitions are merged with a log-sum-exp reduction); elsewhere
+the keys are gathered and fed to SDPA. Both take the same metadata and are CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from telechat.attention import attention
+
+try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+TOKENS_PER_ITER = 64
+MAX_PARTITIONS = 16
+
+
+def partition_size(max_model_len: int) -> int:
+    """Tokens per partition: at least 512, and few enough partitions that the merge stays cheap."""
+    size = max(512, math.ceil(max_model_len / MAX_PARTITIONS))
+    return math.ceil(size / TOKENS_PER_ITER) * TOKENS_PER_ITER
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, scale,
+        stride_qb, stride_qh, stride_tb, stride_ks, stride_kh,
+        num_parts, num_heads,
+        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        PARTITION: tl.constexpr, TOKENS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        part = tl.program_id(2)
+        seq_len = tl.load(lens_ptr + b)
+        kvh = h // GROUP
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
+        start = part * PARTITION
+        end = tl.minimum(start + PARTITION, seq_len)
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D_PAD], dtype=tl.float32)
+        for tok0 in range(start, end, TOKENS):
+            offs_n = tok0 + tl.arange(0, TOKENS)
+            n_mask = offs_n < end
+            page = tl.load(table_ptr + b * stride_tb + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+            slot = page.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(n_mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        row = (b * num_heads + h) * num_parts + part
+        tl.store(acc_ptr + row * D_PAD + offs_d, acc)
+        tl.store(stats_ptr + row * 2, m_i)
+        tl.store(stats_ptr + row * 2 + 1, l_i)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    partition: int,
+) -> torch.Tensor:
+    """``q [B, N, d]`` against each sequence's cached ``seq_lens[b]`` tokens → ``[B, N, d]``.
+
+    ``k_cache, v_cache``: ``[slots, n_kv, d]``; ``block_tables [B, max_blocks]`` (int32);
+    ``seq_lens [B]`` (int32, ≥ 1).
+    """
+    if q.is_cuda and triton is not None:
+        return _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, partition)
+    return _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size)
+
+
+def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, partition):
+    bsz, heads, d = q.shape
+    n_kv = k_cache.shape[1]
+    parts = math.ceil(block_tables.shape[1] * block_size / partition)
+    d_pad = triton.next_power_of_2(d)
+    acc = torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
+    stats = torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(bsz, heads, parts)](
+        q, k_cache, v_cache, block_tables, seq_lens, acc, stats, 1.0 / math.sqrt(d),
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
+        parts, heads,
+        GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, PARTITION=partition,
+        TOKENS=TOKENS_PER_ITER,
+    )
+    m, l = stats[..., 0], stats[..., 1]
+    w = torch.exp(m - m.amax(-1, keepdim=True))  # empty partitions have m = -inf → weight 0
+    out = (acc[..., :d] * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size):
+    lmax = int(seq_lens.max())
+    pos = torch.arange(lmax, device=q.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, Lmax]
+    keys = k_cache[slots].transpose(1, 2)  # [B, n_kv, Lmax, d]
+    vals = v_cache[slots].transpose(1, 2)
+    mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]
+    return attention(q.unsqueeze(2), keys, vals, mask=mask).squeeze(2)
