@@ -1,0 +1,158 @@
+"""Make sure the running script has the project's dependencies, installing them into ``.venv`` if not.
+
+Standard library only (it runs before anything is installed), Python >= 3.10, Windows-safe::
+
+    from bootstrap import ensure_env
+    ensure_env(["serve", "web"])   # returns at once when everything is importable already
+
+When the current interpreter lacks a requirement of the wanted extras, ``ensure_env`` creates the
+repository's ``.venv`` (``python -m venv``), runs ``pip install -e ".[extras]"`` into it when
+``pyproject.toml`` changed since the last install (its hash is kept in ``.venv``), and then runs the
+calling command again with the venv's Python. It prints one line per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+VENV = REPO / ".venv"
+PROJECT = "telechat-stack"
+STAMP = VENV / "telechat-bootstrap.json"
+_REEXEC_MARK = "TELECHAT_BOOTSTRAPPED"
+"""Set in the re-run command: if requirements are still missing there, fail instead of looping."""
+
+
+def ensure_env(extras: list[str]) -> None:
+    """Return if the wanted extras are installed; otherwise install them into ``.venv`` and re-run.
+
+    Only returns in a process that has every requirement; the re-run's exit code becomes ours.
+    """
+    wanted = sorted(set(extras))
+    missing = missing_requirements(wanted)
+    if not missing and not _outdated(wanted):
+        return
+    if os.environ.get(_REEXEC_MARK):
+        name, extra = missing[0] if missing else (PROJECT, ",".join(wanted))
+        raise SystemExit(f"bootstrap: {name} is still missing in {sys.prefix}; install it by hand: "
+                         f"pip install -e \"{REPO}[{extra}]\"")
+    python = venv_python()
+    if not python.exists():
+        _stage(f"creating the virtual environment {VENV}")
+        _run([sys.executable, "-m", "venv", str(VENV)])
+    stamp = _read_stamp()
+    if stamp.get("pyproject") != _pyproject_hash() or not set(wanted) <= set(stamp.get("extras", [])):
+        # Keep what an earlier call installed: the venv is shared by the launcher and the test runner.
+        everything = sorted(set(wanted) | set(stamp.get("extras", [])))
+        _stage(f"installing .[{','.join(everything)}] into {VENV.name} (minutes the first time)")
+        _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+              "-e", f".[{','.join(everything)}]"])
+        STAMP.write_text(json.dumps({"pyproject": _pyproject_hash(), "extras": everything}), encoding="utf-8")
+    _stage(f"restarting with {python}")
+    _reexec(python)
+
+
+def missing_requirements(extras: list[str]) -> list[tuple[str, str]]:
+    """``(distribution, extra)`` for each requirement of ``extras`` not installed here (names only, no versions).
+
+    Read from the project's installed metadata, so it follows ``pyproject.toml`` without a second list;
+    ``extra`` is ``""`` for base dependencies.
+    """
+    try:
+        requires = md.requires(PROJECT) or []
+    except md.PackageNotFoundError:
+        return [(PROJECT, ",".join(extras))]
+    wanted, missing, seen = ["", *extras], [], set()
+    while wanted:
+        extra = wanted.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in requires:
+            name, own_extras, marker_extra = _parse(req)
+            if marker_extra != extra:
+                continue
+            if name == PROJECT:  # "telechat-stack[core]" inside another extra
+                wanted.extend(own_extras)
+            elif not _installed(name):
+                missing.append((name, extra))
+    return missing
+
+
+def venv_python() -> Path:
+    """The interpreter of the repository's ``.venv`` (which may not exist yet)."""
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _parse(req: str) -> tuple[str, list[str], str]:
+    """Split a metadata requirement such as ``foo[bar]>=1; extra == "serve"`` into name, extras, extra."""
+    m = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?", req)
+    name, own = m.group(1), [e.strip() for e in (m.group(2) or "").split(",") if e.strip()]
+    marker = re.search(r"""extra\s*==\s*["']([^"']+)["']""", req)
+    return _normalize(name), own, marker.group(1) if marker else ""
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed(name: str) -> bool:
+    try:
+        md.distribution(name)
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+def _outdated(wanted: list[str]) -> bool:
+    """True when we run inside our managed ``.venv`` and pyproject.toml or the extras changed since its install."""
+    if Path(sys.prefix).resolve() != VENV.resolve() or not STAMP.is_file():
+        return False  # a hand-made environment: the user manages it
+    stamp = _read_stamp()
+    return stamp.get("pyproject") != _pyproject_hash() or not set(wanted) <= set(stamp.get("extras", []))
+
+
+def _read_stamp() -> dict:
+    try:
+        return json.loads(STAMP.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _pyproject_hash() -> str:
+    return hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def _stage(message: str) -> None:
+    print(f"bootstrap: {message}", flush=True)
+
+
+def _run(cmd: list[str]) -> None:
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc:
+        raise SystemExit(f"bootstrap: `{' '.join(cmd)}` failed with exit code {rc}")
+
+
+def _reexec(python: Path) -> None:
+    """Run the original command line (``-m`` and interpreter options included) with ``python``."""
+    argv = [str(python), *sys.orig_argv[1:]]
+    os.environ[_REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "nt":
+        # execv on Windows spawns a detached process and returns at once: the console would get its
+        # prompt back while the program still runs. Wait for a child instead; Ctrl+C reaches both.
+        child = subprocess.Popen(argv)
+        while True:
+            try:
+                raise SystemExit(child.wait())
+            except KeyboardInterrupt:
+                continue  # the child got the Ctrl+C too and shuts down by itself
+    os.execv(str(python), argv)
