@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""One-click local launch without Docker: the API, then the web UI, stopped together.
+
+    python deploy.py                                  # demo model, API :8070, web :8501
+    python deploy.py --model-path models/TeleChat-7B --gpu 0,1
+
+Settings: flag > environment (MODEL_PATH, API_HOST, API_PORT, WEB_HOST, WEB_PORT,
+CUDA_VISIBLE_DEVICES) > ``deploy_config.yaml`` > default. Installs what is missing into ``.venv``
+first (see ``bootstrap.py``). This file needs only the standard library until then, and never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import bootstrap
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO / "deploy_config.yaml"
+EXTRAS = ["serve", "web"]
+STOP_GRACE_S = 6.0
+"""SIGTERM → SIGKILL delay; with polling and reaping the whole stop stays under 10 s."""
+TAIL_LINES = 15
+"""Log lines of a dead child shown to say why it died."""
+PROGRESS_EVERY_S = 5.0
+WEB_READY_TIMEOUT_S = 120.0
+
+
+class DeployError(Exception):
+    """Something the user must fix; printed as one line."""
+
+    exit_code = 2
+
+
+class ServiceFailed(DeployError):
+    """A service died or never became ready; the message carries its last log lines."""
+
+    exit_code = 1
+
+
+@dataclass
+class Settings:
+    """What the launcher starts; each field is a key of deploy_config.yaml."""
+
+    model_path: str | None = None
+    """Checkpoint folder; None → the built-in demo model (built on first use)."""
+    api_host: str = "0.0.0.0"
+    api_port: int = 8070
+    web_host: str = "0.0.0.0"
+    web_port: int = 8501
+    gpu_devices: str | None = None
+    """Becomes CUDA_VISIBLE_DEVICES of both children; None keeps the launcher's own."""
+
+
+ENV_NAMES = {"model_path": "MODEL_PATH", "api_host": "API_HOST", "api_port": "API_PORT", "web_host": "WEB_HOST",
+             "web_port": "WEB_PORT", "gpu_devices": "CUDA_VISIBLE_DEVICES"}
+
+
+# ---------------------------------------------------------------------------- settings
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="deploy.py", description="Start the TeleChat API and web UI locally (no Docker) and stop both on "
+        "Ctrl+C. Precedence: flag > environment > config file > default.")
+    p.add_argument("--config", type=Path, help=f"YAML settings file (default: {DEFAULT_CONFIG.name} if present)")
+    p.add_argument("--model-path", "--model", dest="model_path",
+                   help="checkpoint folder (env MODEL_PATH); none → the built-in demo model")
+    p.add_argument("--gpu", dest="gpu_devices", metavar="IDS",
+                   help="GPUs for the services, e.g. 0 or 0,1 (passed on as CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--api-host", help="API bind address (env API_HOST, default 0.0.0.0 = every interface)")
+    p.add_argument("--api-port", type=int, help="API port (env API_PORT, default 8070)")
+    p.add_argument("--web-host", help="web UI bind address (env WEB_HOST, default 0.0.0.0)")
+    p.add_argument("--web-port", type=int, help="web UI port (env WEB_PORT, default 8501)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="native", help="inference server (default native)")
+    p.add_argument("--ready-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds to wait for the model to load (default 900, enough for a 7B from a slow disk)")
+    p.add_argument("--no-install", action="store_true",
+                   help="use the current Python as is: report missing packages instead of installing into .venv")
+    return p.parse_args(argv)
+
+
+def resolve_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Merge default < config file < environment < flags; empty values count as unset."""
+    merged: dict[str, object] = {}
+    merged.update(_read_config(args.config))
+    merged.update({key: environ[env] for key, env in ENV_NAMES.items() if environ.get(env, "").strip()})
+    merged.update({key: getattr(args, key) for key in ENV_NAMES if getattr(args, key) not in (None, "")})
+    settings = Settings()
+    for key, value in merged.items():
+        setattr(settings, key, _port(key, value) if key.endswith("_port") else str(value))
+    if settings.model_path:  # the children run in the repository: hand them an absolute path
+        settings.model_path = str(Path(settings.model_path).expanduser().resolve())
+    return settings
+
+
+def _port(key: str, value: object) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise DeployError(f"{key} must be a port number, got {value!r}") from None
+    if not 0 < port < 65536:
+        raise DeployError(f"{key} {port} is outside 1-65535")
+    return port
+
+
+def _read_config(path: Path | None) -> dict[str, object]:
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            return {}
+        path = DEFAULT_CONFIG
+    if not path.is_file():
+        raise DeployError(f"config file {path} does not exist")
+    import yaml  # a base dependency: available once bootstrap has run
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DeployError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DeployError(f"{path} must hold key: value pairs")
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise DeployError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
+    values = {k: v for k, v in data.items() if v not in (None, "")}
+    if "model_path" in values:  # relative to the file, so the config works from any directory
+        values["model_path"] = str(path.parent / Path(str(values["model_path"])).expanduser())
+    return values
+
+
+# ---------------------------------------------------------------------------- checks before starting
+
+def check_dependencies() -> None:
+    """Fail with the extra to install when a requirement of the services is missing."""
+    missing = bootstrap.missing_requirements(EXTRAS)
+    if missing:
+        name, extra = missing[0]
+        extra = extra or ",".join(EXTRAS)
+        raise DeployError(f"missing dependency {name}: install the '{extra}' extra: pip install -e \".[{extra}]\" "
+                          "(or run without --no-install)")
+
+
+def check_model(path: str) -> None:
+    """A light look at the checkpoint folder (stdlib only); the API validates the weights in depth."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DeployError(f"model path {folder} does not exist; pass --model-path with a TeleChat checkpoint folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise DeployError(f"model path {folder} is not a checkpoint folder: {config.name} is missing")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise DeployError(f"{config} is not a valid config.json ({e})") from None
+    if model_type not in ("telechat", "telechat2"):
+        raise DeployError(f"{config} declares model_type={model_type!r}; expected a TeleChat checkpoint")
+
+
+def check_port(host: str, port: int, what: str, flag: str) -> None:
+    """Bind the port once, as the service will, to report a conflict before starting anything."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name == "nt":  # plain Windows binds may share a port; the service's would then fail
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:  # like uvicorn: a closed connection in TIME_WAIT does not block the port
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1), errno.EACCES):
+                raise DeployError(f"port {port} ({what}) is already in use{_who_listens(port)}; stop it or pass "
+                                  f"{flag} with a free port") from None
+            raise DeployError(f"cannot listen on {host}:{port} for the {what} ({e.strerror}); check {flag}") from None
+
+
+def _who_listens(port: int) -> str:
+    """' by pid N (command)' when psutil (installed with the core extra) may tell, else ''."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f" by pid {conn.pid} ({' '.join(proc.cmdline())[:100] or proc.name()})"
+    except Exception:  # noqa: BLE001 - ImportError, AccessDenied...: the pid is only a bonus
+        pass
+    return ""
+
+
+# ---------------------------------------------------------------------------- children
+
+class Child:
+    """A service process in its own process group, its output echoed with a prefix and the tail kept."""
+
+    def __init__(self, name: str, label: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.name, self.label = name, label
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        # Own group/session: the terminal's Ctrl+C reaches only us, and one signal reaches all its processes.
+        group = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                 else {"start_new_session": True})
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, **group)
+        self._pump = threading.Thread(target=self._echo, daemon=True)
+        self._pump.start()
+
+    def _echo(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.tail.append(line)
+            print(f"{self.name} | {line}", flush=True)
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def alive(self) -> bool:
+        """True while any process of the child's group remains (POSIX), or the child itself (Windows)."""
+        if self.proc.poll() is None or os.name == "nt":
+            return self.proc.poll() is None
+        try:
+            os.killpg(self.proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def terminate(self) -> None:
+        try:
+            if os.name == "nt":
+                os.kill(self.proc.pid, signal.CTRL_BREAK_EVENT)
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        except OSError:
+            pass  # already gone
+
+    def kill(self) -> None:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.proc.pid)], capture_output=True, check=False)
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def why(self) -> str:
+        """One line on how the child ended, then its last log lines."""
+        self._pump.join(timeout=2)  # let the last lines arrive
+        last = next((line for line in reversed(self.tail) if line.strip()), "no output")
+        lines = "\n".join(f"    {line}" for line in self.tail)
+        return f"the {self.label} exited with code {self.proc.returncode}: {last}\n  last log lines:\n{lines}"
+
+
+def stop_all(children: list[Child], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every group (web first), SIGKILL what is left after ``grace`` seconds, reap everything."""
+    for child in reversed(children):
+        child.terminate()
+    deadline = time.monotonic() + grace
+    while any(c.alive() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for child in children:
+        if child.alive():
+            print(f"{child.name} did not stop in {grace:.0f} s; killing it", flush=True)
+            child.kill()
+        child.proc.wait(timeout=5)
+
+
+def _native_api(settings: Settings) -> list[str]:
+    cmd = [sys.executable, "-m", "services.api", "--host", settings.api_host, "--port", str(settings.api_port)]
+    return cmd + (["--model", settings.model_path] if settings.model_path else [])
+
+
+BACKENDS: dict[str, Callable[[Settings], list[str]]] = {"native": _native_api}
+"""Command line of the API per inference backend; a later issue adds "vllm"."""
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("MODEL_PATH", None)  # the model goes as --model; an empty MODEL_PATH must not mean "."
+    if settings.gpu_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = settings.gpu_devices
+    return env
+
+
+def _local_url(host: str, port: int, name: str = "127.0.0.1") -> str:
+    """URL to reach a service bound to ``host`` from this machine (wildcards → loopback)."""
+    if host in ("0.0.0.0", "", "127.0.0.1", "localhost"):
+        host = name
+    elif host in ("::", "::1"):
+        host = "[::1]"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def wait_ready(child: Child, url: str, stop: threading.Event, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200; False if asked to stop; raise if the child dies or time runs out."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
+    start = last_note = time.monotonic()
+    while not stop.is_set():
+        if child.exited():
+            raise ServiceFailed(child.why())
+        detail = ""
+        try:
+            with opener.open(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except urllib.error.HTTPError as e:  # 503 while loading; the body may say what it is doing
+            detail = _status_detail(e)
+        except (OSError, ValueError):
+            pass  # not listening yet
+        elapsed = time.monotonic() - start
+        if elapsed > timeout:
+            raise ServiceFailed(f"the {child.label} was not ready after {timeout:.0f} s ({url}); see its log above "
+                              "or raise --ready-timeout")
+        if time.monotonic() - last_note >= PROGRESS_EVERY_S:
+            print(f"... waiting for the {child.label} ({elapsed:.0f} s){detail}", flush=True)
+            last_note = time.monotonic()
+        stop.wait(0.5)
+    return False
+
+
+def _status_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read() or b"{}")
+    except ValueError:
+        return f": HTTP {e.code}"
+    for key in ("detail", "status", "stage", "message"):
+        if isinstance(body, dict) and isinstance(body.get(key), str):
+            return f": {body[key]}"
+    return f": HTTP {e.code}"
+
+
+def _install_signal_handlers() -> threading.Event:
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if not stop.is_set():
+            print(f"\n{signal.Signals(signum).name}: stopping the services...", flush=True)
+        stop.set()
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), request_stop)
+    return stop
+
+
+# ---------------------------------------------------------------------------- main
+
+def run(args: argparse.Namespace) -> int:
+    """Check, start the API, wait for /ready, start the web UI, supervise; return the exit code."""
+    check_dependencies()
+    s = resolve_settings(args, dict(os.environ))
+    if s.model_path:
+        check_model(s.model_path)
+    check_port(s.api_host, s.api_port, "API", "--api-port")
+    check_port(s.web_host, s.web_port, "web UI", "--web-port")
+    stop = _install_signal_handlers()
+    env = child_env(s)
+    api_url = _local_url(s.api_host, s.api_port)
+    model = s.model_path or "built-in demo (no model configured; built on first use)"
+    gpus = f", CUDA_VISIBLE_DEVICES={s.gpu_devices}" if s.gpu_devices is not None else ""
+    print(f"starting the API on {s.api_host}:{s.api_port} with {args.backend} backend{gpus}; model: {model}", flush=True)
+    children = [Child("api", "API", BACKENDS[args.backend](s), env)]
+    try:
+        if not wait_ready(children[0], f"{api_url}/ready", stop, args.ready_timeout):
+            return 0
+        print(f"starting the web UI on {s.web_host}:{s.web_port}", flush=True)
+        web_cmd = [sys.executable, "-m", "services.web", "--host", s.web_host, "--port", str(s.web_port),
+                   "--api-url", api_url]
+        children.append(Child("web", "web UI", web_cmd, env))
+        web_health = f"{_local_url(s.web_host, s.web_port)}/_stcore/health"
+        if not wait_ready(children[1], web_health, stop, WEB_READY_TIMEOUT_S):
+            return 0
+        _print_banner(s)
+        while not stop.wait(0.5):
+            for child in children:
+                if child.exited():
+                    raise ServiceFailed(child.why())
+        return 0
+    finally:
+        stop_all(children)
+        print("stopped", flush=True)
+
+
+def _print_banner(s: Settings) -> None:
+    lines = ["", "TeleChat Stack is up:",
+             f"  API docs  {_local_url(s.api_host, s.api_port, 'localhost')}/docs",
+             f"  web UI    {_local_url(s.web_host, s.web_port, 'localhost')}"]
+    if "0.0.0.0" in (s.api_host, s.web_host):
+        host = socket.gethostname()
+        lines.append(f"  from other machines: http://{host}:{s.api_port} (API), http://{host}:{s.web_port} (web) "
+                     "if the firewall allows")
+    lines += ["Press Ctrl+C to stop.", ""]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.no_install:
+        bootstrap.ensure_env(EXTRAS)
+    try:
+        return run(args)
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
