@@ -1,0 +1,1 @@
+"""GPTQ quantization job: ``telechat quantize`` (see :mod:`jobs.quant.cli`)."""

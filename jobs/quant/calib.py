@@ -1,0 +1,129 @@
+"""Calibration and held-out evaluation data for GPTQ, from the user's own files.
+
+Accepted files (detected per line / by content, not by extension):
+
+- official SFT jsonl: ``{"input": "<_user>q…", "output": "a"}`` (SPEC.md §7);
+- ``messages`` jsonl: ``{"messages": [{"role": …, "content": …}, …]}``;
+- ``text`` jsonl: ``{"text": "…"}``;
+- plain text: anything else; tokenized as one stream and cut into ``seq_len`` windows.
+
+Conversations are tokenized with :class:`telechat.chat_format.ChatFormat` (markers, ``<_end>``)
+so GPTQ sees the same ids the model sees when serving chats. The official recipe calibrated on a
+single English sentence; here every sample is a real record, and too few of them is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from telechat.chat_format import ChatFormat, messages_from_official
+from telechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLE_TOKENS = 16
+"""Shorter records carry too little context to calibrate with; they are skipped."""
+HELDOUT_FRACTION = 0.1
+"""Share of the records (the file's tail) kept out of calibration for the perplexity report."""
+
+
+class CalibrationError(UserError, ValueError):
+    """The calibration file cannot provide what was asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Token id samples for GPTQ and the held-out token stream for the perplexity report."""
+
+    samples: list[list[int]]
+    heldout: list[int]
+
+
+def read_records(path: Path, chat: ChatFormat) -> list[list[int]]:
+    """Token ids of every record in ``path`` (one list per jsonl record, or one for plain text)."""
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CalibrationError(f"{path} is empty")
+    if not _is_jsonl(lines[0]):
+        return [chat.ids(text)]
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(_record_ids(json.loads(line), chat))
+        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
+            raise CalibrationError(f"{path}:{n}: not a calibration record ({e}); expected one JSON object per line "
+                                   'with "input"/"output", "messages" or "text"') from e
+    return records
+
+
+def _is_jsonl(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _record_ids(record: dict, chat: ChatFormat) -> list[int]:
+    if "messages" in record:
+        messages = record["messages"]
+    elif "input" in record:
+        messages = messages_from_official(record["input"], record.get("output"))
+    elif "text" in record:
+        return chat.ids(record["text"])
+    else:
+        raise KeyError(f"no input, messages or text key (keys: {sorted(record)})")
+    if messages[-1].get("role") in ("assistant", "bot"):
+        return [t for prompt, answer in chat.encode_turns(messages) for t in prompt + answer]
+    return chat.encode_prompt(messages)
+
+
+def _windows(ids: list[int], seq_len: int) -> list[list[int]]:
+    return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+
+
+def load_calibration(
+    path: str | Path,
+    chat: ChatFormat,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+) -> CalibrationData:
+    """``num_samples`` calibration samples of at most ``seq_len`` tokens plus a held-out stream.
+
+    The last :data:`HELDOUT_FRACTION` of the records (of the tokens, for plain text) is held out;
+    calibration samples are drawn at random (``seed``) from the rest, truncated to ``seq_len``.
+    Raises :class:`CalibrationError` when fewer than ``num_samples`` usable samples remain.
+    """
+    path = Path(path)
+    records = read_records(path, chat)
+    if len(records) == 1:  # plain text: one token stream
+        ids = records[0]
+        cut = len(ids) - max(int(len(ids) * HELDOUT_FRACTION), 2)
+        pool, heldout = _windows(ids[:cut], seq_len), ids[cut:]
+    else:
+        cut = len(records) - max(int(len(records) * HELDOUT_FRACTION), 1)
+        pool = [r[:seq_len] for r in records[:cut]]
+        heldout = [t for r in records[cut:] for t in r]
+    usable = [s for s in pool if len(s) >= MIN_SAMPLE_TOKENS]
+    if len(usable) < num_samples:
+        raise CalibrationError(
+            f"{path} gives {len(usable)} calibration samples of {MIN_SAMPLE_TOKENS}..{seq_len} tokens "
+            f"(after holding out {HELDOUT_FRACTION:.0%} for evaluation), fewer than the {num_samples} requested; "
+            "GPTQ on too little data silently degrades the model. Add data, or lower --calib-samples "
+            "(or --calib-seq-len, for plain text) knowingly")
+    samples = random.Random(seed).sample(usable, num_samples)
+    log.info("calibration: %d samples (%d tokens) from %s; %d held-out tokens", len(samples),
+             sum(map(len, samples)), path, len(heldout))
+    return CalibrationData(samples, heldout)
+
+
+def load_eval_tokens(path: str | Path, chat: ChatFormat) -> list[int]:
+    """All records of an evaluation file as one token stream."""
+    return [t for r in read_records(Path(path), chat) for t in r]
