@@ -149,6 +149,10 @@ def load_model(
     info = inspect_checkpoint(path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if info.quantized:
+        from telechat.quantized import load_quantized
+
+        return load_quantized(info.path, device=device, dtype=torch_dtype, **config_overrides)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(info.path, **overrides)
