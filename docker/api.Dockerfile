@@ -1,0 +1,47 @@
+# TeleChat API: CUDA runtime + Python venv + torch (CUDA build) + the `serve` extra.
+#   docker build -f docker/api.Dockerfile -t telechat-stack-api .        (from the repository root)
+# Versions live only in pyproject.toml; torch comes from the PyTorch CUDA index with that same pin.
+FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
+
+# CUDA flavour of the torch wheel; must match a CUDA version the host driver supports (cu126 needs driver >= 560).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Ubuntu 24.04 ships user `ubuntu` with uid 1000; our user takes that uid to match typical host files.
+# The tag pins the distribution release; exact apt versions would break on every security update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv \
+ && (userdel --remove ubuntu 2>/dev/null || true) \
+ && useradd --create-home --uid 1000 telechat \
+ && mkdir -p /home/telechat/.cache/telechat-stack \
+ && chown -R telechat:telechat /home/telechat/.cache
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+# torch first (its own, largest layer): the CUDA build of exactly the version pinned in pyproject.toml.
+RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$(grep -o 'torch==[0-9][0-9.]*' pyproject.toml)"
+COPY telechat ./telechat
+COPY services ./services
+COPY jobs ./jobs
+# The pinned torch already satisfies `torch==X` (a +cuXXX local version matches), so pip keeps the CUDA build.
+# The project's own requirements: pinned in pyproject.toml (the one place for versions).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[serve]"
+
+# Numeric (= telechat) so orchestrators can verify the image does not run as root.
+USER 1000:1000
+ENV API_HOST=0.0.0.0 \
+    API_PORT=8070
+EXPOSE 8070
+# Healthy = model loaded (/ready). A 7B checkpoint can take minutes to load from a slow disk.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/ready' % os.environ.get('API_PORT', '8070'), timeout=4)"]
+CMD ["python", "-m", "services.api"]

@@ -1,0 +1,30 @@
+# TeleChat web UI: slim Python + the `web` extra only (Streamlit + httpx; no torch).
+#   docker build -f docker/web.Dockerfile -t telechat-stack-web .        (from the repository root)
+FROM python:3.11.13-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 1000 telechat
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY telechat ./telechat
+COPY services ./services
+COPY jobs ./jobs
+# The project's own requirements: pinned in pyproject.toml (the one place for versions).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[web]"
+
+# Numeric (= telechat) so orchestrators can verify the image does not run as root.
+USER 1000:1000
+ENV WEB_HOST=0.0.0.0 \
+    WEB_PORT=8501 \
+    API_URL=http://api:8070
+EXPOSE 8501
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/_stcore/health' % os.environ.get('WEB_PORT', '8501'), timeout=4)"]
+# `python -m services.web`, not `telechat web`: the `telechat` package imports torch, absent here.
+CMD ["python", "-m", "services.web"]
