@@ -117,8 +117,19 @@ def main() -> None:
     t = time.perf_counter()
     engine = LLMEngine(model, EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len,
                                            max_num_batched_tokens=8192))
-    record("engine_start", seconds=round(time.perf_counter() - t, 1), kv_capacity_tokens=engine.capacity_tokens)
+    record("engine_start", seconds=round(time.perf_counter() - t, 1), kv_capacity_tokens=engine.capacity_tokens,
+           compiled=engine.runner.compile)
     run_requests(engine, [random_prompt(16, cfg.vocab_size, 1)], 16)  # warm-up
+    if engine.runner.graphs:
+        graph = engine.runner.graphs[1][0]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        record("decode_graph_replay_bs1", ms=round(start.elapsed_time(end) / 50, 3),
+               weight_read_floor_ms=round(weight_bytes / bw * 1e3, 3))
     single = run_requests(engine, [random_prompt(args.prompt_len, cfg.vocab_size, 2)], args.new_tokens)
     record("engine_bs1_decode", tok_s=single["tok_s"], wall_s=single["wall_s"])
     ttfts = []

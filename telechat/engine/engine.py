@@ -55,6 +55,8 @@ class EngineConfig:
     """Seed of the generator shared by requests that bring no seed."""
     cuda_graphs: bool | None = None
     """Capture decode passes in CUDA graphs (default: on for CUDA devices)."""
+    compile: bool | None = None
+    """torch.compile the decode pass before capture (default: on for CUDA devices)."""
 
 
 @dataclass
@@ -123,7 +125,8 @@ class LLMEngine:
                         self.max_model_len, self.capacity_tokens)
             self.max_model_len = self.capacity_tokens
         self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
+                                  compile=config.compile)
         self.runner.capture_graphs()
         self.presence: torch.Tensor | None = None  # [rows, vocab] tokens seen, for repetition penalties
         # Rows for running sequences plus as many preempted ones waiting to resume.

@@ -65,29 +65,40 @@ class RopeTable:
 
 
 class DecodeBuffers:
-    """Fixed-address inputs of the decode pass (the first ``b`` rows are used for a batch of b)."""
+    """Fixed-address inputs of the decode pass (the first ``b`` rows are used for a batch of b).
+
+    Per-token metadata travels in one int64 host→device copy from a pinned staging buffer (rows:
+    tokens, positions, slots, seq_lens, rope_rows); block tables in a second one.
+    """
+
+    FIELDS = ("tokens", "positions", "slots", "seq_lens", "rope_rows")
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
-        z = lambda dtype, *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.tokens = z(torch.long, max_batch)
-        self.positions = z(torch.long, max_batch)
-        self.slots = z(torch.long, max_batch)
-        self.block_tables = z(torch.int32, max_batch, max_blocks)
-        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
-        self.rope_rows = z(torch.long, max_batch)
+        pin = device.type == "cuda"
+        self.meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.mscale = torch.ones(max_batch, dtype=torch.float32, device=device)
+        self.host_meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.host_mscale = torch.ones(max_batch, dtype=torch.float32, pin_memory=pin)
 
-    def fill(self, rows: dict[str, torch.Tensor], b: int) -> None:
-        """Copy a batch's metadata (host tensors, padded to ``b`` rows) into the buffers."""
-        for name, value in rows.items():
-            getattr(self, name)[:b].copy_(value, non_blocking=True)
+    def view(self, b: int) -> dict[str, torch.Tensor]:
+        """Device views of the first ``b`` rows, by field name."""
+        views = {name: self.meta[i, :b] for i, name in enumerate(self.FIELDS)}
+        return {**views, "block_tables": self.block_tables[:b], "mscale": self.mscale[:b]}
+
+    def upload(self, b: int) -> None:
+        """Copy the staged rows ``[:b]`` to the device (asynchronous, ordered before the pass)."""
+        self.meta[:, :b].copy_(self.host_meta[:, :b], non_blocking=True)
+        self.block_tables[:b].copy_(self.host_tables[:b], non_blocking=True)
+        self.mscale[:b].copy_(self.host_mscale[:b], non_blocking=True)
 
 
 class ModelRunner:
     """Runs :class:`~telechat.modeling.TelechatForCausalLM` weights over the paged cache."""
 
     def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
@@ -102,6 +113,10 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if use_graphs else None
         self._pool = None
+        # torch.compile fuses the ~40 small kernels per layer (norms, rotary, activations, residuals) that
+        # otherwise dominate a single-stream decode step; CUDA only.
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self._decode_fn = torch.compile(self._decode_pass, dynamic=True) if self.compile else self._decode_pass
 
     # ------------------------------------------------------------------ public
 
@@ -123,7 +138,8 @@ class ModelRunner:
         self._pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(self.buckets):
-                self._decode_body(b)  # warm-up: compiles kernels, creates cuBLAS handles
+                for _ in range(2):  # warm-up: compiles kernels, creates cuBLAS handles
+                    self._decode_body(b)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
@@ -137,27 +153,24 @@ class ModelRunner:
         n = len(decodes)
         b = next((x for x in self.buckets if x >= n), n) if self.graphs is not None else n
         bs = self.block_size
-        tokens, positions, slots, lens, rows, mscale = [], [], [], [], [], []
-        table = torch.zeros(b, self.max_blocks, dtype=torch.int32)
+        cols = [[], [], [], [], []]  # DecodeBuffers.FIELDS
+        mscale = []
+        tables = self.buffers.host_tables
         for i, d in enumerate(decodes):
             p = d.start
-            tokens.append(d.tokens[0])
-            positions.append(p)
-            slots.append(d.blocks[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            rows.append(self.rope.row(d.rope.base))
+            for col, value in zip(cols, (d.tokens[0], p, d.blocks[p // bs] * bs + p % bs, p + 1,
+                                         self.rope.row(d.rope.base))):
+                col.append(value)
             mscale.append(d.rope.mscale)
-            table[i, : len(d.blocks)] = torch.tensor(d.blocks, dtype=torch.int32)
+            tables[i, : len(d.blocks)] = torch.tensor(d.blocks, dtype=torch.int32)
         pad = b - n
-        meta = {
-            "tokens": torch.tensor(tokens + [0] * pad), "positions": torch.tensor(positions + [0] * pad),
-            "slots": torch.tensor(slots + [SCRATCH_SLOT] * pad), "block_tables": table,
-            "seq_lens": torch.tensor(lens + [1] * pad, dtype=torch.int32), "rope_rows": torch.tensor(rows + [0] * pad),
-            "mscale": torch.tensor(mscale + [1.0] * pad),
-        }
-        if self.device.type == "cuda":
-            meta = {k: v.pin_memory() for k, v in meta.items()}
-        self.buffers.fill(meta, b)
+        for col, fill in zip(cols, (0, 0, SCRATCH_SLOT, 1, 0)):
+            col.extend([fill] * pad)
+        # Padding rows read one token of the scratch block (table row of zeros).
+        tables[n:b] = 0
+        self.buffers.host_meta[:, :b] = torch.tensor(cols)
+        self.buffers.host_mscale[:b] = torch.tensor(mscale + [1.0] * pad)
+        self.buffers.upload(b)
         if self.graphs is not None and b in self.graphs:
             graph, out = self.graphs[b]
             graph.replay()
@@ -165,12 +178,14 @@ class ModelRunner:
         return self._decode_body(b)[:n]
 
     def _decode_body(self, b: int) -> torch.Tensor:
-        buf = self.buffers
-        freqs = self.rope.table[buf.rope_rows[:b]]
-        step = StepAttention(cache=self.cache, write_slots=buf.slots[:b], decode_rows=b,
-                             block_tables=buf.block_tables[:b], seq_lens=buf.seq_lens[:b],
-                             partition=self.partition, prefills=[])
-        return self._body(buf.tokens[:b], buf.positions[:b], freqs, buf.mscale[:b], step)
+        v = self.buffers.view(b)
+        return self._decode_fn(v["tokens"], v["positions"], v["slots"], v["block_tables"],
+                               v["seq_lens"].to(torch.int32), v["rope_rows"], v["mscale"])
+
+    def _decode_pass(self, tokens, positions, slots, block_tables, seq_lens, rope_rows, mscale) -> torch.Tensor:
+        step = StepAttention(cache=self.cache, write_slots=slots, decode_rows=tokens.shape[0],
+                             block_tables=block_tables, seq_lens=seq_lens, partition=self.partition, prefills=[])
+        return self._body(tokens, positions, self.rope.table[rope_rows], mscale, step)
 
     # ------------------------------------------------------------------ prefill
 
