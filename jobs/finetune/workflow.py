@@ -123,6 +123,7 @@ def _save(trainer: SFTTrainer, final: Path, companions: list[Path] | None = None
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a Trainer pickle, not part of a checkpoint
         for folder in dict.fromkeys(companions or []):
             copy_companions(folder, tmp)
         if generation_ids is not None:
