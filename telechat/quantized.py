@@ -85,13 +85,15 @@ def load_quantized(
     dtype: str | torch.dtype = "auto",
     *,
     backend: str = "auto",
+    compile_kernels: bool | None = None,
     **config_overrides,
 ):
     """Load a GPTQ TeleChat checkpoint (ours or the official AutoGPTQ layout), in eval mode.
 
     ``dtype`` is the activation / embedding / ``lm_head`` dtype (``auto``: bf16 on CUDA, fp32 on
     CPU). ``backend`` is a GPTQModel backend name (``auto`` picks the fastest kernel available for
-    the device and the checkpoint's bits / group size / act-order).
+    the device and the checkpoint's bits / group size / act-order). ``compile_kernels`` lets
+    GPTQModel's torch kernels ``torch.compile`` their dequantizer (default: on CUDA only).
     """
     _require_backend()
     from optimum.gptq import GPTQQuantizer
@@ -116,6 +118,12 @@ def load_quantized(
     quantizer.convert_model(model, device_map={"": device})
     log.info("GPTQ int%d (group %s) on %s: kernel %s", qcfg["bits"], qcfg.get("group_size"), device,
              quantizer.quant_linear.__name__)
+    if not (device.startswith("cuda") if compile_kernels is None else compile_kernels):
+        # The torch kernels compile their dequantizer with inductor at post-init, paid at the first
+        # forward: about a minute per process on 2 CPU cores, more than a CPU (demo/test) run gains.
+        for module in model.modules():
+            if isinstance(module, quantizer.quant_linear):
+                module.optimized = True
     model.to_empty(device=device)
     _load_tensors(model, info.weight_files, info.path)
     if config.tie_word_embeddings:

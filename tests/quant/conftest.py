@@ -21,16 +21,6 @@ SEQ_LEN = 128
 CALIB_SAMPLES = 64
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_inductor():
-    """GPTQModel's CPU int8 kernel torch.compiles its dequantizer at load (~1 min on 2 cores);
-    the tests check numerics, not that compile, so run it eagerly."""
-    import torch._dynamo
-
-    with torch._dynamo.config.patch(disable=True):
-        yield
-
-
 @pytest.fixture(scope="session")
 def sft_file() -> Path:
     path = SFT_DATA / "single_turn_example.jsonl"
