@@ -47,7 +47,8 @@ if triton is not None:
         kvh = h // GROUP
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
+        q = (tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
+         ).to(tl.float32)  # under torch.compile `scale` arrives as fp64
         start = part * PARTITION
         end = tl.minimum(start + PARTITION, seq_len)
         m_i = tl.full([], float("-inf"), tl.float32)

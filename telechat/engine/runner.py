@@ -136,6 +136,13 @@ class ModelRunner:
             return
         self.rope.row(self.model.transformer.rotary.params(1).base)
         self._pool = torch.cuda.graph_pool_handle()
+        if self.compile:
+            try:
+                with torch.inference_mode():
+                    self._decode_body(self.buckets[-1])
+            except Exception:  # noqa: BLE001 - a compiler failure must not stop serving
+                log.exception("torch.compile of the decode pass failed; capturing the eager pass instead")
+                self.compile, self._decode_fn = False, self._decode_pass
         with torch.inference_mode():
             for b in reversed(self.buckets):
                 for _ in range(2):  # warm-up: compiles kernels, creates cuBLAS handles
