@@ -3,7 +3,7 @@
 Random weights of a released shape (default the 7B) are saved once as a bf16 checkpoint, GPTQ-
 quantized through the job's own code path (``jobs.quant.gptq.quantize``, random-token calibration:
 the time depends on shapes and sample count, not on the values), then the bf16 baseline and the
-int4 model decode through our engine in the same process. One JSON line per measurement, then a
+int4 model (fp16 activations: GPTQ scales are fp16) decode through our engine in the same process. One JSON line per measurement, then a
 table for bench/RESULTS.md.
 
     python bench/quant.py --preset 7B --work-dir /tmp/quant-bench
@@ -144,7 +144,7 @@ def main() -> None:
         record("gptq_quantize", bits=args.bits, samples=args.calib_samples, seq_len=args.calib_seq_len,
                seconds=round(seconds, 1))
     measure_model("bf16", lambda: load_model(src, device="cuda", dtype="bfloat16"), args)
-    measure_model(f"gptq-int{args.bits}", lambda: load_quantized(out, device="cuda", dtype="bfloat16"), args)
+    measure_model(f"gptq-int{args.bits}", lambda: load_quantized(out, device="cuda"), args)
     print("\n| measure | values |\n|---|---|")
     for row in RESULTS:
         print(f"| {row['measure']} | " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "measure") + " |")

@@ -152,7 +152,7 @@ def load_model(
     if info.quantized:
         from telechat.quantized import load_quantized
 
-        return load_quantized(info.path, device=device, dtype=torch_dtype, **config_overrides)
+        return load_quantized(info.path, device=device, dtype=dtype, **config_overrides)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(info.path, **overrides)

@@ -90,7 +90,7 @@ def load_quantized(
 ):
     """Load a GPTQ TeleChat checkpoint (ours or the official AutoGPTQ layout), in eval mode.
 
-    ``dtype`` is the activation / embedding / ``lm_head`` dtype (``auto``: bf16 on CUDA, fp32 on
+    ``dtype`` is the activation / embedding / ``lm_head`` dtype (``auto``: fp16 on CUDA, fp32 on
     CPU). ``backend`` is a GPTQModel backend name (``auto`` picks the fastest kernel available for
     the device and the checkpoint's bits / group size / act-order). ``compile_kernels`` lets
     GPTQModel's torch kernels ``torch.compile`` their dequantizer (default: on CUDA only).
@@ -103,7 +103,10 @@ def load_quantized(
 
     info = inspect_checkpoint(path)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    # GPTQ scales are stored in fp16 and the kernels run in the activation dtype: bf16 would round
+    # every scale to 8 mantissa bits, so "auto" means fp16 on CUDA here.
+    auto_fp16 = dtype == "auto" and device.startswith("cuda")
+    torch_dtype = torch.float16 if auto_fp16 else resolve_dtype(dtype, device)
     qcfg = read_quantize_config(info.path)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     config = AutoConfig.from_pretrained(info.path, **overrides)
