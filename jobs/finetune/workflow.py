@@ -47,14 +47,24 @@ def training_arguments(args: FinetuneArguments, ds_config: str | None, has_eval:
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        gradient_checkpointing=args.model.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, deepspeed=ds_config,
+        deepspeed=ds_config, **_checkpointing(args.model.gradient_checkpointing),
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
         logging_steps=t.logging_steps, logging_first_step=True, report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
     )
+
+
+def _checkpointing(enabled: bool) -> dict:
+    """Activation-checkpointing arguments under their name in this transformers version (renamed
+    from ``gradient_checkpointing`` in 5.2x; both exist in between)."""
+    if not enabled:
+        return {}
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    # Non-reentrant checkpointing needs no input grads, which frozen-embedding LoRA would lack.
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def run_sft(args: FinetuneArguments) -> Path:
