@@ -1,0 +1,2 @@
+"""Request and response schemas: ``openai`` (OpenAI API field order, extras marked) and ``legacy``
+(the official TeleChat service, SPEC.md §6)."""
