@@ -1,0 +1,308 @@
+"""The app (``create_app``: routers, middleware, every exception handler, lifespan) and ``main``,
+the ``telechat serve`` entry point.
+
+Status codes: 400 bad input (validation, JSON, prompt or max_tokens beyond the context), 401 API
+key, 404 unknown model or route, 405 method, 413 body over ``MAX_BODY_BYTES``, 429 queue full
+(``Retry-After``), 503 model not loaded yet, 500 only for a failed generation or a bug. OpenAI and
+operational routes answer ``{"error": {"message", "type", "param", "code"}}``; legacy routes answer
+the official body with its codes (see ``protocol/legacy.py``), except 401 and 413, which keep the
+OpenAI body everywhere because they are decided before any route is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.deps import ServerState
+from services.api.protocol.legacy import FAILED, LegacyError, code_for
+from services.api.protocol.openai import APIError
+from services.api.routers import health, legacy, openai
+from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
+from telechat.errors import UserError
+
+log = logging.getLogger("services.api")
+LEGACY_PREFIX = "/telechat/"
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+
+def load_runtime(settings: Settings):
+    """Load the configured model (the built-in demo when none is) and start its engine."""
+    from telechat.checkpoint import inspect_checkpoint
+    from telechat.engine.engine import EngineConfig
+    from telechat.runtime import Runtime, resolve_model_path
+
+    path, builtin = resolve_model_path(settings.model_path)
+    info = inspect_checkpoint(path, need_tokenizer=True)
+    name = settings.model_name or ("telechat-demo" if builtin or info.is_demo else path.resolve().name)
+    config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
+                          gpu_memory_utilization=settings.gpu_memory_utilization)
+    return Runtime.load(path, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
+                        lora=settings.lora_path, rope_mode=settings.rope_mode,
+                        training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
+
+
+def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None) -> None:
+    t0 = time.perf_counter()
+    try:
+        state.runtime = load_runtime(state.settings)
+    except Exception as e:  # noqa: BLE001 - reported by /ready and the exit code
+        log.exception("loading the model failed")
+        state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if on_fatal:
+            on_fatal()
+        return
+    rt = state.runtime
+    log.info("model %r ready in %.1fs: context %d tokens, KV capacity %d tokens%s", rt.name,
+             time.perf_counter() - t0, rt.max_model_len, rt.engine.stats()["kv_capacity_tokens"],
+             " (DEMO model: not TeleChat)" if rt.is_demo else "")
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+
+class RequestContext:
+    """``X-Request-ID`` echoed (or made up), one log line per request, requests counted by status."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+        status, t0 = 500, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = rid
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"], status,
+                     (time.perf_counter() - t0) * 1000, rid)
+            self.state.metrics.requests.labels(status=str(status)).inc()
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before anything parses them (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> Message:  # the buffered body once, then the real channel (disconnects)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        err = APIError(413, f"the request body exceeds the {self.limit}-byte limit", code="request_too_large")
+        await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def _is_legacy(request: Request) -> bool:
+    return request.url.path.startswith(LEGACY_PREFIX)
+
+
+def _describe(errors: list[dict]) -> str:
+    """Validation errors as one sentence per error: ``field: what is wrong``."""
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+        if e["type"] == "json_invalid":
+            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+        elif loc == "body" and e["type"] in ("model_attributes_type", "dict_type"):
+            parts.append("the body must be a JSON object (and sent with Content-Type: application/json)")
+        else:
+            parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if _is_legacy(request):
+        first = errors[0] if errors else {"loc": ("body",), "type": "missing"}
+        return _legacy_response(LegacyError(code_for(tuple(first["loc"]), first["type"]), _describe(errors)))
+    return _api_response(APIError(400, _describe(errors)))
+
+
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    if _is_legacy(request) and exc.status not in (401, 413):
+        return _legacy_response(LegacyError(FAILED, exc.message, exc.status, exc.headers))
+    return _api_response(exc)
+
+
+async def _legacy_error(request: Request, exc: LegacyError) -> JSONResponse:
+    return _legacy_response(exc)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Unknown route (404), wrong method (405): OpenAI body, same status.
+    return _api_response(APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _api_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log",
+                                  type="server_error"))
+
+
+def _api_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _legacy_response(e: LegacyError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The ASGI app. The model loads in a background thread at startup (``/health`` answers
+    meanwhile, ``/ready`` turns 200 when done); ``on_fatal`` is called if loading fails."""
+    state = ServerState(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=_load_in_background, args=(state, on_fatal), name="model-loader", daemon=True).start()
+        yield
+        if state.runtime is not None:
+            # uvicorn has already let in-flight requests run for the grace period; abort what is left.
+            await asyncio.to_thread(state.runtime.engine.shutdown, 0)
+
+    app = FastAPI(title="TeleChat Stack API", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible and legacy TeleChat routes over a continuous-batching engine. "
+                  "Send `Authorization: Bearer <API_KEY>` when the server has an API key.")
+    app.state.server = state
+    for router in (openai.router, legacy.router, health.router):
+        app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(LegacyError, _legacy_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    # Added innermost first: RequestContext sees every response, CORS headers go on errors too.
+    app.add_middleware(BodyLimit)
+    origins = state.settings.cors_origin_list
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials="*" not in origins, expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContext, state=state)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+FLAGS = [
+    # (flag, settings field, type, help); every default comes from Settings (env var of the upper-case name)
+    ("--model", "model_path", str, "checkpoint folder (env MODEL_PATH; default: the built-in demo model)"),
+    ("--model-name", "model_name", str, "served model id (env MODEL_NAME; default: folder name / telechat-demo)"),
+    ("--host", "api_host", str, "bind address (env API_HOST, default 0.0.0.0)"),
+    ("--port", "api_port", int, "port (env API_PORT, default 8070)"),
+    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env API_KEY)"),
+    ("--cors-origins", "cors_origins", str, "comma-separated origins, * for any (env CORS_ORIGINS, default *)"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N (env DEVICE)"),
+    ("--dtype", "dtype", str, "auto | bfloat16 | float16 | float32 (env DTYPE)"),
+    ("--max-model-len", "max_model_len", int, "longest prompt + reply (env MAX_MODEL_LEN)"),
+    ("--max-num-seqs", "max_num_seqs", int, "requests decoding together (env MAX_NUM_SEQS, default 32)"),
+    ("--max-queue", "max_queue", int, "waiting requests before 429 (env MAX_QUEUE, default 128)"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "GPU memory share (env GPU_MEMORY_UTILIZATION)"),
+    ("--lora", "lora_path", str, "LoRA adapter folder merged at load (env LORA_PATH)"),
+    ("--rope-mode", "rope_mode", str, "none | ntk | ntk+scaling (env ROPE_MODE)"),
+    ("--training-seqlen", "training_seqlen", int, "override training_seqlen (env TRAINING_SEQLEN)"),
+    ("--base-seqlen", "base_seqlen", int, "override the NTK base length (env BASE_SEQLEN)"),
+    ("--shutdown-grace", "shutdown_grace_s", int, "seconds in-flight requests get on SIGTERM (env SHUTDOWN_GRACE_S)"),
+    ("--log-level", "log_level", str, "debug | info | warning | error (env LOG_LEVEL)"),
+]
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags over environment over defaults; ``UserError`` on a bad value."""
+    p = argparse.ArgumentParser(prog="telechat serve", description="Serve a TeleChat model over HTTP "
+                                "(OpenAI-compatible /v1 routes and the legacy /telechat/gptDialog routes).")
+    for flag, dest, type_, help_ in FLAGS:
+        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
+    args = p.parse_args(argv)
+    try:
+        return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"invalid setting {err['loc'][0]} ({str(err['loc'][0]).upper()}): {err['msg']}") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the model failed to load."""
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    settings = parse_settings(list(argv or []))
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.model_path:  # fail fast, before binding the port, on a folder that cannot work
+        from telechat.checkpoint import inspect_checkpoint
+
+        inspect_checkpoint(Path(settings.model_path), need_tokenizer=True)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s))
+    # SIGTERM: uvicorn stops accepting and lets in-flight requests run for the grace period.
+    # sse-starlette would cut SSE streams at once; let them finish like every other response.
+    AppStatus.disable_automatic_graceful_drain()
+    # After a graceful shutdown uvicorn re-raises the signal with the previous handler; a no-op one
+    # makes that a clean exit (0) instead of death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 1 if app.state.server.load_error else 0

@@ -1,0 +1,88 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from sse_starlette import EventSourceResponse
+
+from services.api import serving
+from services.api.deps import RuntimeDep, StateDep, require_api_key
+from services.api.protocol.openai import (
+    APIError,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    GenerationDefaultsInfo,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    new_id,
+)
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+STREAM = {"content": {"text/event-stream": {"description": "with `stream: true`: `data: {chunk}` events, "
+                                            "then `data: [DONE]`"}}}
+DEFAULT_UI_MAX_TOKENS = 1024  # suggested reply budget for UIs; the API itself defaults to the remaining context
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depends(require_api_key)],
+                   responses=ERRORS)
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(rt: RuntimeDep) -> ModelList:
+    """The served model, with its context length and sampling defaults (TeleChat extensions)."""
+    d = rt.defaults
+    defaults = GenerationDefaultsInfo(do_sample=d.do_sample, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
+                                      repetition_penalty=d.repetition_penalty,
+                                      max_tokens=min(DEFAULT_UI_MAX_TOKENS, rt.max_model_len // 2))
+    card = ModelCard(id=rt.name, created=int(rt.loaded_at), max_model_len=rt.max_model_len,
+                     telechat_demo=rt.is_demo, generation_defaults=defaults)
+    return ModelList(data=[card])
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: STREAM})
+async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
+    """Chat in the TeleChat format; streams SSE chunks with ``stream: true``."""
+    serving.check_model(rt, body.model)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = serving.encode(lambda: rt.chat.encode_prompt(messages), "messages")
+    max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
+    params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
+    rid = new_id("chatcmpl")
+    deltas = await serving.start(state, rt, prompt, params, rid)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(serving.chat_events(rid, rt.name, deltas, usage), sep="\n")
+    text, last = await serving.collect(request, deltas)
+    return ChatCompletionResponse(
+        id=rid, model=rt.name, choices=[ChatChoice(message=ResponseMessage(content=text),
+                                                   finish_reason=last.finish_reason)],
+        usage=Usage.of(last.prompt_tokens, last.completion_tokens))
+
+
+@router.post("/completions", response_model=CompletionResponse, responses={200: STREAM})
+async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
+    """Continue a raw prompt (no chat format): a string or token ids."""
+    serving.check_model(rt, body.model)
+    if isinstance(body.prompt, str):
+        prompt = serving.encode(lambda: rt.tokenizer(body.prompt, add_special_tokens=False)["input_ids"], "prompt")
+    else:
+        prompt, vocab = list(body.prompt), rt.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
+    params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
+    rid = new_id("cmpl")
+    deltas = await serving.start(state, rt, prompt, params, rid)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(serving.completion_events(rid, rt.name, deltas, usage), sep="\n")
+    text, last = await serving.collect(request, deltas)
+    return CompletionResponse(id=rid, model=rt.name,
+                              choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+                              usage=Usage.of(last.prompt_tokens, last.completion_tokens))

@@ -1,0 +1,220 @@
+"""What every generating route shares: request checks against the loaded model, admission into
+the bounded queue, metrics, abort on client disconnect, and the OpenAI SSE event stream.
+
+Routers stay thin by calling these; nothing here knows about HTTP routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from services.api.deps import ServerState
+from services.api.protocol.openai import (
+    APIError,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from telechat.engine.sampling import SamplingParams
+    from telechat.runtime import Runtime, StreamDelta
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def check_model(rt: Runtime, requested: str | None) -> None:
+    """404 unless ``requested`` is empty or the served model's id."""
+    if requested and requested != rt.name:
+        raise APIError(404, f"the model {requested!r} does not exist; this server serves {rt.name!r} "
+                       "(see GET /v1/models)", code="model_not_found", param="model")
+
+
+def resolve_max_tokens(rt: Runtime, prompt_len: int, requested: int | None) -> int:
+    """The reply budget: ``requested``, or what the context leaves; 400 when either does not fit."""
+    ctx = rt.max_model_len
+    if prompt_len >= ctx:
+        raise APIError(400, f"the prompt is {prompt_len} tokens long; this model's context is {ctx} tokens "
+                       "(prompt + reply): shorten the messages", code="context_length_exceeded", param="messages")
+    room = ctx - prompt_len
+    if requested is not None and requested > room:
+        raise APIError(400, f"max_tokens={requested} is too large: the prompt uses {prompt_len} of the "
+                       f"{ctx}-token context, so at most {room} tokens can be generated",
+                       code="context_length_exceeded", param="max_tokens")
+    return requested or room
+
+
+def build_params(make: Callable[[], SamplingParams]) -> SamplingParams:
+    """Run a ``to_sampling_params`` call, turning the engine's ``ValueError`` into a 400."""
+    try:
+        return make()
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+
+
+def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
+    """Run a prompt encoder, turning its ``ValueError`` (empty list, unknown role, ...) into a 400."""
+    try:
+        ids = fn()
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from e
+    if not ids:
+        raise APIError(400, f"{param} encodes to no tokens", param=param)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+async def start(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
+                request_id: str) -> AsyncIterator[StreamDelta]:
+    """Admit a request (429 raised here, before any response starts) and return its delta stream.
+
+    The stream is already started, so even a response that never iterates it releases the slot
+    when it is closed or garbage-collected.
+    """
+    agen = _generate(state, rt, prompt_ids, params, request_id)
+    await agen.__anext__()  # runs admission
+    return agen
+
+
+async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> AsyncIterator[StreamDelta | None]:
+    state.admit()
+    m = state.metrics
+    try:
+        yield None  # admitted
+        m.prompt_tokens.inc(len(prompt_ids))
+        t0 = last = time.perf_counter()
+        tokens = 0
+        reason = "abort"  # unless the engine says otherwise (e.g. the client left)
+        async for d in rt.stream(prompt_ids, params, request_id):
+            now = time.perf_counter()
+            if tokens == 0 and d.completion_tokens:
+                m.time_to_first_token.observe(now - t0)
+            elif d.completion_tokens > tokens:
+                # One observation per delta: the mean gap of the tokens it carries.
+                m.inter_token_latency.observe((now - last) / (d.completion_tokens - tokens))
+            if d.completion_tokens > tokens:
+                tokens, last = d.completion_tokens, now
+            if d.finish_reason:
+                reason = d.finish_reason
+            yield d
+    finally:
+        m.request_success.labels(finished_reason=reason).inc()
+        state.release()
+
+
+async def collect(request: Request, deltas: AsyncIterator[StreamDelta]) -> tuple[str, StreamDelta]:
+    """Run a non-streamed request to the end; abort it if the client disconnects first.
+
+    Returns the full text and the final delta; a failed generation raises a 500.
+    """
+    async def run() -> tuple[str, StreamDelta]:
+        parts, last = [], None
+        async for d in deltas:
+            parts.append(d.text)
+            last = d
+        return "".join(parts), last
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(run()), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            # The client left (or this handler was cancelled): the cancellation unwinds through the
+            # delta stream, whose cleanup aborts the request in the engine.
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if work.cancelled():
+        raise APIError(499, "the client disconnected", code="client_closed_request")
+    text, last = work.result()
+    if last is None or last.finish_reason not in ("stop", "length"):
+        raise APIError(500, f"generation failed: {getattr(last, 'error', None) or 'aborted'}", type="server_error")
+    return text, last
+
+
+# ---------------------------------------------------------------------------------------------- SSE
+
+def _sse_error(message: str) -> str:
+    """An error event in the middle of a stream (the HTTP status is already sent)."""
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}},
+                      ensure_ascii=False)
+
+
+def _check(d: StreamDelta) -> bool:
+    """True for the final delta of a successful generation; raises for a failed one."""
+    if d.finish_reason and d.finish_reason not in ("stop", "length"):
+        raise RuntimeError(d.error or f"the request ended with {d.finish_reason!r}")
+    return d.finish_reason is not None
+
+
+async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
+                      ) -> AsyncIterator[str]:
+    """``chat.completion.chunk`` payloads: role first, then content, then ``finish_reason``, then
+    (with ``include_usage``) one chunk with ``choices: []`` and ``usage``, then ``[DONE]``."""
+    created = int(time.time())
+    # With include_usage every chunk carries "usage": null except the last (OpenAI reference).
+    exclude = None if include_usage else {"usage"}
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
+                                   usage=usage).model_dump_json(exclude=exclude)
+
+    yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+    try:
+        async for d in deltas:
+            final = _check(d)
+            if d.text:
+                yield chunk([ChatChunkChoice(delta=DeltaMessage(content=d.text))])
+            if final:
+                yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=d.finish_reason)])
+                if include_usage:
+                    yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
+    except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
+        log.warning("%s failed: %s", rid, e)
+        yield _sse_error(f"generation failed: {e}")
+    finally:
+        await deltas.aclose()
+    yield "[DONE]"
+
+
+async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
+                            ) -> AsyncIterator[str]:
+    """``text_completion`` payloads: text chunks, a last one with ``finish_reason``, optional usage, ``[DONE]``."""
+    created = int(time.time())
+    exclude = None if include_usage else {"usage"}
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        return CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                  usage=usage).model_dump_json(exclude=exclude)
+
+    try:
+        async for d in deltas:
+            final = _check(d)
+            if d.text or final:
+                yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason if final else None)])
+            if final and include_usage:
+                yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
+    except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
+        log.warning("%s failed: %s", rid, e)
+        yield _sse_error(f"generation failed: {e}")
+    finally:
+        await deltas.aclose()
+    yield "[DONE]"
