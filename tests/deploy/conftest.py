@@ -65,3 +65,17 @@ def wait_until(check, timeout: float, what: str, procs: tuple[subprocess.Popen, 
                 pytest.fail(f"{what}: process {proc.args[:4]} exited with {proc.returncode}")
         time.sleep(0.3)
     pytest.fail(f"{what}: not done after {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def demo_model(request, tmp_path_factory) -> Path:
+    """A demo checkpoint for the services to load.
+
+    The shared ``demo_model_dir`` when other tests of this session build it anyway; otherwise the same
+    recipe with a token training run (gibberish replies, but it loads and answers), built in seconds.
+    """
+    if any("demo_model_dir" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        return request.getfixturevalue("demo_model_dir")
+    from telechat.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("deploy-demo") / "demo-model", train_steps=20)
