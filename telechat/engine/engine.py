@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from telechat.engine.kv_cache import BlockAllocator, PagedKVCache
 from telechat.engine.runner import ModelRunner, StepInput
@@ -204,15 +205,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling round and forward pass; return the outputs it produced."""
-        outputs = self._drop_aborted()
-        decodes = self._schedule_decodes()
-        budget = self.config.max_num_batched_tokens - len(decodes)
-        prefills = self._schedule_prefills(budget, reserve=len(decodes))
-        if not decodes and not prefills:
-            return outputs
-        inputs = [self._step_input(s, 1) for s in decodes] + [self._step_input(s, n) for s, n in prefills]
+        with record_function("engine.schedule"):
+            outputs = self._drop_aborted()
+            decodes = self._schedule_decodes()
+            budget = self.config.max_num_batched_tokens - len(decodes)
+            prefills = self._schedule_prefills(budget, reserve=len(decodes))
+            if not decodes and not prefills:
+                return outputs
+            inputs = [self._step_input(s, 1) for s in decodes] + [self._step_input(s, n) for s, n in prefills]
         try:
-            logits = self.runner.forward(inputs[: len(decodes)], inputs[len(decodes):])
+            with record_function("engine.forward"):
+                logits = self.runner.forward(inputs[: len(decodes)], inputs[len(decodes):])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its sequences, not the engine
             log.exception("forward pass failed")
             for seq in decodes + [s for s, _ in prefills]:
@@ -222,7 +225,8 @@ class LLMEngine:
             seq.num_computed += n
         ready = [(i, s) for i, s in enumerate(decodes + [s for s, _ in prefills]) if s.num_computed == s.num_tokens]
         if ready:
-            outputs.extend(self._sample([i for i, _ in ready], [s for _, s in ready], logits))
+            with record_function("engine.sample"):
+                outputs.extend(self._sample([i for i, _ in ready], [s for _, s in ready], logits))
         return outputs
 
     def _drop_aborted(self) -> list[RequestOutput]:
@@ -239,7 +243,8 @@ class LLMEngine:
                 self._preempt(victim)
                 if victim is seq:
                     break
-        return [s for s in decodes if s in self.running]
+        running = set(self.running)
+        return [s for s in decodes if s in running]
 
     def _schedule_prefills(self, budget: int, reserve: int) -> list[tuple[Sequence, int]]:
         chosen: list[tuple[Sequence, int]] = []
