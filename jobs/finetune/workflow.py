@@ -102,6 +102,8 @@ def run_sft(args: FinetuneArguments) -> Path:
         model=model, args=targs, data_collator=Collator(tokenizer.pad_token_id), train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
     )
+    if t.resume:
+        log.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", t.resume)
     trainer.train(resume_from_checkpoint=t.resume)
     if eval_rows:
         trainer.evaluate()
