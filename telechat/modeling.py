@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from telechat.attention import attention
 from telechat.config import Telechat2Config, TelechatConfig
+from telechat.kernels import rms_norm, silu_mul
 from telechat.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
 
 # transformers renamed the cache argument/output field `past_key_values` -> `cache` (5.2x); accept both.
@@ -39,10 +40,7 @@ class TelechatRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class TelechatRotary:
@@ -81,17 +79,20 @@ class TelechatAttention(nn.Module):
         self.dense = nn.Linear(self.n_head * self.head_dim, h, bias=True)
 
     def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v for ``x [..., T, H]`` with RoPE applied: ``[..., T, heads, d]`` each.
+        """q, k, v for ``x [..., T, H]``: ``[..., T, heads, d]`` each, rotated when ``cos/sin [..., T, d]``
+        are given.
 
-        ``cos``/``sin`` are ``[..., T, d]``. The fused ``key_value`` rows are interleaved per head:
-        rows ``[2d·h, 2d·h+d)`` are K of head h and ``[2d·h+d, 2d·h+2d)`` its V.
+        The fused ``key_value`` rows are interleaved per head: rows ``[2d·h, 2d·h+d)`` are K of
+        head h and ``[2d·h+d, 2d·h+2d)`` its V.
         """
         lead = x.shape[:-1]
         q = self.query(x).view(*lead, self.n_head, self.head_dim)
         kv = self.key_value(x).view(*lead, self.n_kv, 2 * self.head_dim)
         k, v = kv[..., : self.head_dim], kv[..., self.head_dim :]
+        if cos is None:
+            return q, k, v
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -104,11 +105,13 @@ class TelechatAttention(nn.Module):
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
         """Attention output for ``x [B, T, H]`` (transformers cache) or ``[T, H]`` (engine step)."""
-        q, k, v = self.project(x, cos, sin)
         attend = getattr(past_key_values, "attend", None)
         if attend is not None:
-            # The serving engine's paged cache: flat tokens [T, heads, d] of many sequences.
-            return self.dense(attend(self.layer_idx, q, k, v).reshape(*x.shape[:-1], -1))
+            # The serving engine's paged cache: flat tokens [T, heads, d] of many sequences; it
+            # applies RoPE itself (fused with the cache write on CUDA).
+            q, k, v = self.project(x)
+            return self.dense(attend(self.layer_idx, q, k, v, cos, sin).reshape(*x.shape[:-1], -1))
+        q, k, v = self.project(x, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -129,7 +132,7 @@ class TelechatMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class TelechatBlock(GradientCheckpointingLayer):

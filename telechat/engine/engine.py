@@ -56,8 +56,8 @@ class EngineConfig:
     """Seed of the generator shared by requests that bring no seed."""
     cuda_graphs: bool | None = None
     """Capture decode passes in CUDA graphs (default: on for CUDA devices)."""
-    compile: bool | None = None
-    """torch.compile the decode pass before capture (default: on for CUDA devices)."""
+    compile: bool = False
+    """torch.compile the decode pass before capture (slow start, see bench/RESULTS.md)."""
 
 
 @dataclass
@@ -126,8 +126,8 @@ class LLMEngine:
                         self.max_model_len, self.capacity_tokens)
             self.max_model_len = self.capacity_tokens
         self.runner = ModelRunner(model, self.cache, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
-                                  compile=config.compile)
+                                  max_model_len=self.max_model_len, max_rows=2 * config.max_num_seqs,
+                                  cuda_graphs=config.cuda_graphs, compile=config.compile)
         self.runner.capture_graphs()
         self.presence: torch.Tensor | None = None  # [rows, vocab] tokens seen, for repetition penalties
         # Rows for running sequences plus as many preempted ones waiting to resume.
@@ -282,6 +282,7 @@ class LLMEngine:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.allocator.release(seq.blocks)
+        self.runner.forget_row(seq.row)
         seq.blocks, seq.num_computed = [], 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -295,7 +296,7 @@ class LLMEngine:
             tokens = seq.output_ids[start - plen : end - plen]
         else:
             tokens = seq.prompt_ids[start:] + seq.output_ids[: end - plen]
-        return StepInput(tokens=tokens, start=start, blocks=seq.blocks, rope=seq.rope)
+        return StepInput(tokens=tokens, start=start, blocks=seq.blocks, rope=seq.rope, row=seq.row)
 
     def _init_row(self, seq: Sequence) -> None:
         seq.row = self._free_rows.pop()
@@ -314,7 +315,8 @@ class LLMEngine:
             state_rows = torch.tensor([s.row for s in seqs], device=self.device) if penalised else None
             presence = self.presence[state_rows] if penalised else None
             gens = [s.generator for s in seqs]
-            tokens = sample(logits[rows], [s.params for s in seqs], gens, presence, self.generator)
+            picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
+            tokens = sample(picked, [s.params for s in seqs], gens, presence, self.generator)
             if penalised:
                 self.presence[state_rows, torch.tensor(tokens, device=self.device)] = True
         except Exception as e:  # noqa: BLE001 - fail these requests only
@@ -345,6 +347,7 @@ class LLMEngine:
         self.allocator.release(seq.blocks)
         seq.blocks = []
         if seq.row is not None:
+            self.runner.forget_row(seq.row)
             self._free_rows.append(seq.row)
             seq.row = None
         self.requests.pop(seq.request_id, None)

@@ -13,6 +13,8 @@ import torch
 
 from telechat.attention import attention
 from telechat.engine.paged_attention import paged_decode_attention
+from telechat.kernels import rope_and_cache
+from telechat.rope import apply_rope
 
 
 class BlockAllocator:
@@ -93,14 +95,19 @@ class StepAttention:
     partition: int
     prefills: list[PrefillChunk]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store this step's k/v in the paged cache, then attend each token to its sequence's past."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate q/k (``[T, heads, d]``), store k/v in the paged cache, attend each token to its
+        sequence's past."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[self.write_slots] = k
-        vc[self.write_slots] = v
         if self.decode_rows and not self.prefills:
+            q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots)
             return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
                                           self.partition)
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
+        kc[self.write_slots] = k
+        vc[self.write_slots] = v
         out = torch.empty_like(q)
         if self.decode_rows:
             s = self.decode_rows

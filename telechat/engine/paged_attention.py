@@ -77,6 +77,24 @@ if triton is not None:
         tl.store(stats_ptr + row * 2 + 1, l_i)
 
 
+    @triton.jit
+    def _merge_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, num_parts, num_heads,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        row0 = (b * num_heads + h) * num_parts
+        parts = tl.arange(0, P_PAD)
+        p_mask = parts < num_parts
+        m = tl.load(stats_ptr + (row0 + parts) * 2, mask=p_mask, other=float("-inf"))
+        l = tl.load(stats_ptr + (row0 + parts) * 2 + 1, mask=p_mask, other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))  # empty partitions have m = -inf → weight 0
+        offs_d = tl.arange(0, D_PAD)
+        acc = tl.load(acc_ptr + (row0 + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -110,10 +128,10 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, part
         GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, PARTITION=partition,
         TOKENS=TOKENS_PER_ITER,
     )
-    m, l = stats[..., 0], stats[..., 1]
-    w = torch.exp(m - m.amax(-1, keepdim=True))  # empty partitions have m = -inf → weight 0
-    out = (acc[..., :d] * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
-    return out.to(q.dtype)
+    out = torch.empty(bsz, heads, d, dtype=q.dtype, device=q.device)
+    _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
+                                HEAD_DIM=d, D_PAD=d_pad, P_PAD=triton.next_power_of_2(parts))
+    return out
 
 
 def _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size):

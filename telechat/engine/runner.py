@@ -39,6 +39,8 @@ class StepInput:
     start: int
     blocks: list[int]
     rope: RopeParams
+    row: int = 0
+    """The sequence's stable row (0 ≤ row < max_rows): its block table lives there between steps."""
 
 
 class RopeTable:
@@ -65,40 +67,50 @@ class RopeTable:
 
 
 class DecodeBuffers:
-    """Fixed-address inputs of the decode pass (the first ``b`` rows are used for a batch of b).
+    """Fixed-address inputs of the decode pass (the first ``b`` entries serve a batch of b).
 
-    Per-token metadata travels in one int64 host→device copy from a pinned staging buffer (rows:
-    tokens, positions, slots, seq_lens, rope_rows); block tables in a second one.
+    Per-token metadata travels in one int64 host→device copy from a pinned staging buffer
+    (tokens, positions, slots, seq_lens, rope_rows, table rows). Block tables stay on the device
+    between steps, one row per sequence; only blocks appended since the last step are copied.
     """
 
-    FIELDS = ("tokens", "positions", "slots", "seq_lens", "rope_rows")
+    FIELDS = ("tokens", "positions", "slots", "seq_lens", "rope_rows", "table_rows")
 
-    def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
+    def __init__(self, max_batch: int, max_rows: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
         self.meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.mscale = torch.ones(max_batch, dtype=torch.float32, device=device)
         self.host_meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, pin_memory=pin)
-        self.host_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, pin_memory=pin)
         self.host_mscale = torch.ones(max_batch, dtype=torch.float32, pin_memory=pin)
+        # Row `max_rows` stays all zeros: padding entries of a bucket point at it (scratch block 0).
+        self.tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.int32, device=device)
+        self.host_tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.scratch_row = max_rows
+        self.synced = [0] * max_rows  # blocks of each row already on the device
 
     def view(self, b: int) -> dict[str, torch.Tensor]:
-        """Device views of the first ``b`` rows, by field name."""
-        views = {name: self.meta[i, :b] for i, name in enumerate(self.FIELDS)}
-        return {**views, "block_tables": self.block_tables[:b], "mscale": self.mscale[:b]}
+        """Device views of the first ``b`` entries, by field name."""
+        return {**{name: self.meta[i, :b] for i, name in enumerate(self.FIELDS)}, "mscale": self.mscale[:b]}
+
+    def sync_blocks(self, row: int, blocks: list[int]) -> None:
+        """Stage and copy the blocks of ``row`` that the device does not have yet."""
+        done = self.synced[row]
+        if done < len(blocks):
+            self.host_tables[row, done : len(blocks)] = torch.tensor(blocks[done:], dtype=torch.int32)
+            self.tables[row, done : len(blocks)].copy_(self.host_tables[row, done : len(blocks)], non_blocking=True)
+            self.synced[row] = len(blocks)
 
     def upload(self, b: int) -> None:
-        """Copy the staged rows ``[:b]`` to the device (asynchronous, ordered before the pass)."""
+        """Copy the staged entries ``[:b]`` to the device (asynchronous, ordered before the pass)."""
         self.meta[:, :b].copy_(self.host_meta[:, :b], non_blocking=True)
-        self.block_tables[:b].copy_(self.host_tables[:b], non_blocking=True)
         self.mscale[:b].copy_(self.host_mscale[:b], non_blocking=True)
 
 
 class ModelRunner:
     """Runs :class:`~telechat.modeling.TelechatForCausalLM` weights over the paged cache."""
 
-    def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int,
-                 cuda_graphs: bool | None = None, compile: bool | None = None):
+    def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int, max_rows: int,
+                 cuda_graphs: bool | None = None, compile: bool = False):
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
@@ -109,13 +121,13 @@ class ModelRunner:
         self.partition = partition_size(max_model_len)
         self.rope = RopeTable(self.head_dim, self.device)
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.buffers = DecodeBuffers(self.buckets[-1], self.max_blocks, self.device)
+        self.buffers = DecodeBuffers(self.buckets[-1], max_rows, self.max_blocks, self.device)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if use_graphs else None
         self._pool = None
-        # torch.compile fuses the ~40 small kernels per layer (norms, rotary, activations, residuals) that
-        # otherwise dominate a single-stream decode step; CUDA only.
-        self.compile = self.device.type == "cuda" if compile is None else compile
+        # Optional: torch.compile with dynamic batch sizes took ~4 min to start the 7B on an H100 and was
+        # slower at batch 64 than the fused-kernel eager pass (bench/RESULTS.md), so it is opt-in.
+        self.compile = compile
         self._decode_fn = torch.compile(self._decode_pass, dynamic=True) if self.compile else self._decode_pass
 
     # ------------------------------------------------------------------ public
@@ -156,28 +168,31 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ decode
 
+    def forget_row(self, row: int) -> None:
+        """The sequence that held ``row`` released its blocks; the next one starts from none."""
+        self.buffers.synced[row] = 0
+
     def _decode(self, decodes: list[StepInput]) -> torch.Tensor:
         n = len(decodes)
         b = next((x for x in self.buckets if x >= n), n) if self.graphs is not None else n
         bs = self.block_size
-        cols = [[], [], [], [], []]  # DecodeBuffers.FIELDS
+        buf = self.buffers
+        cols: list[list[int]] = [[] for _ in buf.FIELDS]
         mscale = []
-        tables = self.buffers.host_tables
-        for i, d in enumerate(decodes):
+        for d in decodes:
             p = d.start
+            buf.sync_blocks(d.row, d.blocks)
             for col, value in zip(cols, (d.tokens[0], p, d.blocks[p // bs] * bs + p % bs, p + 1,
-                                         self.rope.row(d.rope.base))):
+                                         self.rope.row(d.rope.base), d.row)):
                 col.append(value)
             mscale.append(d.rope.mscale)
-            tables[i, : len(d.blocks)] = torch.tensor(d.blocks, dtype=torch.int32)
         pad = b - n
-        for col, fill in zip(cols, (0, 0, SCRATCH_SLOT, 1, 0)):
+        # Padding entries read one token of the scratch block through the all-zero scratch row.
+        for col, fill in zip(cols, (0, 0, SCRATCH_SLOT, 1, 0, buf.scratch_row)):
             col.extend([fill] * pad)
-        # Padding rows read one token of the scratch block (table row of zeros).
-        tables[n:b] = 0
-        self.buffers.host_meta[:, :b] = torch.tensor(cols)
-        self.buffers.host_mscale[:b] = torch.tensor(mscale + [1.0] * pad)
-        self.buffers.upload(b)
+        buf.host_meta[:, :b] = torch.tensor(cols)
+        buf.host_mscale[:b] = torch.tensor(mscale + [1.0] * pad)
+        buf.upload(b)
         if self.graphs is not None and b in self.graphs:
             graph, out = self.graphs[b]
             graph.replay()
@@ -186,7 +201,7 @@ class ModelRunner:
 
     def _decode_body(self, b: int) -> torch.Tensor:
         v = self.buffers.view(b)
-        return self._decode_fn(v["tokens"], v["positions"], v["slots"], v["block_tables"],
+        return self._decode_fn(v["tokens"], v["positions"], v["slots"], self.buffers.tables[v["table_rows"]],
                                v["seq_lens"].to(torch.int32), v["rope_rows"], v["mscale"])
 
     def _decode_pass(self, tokens, positions, slots, block_tables, seq_lens, rope_rows, mscale) -> torch.Tensor:
