@@ -67,3 +67,86 @@ def demo_tokenizer(demo_tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(demo_tokenizer_dir))
+
+
+# ---------------------------------------------------------------------------------------------- API server
+
+API_ENV = ("MODEL_PATH", "MODEL_NAME", "API_HOST", "API_PORT", "API_KEY", "CORS_ORIGINS", "DEVICE", "DTYPE",
+           "MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_QUEUE", "GPU_MEMORY_UTILIZATION", "LORA_PATH", "ROPE_MODE",
+           "TRAINING_SEQLEN", "BASE_SEQLEN", "SHUTDOWN_GRACE_S", "LOG_LEVEL")
+"""Settings variables of services/api; cleared for test servers so the developer's shell cannot leak in."""
+
+
+class ApiServer:
+    """A ``python -m services.api`` subprocess on a free loopback port; its output goes to ``log_path``."""
+
+    def __init__(self, proc, url: str, log_path: Path):
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, wait, return the exit code (killed after ``timeout``)."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """Factory: ``api_server(model_dir, *flags, env={...})`` starts the API on a free loopback port and
+    returns an :class:`ApiServer` once ``/ready`` answers 200. Servers still running at the end of the
+    session are stopped."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    started: list[ApiServer] = []
+
+    def start(model_dir: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 180) -> ApiServer:
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("api-server") / "server.log"
+        child_env = {k: v for k, v in os.environ.items() if k not in API_ENV}
+        child_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+        cmd = [sys.executable, "-m", "services.api", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), *flags]
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=out, stderr=subprocess.STDOUT)
+        server = ApiServer(proc, f"http://127.0.0.1:{port}", log_path)
+        started.append(server)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"API server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+            try:
+                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        server.stop()
+        raise RuntimeError(f"API server not ready after {timeout}s:\n{server.log()[-3000:]}")
+
+    yield start
+    for server in started:
+        server.stop()

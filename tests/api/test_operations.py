@@ -1,0 +1,190 @@
+"""Operations: health/ready/docs, request ids and log lines, metrics, disconnect abort, bounded queue
+(429), API key, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "你好"}]
+LONG = {"messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
+"""A stream that runs for seconds on CPU: the demo context is 2048 tokens."""
+
+
+def metric(server, name: str, default: float | None = None) -> float:
+    """The value of one sample (``name`` with its labels, exactly as exposed)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    if default is None:
+        raise KeyError(name)
+    return default
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_health_ready_docs(demo_server):
+    assert httpx.get(demo_server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(demo_server.url + "/ready").json() == {"status": "ready", "model": "telechat-demo"}
+    assert "swagger" in httpx.get(demo_server.url + "/docs").text.lower()
+    spec = httpx.get(demo_server.url + "/openapi.json").json()
+    assert "你好" in json.dumps(spec, ensure_ascii=False)
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/telechat/gptDialog/v2",
+            "/telechat/gptDialog/v4"} <= set(spec["paths"])
+
+
+def test_request_id_echoed_and_logged(demo_server):
+    """X-Request-ID comes back (made up when absent) and one log line names method, path, status, id."""
+    r = httpx.post(demo_server.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, headers={"X-Request-ID": "abc-123"},
+                   timeout=60)
+    assert r.headers["x-request-id"] == "abc-123"
+    assert len(httpx.get(demo_server.url + "/health").headers["x-request-id"]) == 32
+    assert wait_for(lambda: "POST /v1/chat/completions 200" in demo_server.log() and "id=abc-123" in demo_server.log())
+    line = next(l for l in demo_server.log().splitlines() if "id=abc-123" in l)
+    assert "ms" in line
+
+
+def test_metrics_move(demo_server):
+    """A request moves tokens, TTFT/ITL histograms, finish reasons and status counters."""
+    names = ["telechat:num_requests_running", "telechat:num_requests_waiting", "telechat:kv_cache_usage_perc",
+             "telechat:kv_cache_capacity_tokens", "telechat:generation_tokens_total", "telechat:prompt_tokens_total",
+             "telechat:time_to_first_token_seconds_count", "telechat:inter_token_latency_seconds_count"]
+    before = {n: metric(demo_server, n, 0.0) for n in names}
+    ok_before = metric(demo_server, 'telechat:requests_total{status="200"}', 0.0)
+    length_before = metric(demo_server, 'telechat:request_success_total{finished_reason="length"}', 0.0)
+    r = httpx.post(demo_server.url + CHAT, json={"messages": HELLO, "max_tokens": 6, "ignore_eos": True}, timeout=60)
+    assert r.json()["usage"]["completion_tokens"] == 6
+    after = {n: metric(demo_server, n) for n in names}
+    assert after["telechat:generation_tokens_total"] >= before["telechat:generation_tokens_total"] + 6
+    assert after["telechat:prompt_tokens_total"] > before["telechat:prompt_tokens_total"]
+    assert after["telechat:time_to_first_token_seconds_count"] == before["telechat:time_to_first_token_seconds_count"] + 1
+    assert after["telechat:inter_token_latency_seconds_count"] > before["telechat:inter_token_latency_seconds_count"]
+    assert after["telechat:kv_cache_capacity_tokens"] > 0
+    assert metric(demo_server, 'telechat:request_success_total{finished_reason="length"}') == length_before + 1
+    assert metric(demo_server, 'telechat:requests_total{status="200"}') > ok_before
+
+
+def test_disconnect_aborts_and_frees_the_slot(demo_server):
+    """Closing a stream mid-way aborts its generation: running goes back to 0, tokens stop growing."""
+    aborted = metric(demo_server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
+    with httpx.stream("POST", demo_server.url + CHAT, json=LONG, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metric(demo_server, "telechat:num_requests_running") == 1
+    assert wait_for(lambda: metric(demo_server, "telechat:num_requests_running") == 0, timeout=5)
+    tokens = metric(demo_server, "telechat:generation_tokens_total")
+    time.sleep(0.5)
+    assert metric(demo_server, "telechat:generation_tokens_total") == tokens
+    assert wait_for(lambda: metric(demo_server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
+                    == aborted + 1)
+
+
+def test_disconnect_aborts_non_streamed_request(demo_server):
+    """A non-streamed request whose client gives up is aborted too."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(demo_server.url + CHAT, json={**LONG, "stream": False}, timeout=1.0)
+    assert wait_for(lambda: metric(demo_server, "telechat:num_requests_running") == 0, timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------- strict server
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def strict_server(demo_model_dir, api_server):
+    """API key on, one running sequence, a queue of one."""
+    server = api_server(demo_model_dir, env={"API_KEY": "s3cret", "MAX_NUM_SEQS": "1", "MAX_QUEUE": "1"})
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}],
+                         ids=["missing", "wrong", "no-scheme"])
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/telechat/gptDialog/v4")])
+def test_api_key_required(strict_server, headers, method, path):
+    r = httpx.request(method, strict_server.url + path, headers=headers, json={"messages": HELLO})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error" and "API key" in r.json()["error"]["message"]
+
+
+def test_api_key_accepted_and_ops_routes_open(strict_server):
+    assert httpx.get(strict_server.url + "/v1/models", headers=KEY).status_code == 200
+    for path in ("/health", "/ready", "/metrics", "/docs", "/openapi.json"):
+        assert httpx.get(strict_server.url + path).status_code == 200, path
+    from openai import OpenAI
+
+    c = OpenAI(base_url=strict_server.url + "/v1", api_key="s3cret", max_retries=0)
+    assert c.chat.completions.create(model="telechat-demo", messages=HELLO, max_tokens=3).choices[0].message.content
+
+
+def test_overload_gets_429_with_retry_after(strict_server):
+    """Capacity is one running + one queued: of requests arriving together, the rest get 429 with
+    Retry-After, on both route families; once the others finish, requests are accepted again."""
+    long_chat = {**LONG, "stream": False, "max_tokens": 600}  # a second or more each on CPU
+
+    def chat(_):
+        return httpx.post(strict_server.url + CHAT, json=long_chat, headers=KEY, timeout=120)
+
+    def legacy(_):
+        time.sleep(0.3)  # after the chats took the slots (each of them runs for seconds)
+        return httpx.post(strict_server.url + "/telechat/gptDialog/v4", json={"dialog": HELLO}, headers=KEY, timeout=120)
+
+    with ThreadPoolExecutor(5) as pool:
+        futures = [pool.submit(chat, i) for i in range(4)]
+        refused = pool.submit(legacy, None).result()
+        chats = [f.result() for f in futures]
+    assert sorted(r.status_code for r in chats) == [200, 200, 429, 429], [r.text for r in chats]
+    for r in chats:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "server_overloaded"
+    assert refused.status_code == 429 and refused.json()["code"] == 10903, refused.text
+    assert httpx.post(strict_server.url + CHAT, json={"messages": HELLO, "max_tokens": 2}, headers=KEY,
+                      timeout=60).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- SIGTERM
+
+def test_sigterm_finishes_in_flight_then_exits_0(demo_model_dir, api_server):
+    """SIGTERM: new connections are refused, the running stream completes, the process exits 0."""
+    server = api_server(demo_model_dir)
+    events: list[str] = []
+    with httpx.stream("POST", server.url + CHAT, timeout=60,
+                      json={"messages": HELLO, "max_tokens": 150, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        events.append(next(lines))
+        server.proc.terminate()
+        events += [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert server.proc.wait(60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health")
+
+
+def test_sigterm_aborts_after_grace_period(demo_model_dir, api_server):
+    """A stream longer than the grace period is cut and the process still exits 0."""
+    server = api_server(demo_model_dir, "--shutdown-grace", "1")
+    with httpx.stream("POST", server.url + CHAT, json=LONG, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        t0 = time.monotonic()
+        server.proc.terminate()
+        rest = []
+        with pytest.raises(httpx.HTTPError):  # the connection is closed mid-stream
+            rest += list(lines)
+    assert "data: [DONE]" not in rest
+    assert server.proc.wait(60) == 0 and time.monotonic() - t0 < 30
