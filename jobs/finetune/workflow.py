@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments, set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from jobs.finetune.data import load_conversations
 from jobs.finetune.dataset import Collator, RowDataset, build_rows, encode_all
@@ -35,6 +38,20 @@ def deepspeed_config(args: FinetuneArguments) -> str | None:
     if t.zero == 0:
         return None
     return str(CONFIG_DIR / f"ds_zero{t.zero}{'_offload' if t.offload else ''}.json")
+
+
+def init_deepspeed_distributed() -> None:
+    """Start DeepSpeed's process group before the model exists (ZeRO-3 partitions weights at init
+    and sizes its batch from DeepSpeed's own world size). Run without a launcher, give it a
+    one-process rendezvous instead of the MPI discovery it would otherwise attempt."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
 
 
 def training_arguments(args: FinetuneArguments, ds_config: str | None, has_eval: bool) -> TrainingArguments:
@@ -70,8 +87,6 @@ def _checkpointing(enabled: bool) -> dict:
 def run_sft(args: FinetuneArguments) -> Path:
     """Train and export; returns the final checkpoint folder (``OUTPUT/model``, or ``OUTPUT/adapter``
     for LoRA with ``--no-merge``)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     t, m, d = args.train, args.model, args.data
     output = Path(t.output)
     set_seed(t.seed)
@@ -94,8 +109,10 @@ def run_sft(args: FinetuneArguments) -> Path:
     eval_rows = (build_rows(encode_all(chat, conversations[:n_eval], d.max_seq_len, d.overlong), d.max_seq_len, d.packing)
                  if n_eval else None)
 
-    # Created before the model: with ZeRO-3 it switches model creation to partitioned init.
     ds_config = deepspeed_config(args)
+    if ds_config:
+        init_deepspeed_distributed()
+    # Created before the model: with ZeRO-3 it switches model creation to partitioned init.
     targs = training_arguments(args, ds_config, has_eval=eval_rows is not None)
     model = build_model(args, tokenizer, zero3=is_deepspeed_zero3_enabled())
     trainer = SFTTrainer(
@@ -116,6 +133,7 @@ def run_sft(args: FinetuneArguments) -> Path:
         adapter = output / "adapter"
         _save(trainer, adapter)
         if t.merge and trainer.is_world_process_zero():
+            unset_hf_deepspeed_config()  # ZeRO-3 is over: the merge loads a whole, plain base model
             merge_lora(source, adapter, final)
         trainer.accelerator.wait_for_everyone()
         return final if t.merge else adapter
