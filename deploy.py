@@ -38,6 +38,8 @@ STOP_GRACE_S = 6.0
 TAIL_LINES = 15
 """Log lines of a dead child shown to say why it died."""
 PROGRESS_EVERY_S = 5.0
+POLL_EVERY_S = 1.0
+PROBE_LOG_LINES = ("GET /ready ", "GET /_stcore/health ")
 WEB_READY_TIMEOUT_S = 120.0
 
 
@@ -182,7 +184,10 @@ def check_port(host: str, port: int, what: str, flag: str) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1), errno.EACCES):
+            in_use = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)}
+            if os.name == "nt":  # Windows' answer when another socket holds the port exclusively
+                in_use.add(getattr(errno, "WSAEACCES", None))
+            if e.errno in in_use:
                 raise DeployError(f"port {port} ({what}) is already in use{_who_listens(port)}; stop it or pass "
                                   f"{flag} with a free port") from None
             raise DeployError(f"cannot listen on {host}:{port} for the {what} ({e.strerror}); check {flag}") from None
@@ -197,8 +202,8 @@ def _who_listens(port: int) -> str:
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
                 proc = psutil.Process(conn.pid)
                 return f" by pid {conn.pid} ({' '.join(proc.cmdline())[:100] or proc.name()})"
-    except Exception:  # noqa: BLE001 - ImportError, AccessDenied...: the pid is only a bonus
-        pass
+    except Exception:  # noqa: BLE001 - ImportError, psutil.AccessDenied (macOS needs root): the pid is a bonus
+        return ""
     return ""
 
 
@@ -221,6 +226,8 @@ class Child:
     def _echo(self) -> None:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
+            if any(probe in line for probe in PROBE_LOG_LINES):
+                continue  # the access-log line of our own readiness polling: noise, one per poll
             self.tail.append(line)
             print(f"{self.name} | {line}", flush=True)
 
@@ -328,7 +335,7 @@ def wait_ready(child: Child, url: str, stop: threading.Event, timeout: float) ->
         if time.monotonic() - last_note >= PROGRESS_EVERY_S:
             print(f"... waiting for the {child.label} ({elapsed:.0f} s){detail}", flush=True)
             last_note = time.monotonic()
-        stop.wait(0.5)
+        stop.wait(POLL_EVERY_S)
     return False
 
 
