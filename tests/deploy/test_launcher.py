@@ -154,7 +154,9 @@ class Ok(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
     def log_message(self, *args):
         print("fake api:", *args, flush=True)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok)
+print("fake api: listening", flush=True)
+server.serve_forever()
 """
 
 
