@@ -33,7 +33,7 @@ from services.web.client import (  # noqa: E402
     Health,
     ModelInfo,
 )
-from services.web.conversation import Conversation  # noqa: E402
+from services.web.conversation import Conversation, Message  # noqa: E402
 from services.web.i18n import DEFAULT_LANG, LANGS, Lang, error_text, t  # noqa: E402
 from services.web.settings import get_settings  # noqa: E402
 
@@ -170,7 +170,7 @@ def _sidebar(lang: Lang, models: list[ModelInfo]) -> tuple[ModelInfo | None, Cha
 
         system_prompt = st.text_area(t("system_prompt", lang), key="system_prompt", height=80,
                                      placeholder=t("system_prompt_placeholder", lang))
-        with st.expander(t("generation", lang), icon=":material/tune:", expanded=True):
+        with st.expander(t("generation", lang), icon=":material/tune:"):
             sample = st.toggle(t("sampling", lang), key="p_sample", help=t("sampling_help", lang))
             st.slider(t("temperature", lang), 0.0, 2.0, step=0.05, key="p_temperature",
                       disabled=not sample)
@@ -186,29 +186,30 @@ def _sidebar(lang: Lang, models: list[ModelInfo]) -> tuple[ModelInfo | None, Cha
             max_tokens=int(ss.p_max_tokens), repetition_penalty=ss.p_repetition_penalty,
             do_sample=sample,
         )
-        _export_buttons(lang, model.id if model else "", params, system_prompt)
-        if get_settings().api_key_value:
-            st.caption(f":material/lock: {t('api_key_set', lang)}")  # that it is set, never the value
     return model, params, system_prompt
 
 
-def _export_buttons(lang: Lang, model_id: str, params: ChatParams, system_prompt: str) -> None:
+def _sidebar_footer(lang: Lang, model_id: str, params: ChatParams, system_prompt: str) -> None:
+    """Export buttons, drawn last so that they hold a reply streamed during this run."""
     conv: Conversation = st.session_state.conv
-    st.subheader(t("export", lang))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     empty = not conv.messages
-    with st.container(horizontal=True):
-        st.download_button(
-            t("export_json", lang), conv.to_json(model=model_id, system_prompt=system_prompt,
-                                                 params=params.to_request()),
-            file_name=f"telechat-{stamp}.json", mime="application/json", key="export_json",
-            icon=":material/data_object:", on_click="ignore", disabled=empty, width="stretch",
-        )
-        st.download_button(
-            t("export_md", lang), conv.to_markdown(lang, model=model_id, system_prompt=system_prompt),
-            file_name=f"telechat-{stamp}.md", mime="text/markdown", key="export_md",
-            icon=":material/description:", on_click="ignore", disabled=empty, width="stretch",
-        )
+    with st.sidebar:
+        st.subheader(t("export", lang))
+        with st.container(horizontal=True):
+            st.download_button(
+                t("export_json", lang), conv.to_json(model=model_id, system_prompt=system_prompt,
+                                                     params=params.to_request()),
+                file_name=f"telechat-{stamp}.json", mime="application/json", key="export_json",
+                icon=":material/data_object:", on_click="ignore", disabled=empty, width="stretch",
+            )
+            st.download_button(
+                t("export_md", lang), conv.to_markdown(lang, model=model_id, system_prompt=system_prompt),
+                file_name=f"telechat-{stamp}.md", mime="text/markdown", key="export_md",
+                icon=":material/description:", on_click="ignore", disabled=empty, width="stretch",
+            )
+        if get_settings().api_key_value:
+            st.caption(f":material/lock: {t('api_key_set', lang)}")  # that it is set, never the value
 
 
 # ---------------------------------------------------------------------------- main area
@@ -247,17 +248,22 @@ def _history(lang: Lang) -> None:
         with st.chat_message(msg.role):
             if st.session_state.editing and i == last_user:
                 _edit_form(lang, msg.content)
-                continue
-            st.markdown(msg.content)
-            notes = []
-            if msg.stopped:
-                notes.append(f":material/stop_circle: {t('stopped', lang)}")
-            elif msg.finish_reason == "length":
-                notes.append(f":material/more_horiz: {t('cut_off', lang)}")
-            if msg.completion_tokens and msg.elapsed_s:
-                notes.append(t("stats", lang, tokens=msg.completion_tokens, seconds=msg.elapsed_s))
-            if notes:
-                st.caption(" · ".join(notes))
+            else:
+                _message(msg, lang)
+
+
+def _message(msg: Message, lang: Lang) -> None:
+    """A turn's text, and for replies how they ended."""
+    st.markdown(msg.content)
+    notes = []
+    if msg.stopped:
+        notes.append(f":material/stop_circle: {t('stopped', lang)}")
+    elif msg.finish_reason == "length":
+        notes.append(f":material/more_horiz: {t('cut_off', lang)}")
+    if msg.completion_tokens and msg.elapsed_s:
+        notes.append(t("stats", lang, tokens=msg.completion_tokens, seconds=msg.elapsed_s))
+    if notes:
+        st.caption(" · ".join(notes))
 
 
 def _edit_form(lang: Lang, text: str) -> None:
@@ -282,14 +288,16 @@ def _actions(lang: Lang) -> None:
 
 
 def _stream_reply(lang: Lang, model: ModelInfo | None, params: ChatParams, system_prompt: str) -> None:
-    """Stream one reply into the conversation, then rerun to draw the settled page."""
+    """Stream one reply into the conversation, drawing it as it grows, then settle it in place."""
     conv: Conversation = st.session_state.conv
     messages = conv.api_messages(system_prompt)
     reply = conv.begin_reply()
-    with st.chat_message("assistant"):
+    slot = st.empty()  # the whole bubble, so that a failed reply leaves no empty bubble behind
+    with slot.chat_message("assistant"):
         body = st.empty()
         body.markdown(CURSOR)
-    st.button(t("stop", lang), key="stop", icon=":material/stop_circle:", type="primary")
+    stop_slot = st.empty()
+    stop_slot.button(t("stop", lang), key="stop", icon=":material/stop_circle:", type="primary")
     started = time.monotonic()
     try:
         model_id = _served_model(model).id
@@ -304,14 +312,19 @@ def _stream_reply(lang: Lang, model: ModelInfo | None, params: ChatParams, syste
         log.warning("chat request failed: %r (%s)", err, err.detail)
         st.session_state.error = err
         if isinstance(err, APIUnavailable):
-            _probe.clear()  # show "API unavailable" now, not after the probe TTL
+            _probe.clear()  # show "API unavailable" from the next click on, not after the probe TTL
         conv.finish_interrupted()  # keep what arrived before the failure, marked cut short
     else:
         reply.streaming = False
         reply.finish_reason = stream.finish_reason
         reply.completion_tokens = (stream.usage or {}).get("completion_tokens")
     reply.elapsed_s = time.monotonic() - started
-    st.rerun()
+    stop_slot.empty()
+    if any(m is reply for m in conv.messages):  # a failed reply with no text was dropped
+        with slot.chat_message("assistant"):
+            _message(reply, lang)
+    else:
+        slot.empty()
 
 
 def main() -> None:
@@ -338,6 +351,7 @@ def main() -> None:
                      icon=":material/error:")
         if conv.messages:
             _actions(lang)
+        _sidebar_footer(lang, model.id if model else "", params, system_prompt)
     except Exception:  # the page must never show a traceback; Stop/rerun are BaseExceptions
         log.exception("web page failed")
         st.error(t("error_unexpected", lang), icon=":material/error:")

@@ -44,7 +44,7 @@ _LABELS: dict[str, tuple[str, str]] = {
     "welcome": ("有什么可以帮你的？", "How can I help you today?"),
     "try_these": ("试试这些：", "Try one of these:"),
     "example_1": ("你好，请介绍一下你自己", "Hello, please introduce yourself"),
-    "example_2": ("用 Python 写一个快速排序", "Write a quicksort in Python"),
+    "example_2": ("用 Python 打印你好", "Print hello in Python"),
     "example_3": ("写一段很长的文字", "Write a long piece of text"),
     "stop": ("停止生成", "Stop"),
     "regenerate": ("重新生成", "Regenerate"),
