@@ -115,7 +115,7 @@ class TrainArguments:
                 "the given checkpoint folder: weights, optimizer, scheduler and data position.",
         "nargs": "?", "const": "last"})
     overwrite: bool = field(default=False, metadata={
-        "help": "Start fresh even though --output already holds checkpoints."})
+        "help": "Start fresh even though --output already holds checkpoints (they are deleted)."})
     merge: bool = field(default=True, metadata={
         "help": "LoRA: also export base+adapter merged into model/ (disable with --no-merge)."})
 

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from jobs.finetune.export import copy_companions, publish, temp_dir
-from telechat.checkpoint import CheckpointError, load_model
+from telechat.checkpoint import DTYPES, CheckpointError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,9 @@ def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype:
 
 def _target_dtype(base: Path, dtype: str) -> torch.dtype:
     if dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        return DTYPES[dtype]
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+    return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
 
 
 def build_parser(prog: str = "telechat merge-lora") -> argparse.ArgumentParser:

@@ -11,13 +11,10 @@ from torch import nn
 
 from jobs.finetune.hparams import FinetuneArguments, ModelArguments
 from jobs.finetune.parser import ArgsError
-from telechat.checkpoint import CheckpointError, inspect_checkpoint, load_model
+from telechat.checkpoint import DTYPES, CheckpointError, inspect_checkpoint, load_model
 from telechat.config import PRESETS, TelechatConfig, preset
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def load_dtype(args: FinetuneArguments) -> torch.dtype:
     """Dtype the weights are loaded in.
@@ -26,7 +23,7 @@ def load_dtype(args: FinetuneArguments) -> torch.dtype:
     adapter in fp32). Full SFT loads fp32 master weights: the Trainer autocasts, and DeepSpeed
     casts to its bf16/fp16 config itself while keeping fp32 copies in the optimizer.
     """
-    return TORCH_DTYPES[args.train.precision] if args.train.method == "lora" else torch.float32
+    return DTYPES[args.train.precision] if args.train.method == "lora" else torch.float32
 
 
 def scratch_config(m: ModelArguments, tokenizer) -> TelechatConfig:

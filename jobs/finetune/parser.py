@@ -19,10 +19,10 @@ from typing import Any, Sequence
 import yaml
 
 from jobs.finetune.hparams import GROUPS, FinetuneArguments
+from telechat.config import PRESETS
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}
-PRESET_NAMES = ("7B", "12B", "1B")
 
 
 class ArgsError(ValueError):
@@ -125,8 +125,8 @@ def check_args(args: FinetuneArguments) -> None:
             raise ArgsError("--from-scratch trains every weight: use --method full")
         if m.tokenizer is None:
             raise ArgsError("--from-scratch needs --tokenizer FOLDER (a random model has none)")
-        if m.from_scratch not in PRESET_NAMES and not Path(m.from_scratch).is_file():
-            raise ArgsError(f"--from-scratch {m.from_scratch!r} is neither a preset ({', '.join(PRESET_NAMES)}) "
+        if m.from_scratch not in PRESETS and not Path(m.from_scratch).is_file():
+            raise ArgsError(f"--from-scratch {m.from_scratch!r} is neither a preset ({', '.join(PRESETS)}) "
                             "nor an existing config.json")
     else:
         sized = [n for n in ("hidden_size", "layers", "heads", "ffn", "vocab_size") if getattr(m, n) is not None]

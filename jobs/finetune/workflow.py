@@ -19,9 +19,10 @@ from jobs.finetune.dataset import Collator, RowDataset, build_rows, encode_all
 from jobs.finetune.export import copy_companions, publish, temp_dir, write_generation_config
 from jobs.finetune.hparams import FinetuneArguments
 from jobs.finetune.merge import merge_lora
-from jobs.finetune.model_setup import TORCH_DTYPES, build_model
+from jobs.finetune.model_setup import build_model
 from jobs.finetune.trainer import SFTTrainer
 from telechat.chat_format import ChatFormat
+from telechat.checkpoint import DTYPES
 from telechat.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ def run_sft(args: FinetuneArguments) -> Path:
     t, m, d = args.train, args.model, args.data
     output = Path(t.output)
     set_seed(t.seed)
+    if t.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        # A stale, higher-numbered checkpoint would be taken for this run's newest one by --resume.
+        for old in output.glob("checkpoint-*"):
+            shutil.rmtree(old)
 
     source = Path(m.model) if m.model else None
     tok_dir = Path(m.tokenizer) if m.tokenizer else source
@@ -138,7 +143,7 @@ def run_sft(args: FinetuneArguments) -> Path:
         trainer.accelerator.wait_for_everyone()
         return final if t.merge else adapter
     if not ds_config and t.precision != "fp32":
-        trainer.model.to(TORCH_DTYPES[t.precision])  # fp32 master weights -> the checkpoint dtype
+        trainer.model.to(DTYPES[t.precision])  # fp32 master weights -> the checkpoint dtype
     _save(trainer, final, companions=[p for p in (source, tok_dir) if p is not None],
           generation_ids=None if generation else _generation_ids(chat, tokenizer))
     return final
