@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
@@ -164,3 +165,14 @@ def test_job_default_command_prints_usage(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
     assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copy_sources_are_in_the_build_context(dockerfile):
+    """Every COPY source exists and .dockerignore keeps it (README.md: pyproject's `readme`, pip needs it)."""
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.startswith("#")]
+    for args in dockerfile_instruction(dockerfile, "COPY"):
+        for source in args.split()[:-1]:
+            assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
+            assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
