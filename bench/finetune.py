@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preset", default="7B", help="model shape (default 7B)")
     p.add_argument("--layers", type=int, help="override the layer count (quick trials)")
     p.add_argument("--seq", type=int, default=2048, help="tokens per row (default 2048)")
-    p.add_argument("--batch", type=int, help="rows per GPU per step (default: lora 4, full 2)")
+    p.add_argument("--batch", type=int, default=2, help="rows per GPU per step (default 2; fits 80 GB without --gc)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -172,7 +172,7 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     overrides = {"n_layer": args.layers} if args.layers else {}
     config = preset(args.preset, hidden_dropout=0.0, attention_dropout=0.0, use_cache=False, **overrides)
-    batch = args.batch or (4 if args.mode == "lora" else 2)
+    batch = args.batch
     torch.manual_seed(rank)
 
     backend, lora_params, engine = "single", None, None
@@ -210,8 +210,11 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
+    try:
+        for _ in range(args.warmup):
+            step()
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at --batch {batch} --seq {args.seq}: lower --batch or add --gc") from None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
