@@ -75,6 +75,9 @@ def random_weights_model(preset_name: str, out: Path) -> Path:
     with torch.no_grad():
         model.get_output_embeddings().weight[n_tok:] = 0
     model.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the server subprocess sizes its KV pool from free GPU memory
     (out / "generation_config.json").write_text(json.dumps({"do_sample": False, **special}), encoding="utf-8")
     return out
 

@@ -156,6 +156,7 @@ def load_model(
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     try:
         config = AutoConfig.from_pretrained(info.path, **overrides)
+        config.validate_telechat()  # overrides are applied after __init__'s own validation
     except ValueError as e:
         raise CheckpointError(f"{info.path / 'config.json'}: {_first_line(e)}") from e
     try:

@@ -21,10 +21,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 """Bump when the recipe changes so cached demo models are rebuilt."""
 
-DEMO_SHAPE = dict(hidden_size=128, n_layer=4, n_head=4, ffn_hidden_size=352, training_seqlen=512,
+DEMO_SHAPE = dict(hidden_size=128, n_layer=2, n_head=4, ffn_hidden_size=352, training_seqlen=512,
                   seq_length=2048)
 """head_dim 32: the smallest that every attention backend we target accepts."""
 
@@ -44,12 +44,18 @@ def ensure_demo_model(path: Path | None = None) -> Path:
     return path
 
 
-def _dialogs() -> list[list[dict]]:
+def _dialogs() -> list[dict]:
+    """Canned dialogs; ``"endless": true`` ones are trained without their final ``<_end>``, so the
+    demo keeps writing on those prompts until max_tokens (handy to try Stop and aborts)."""
     text = resources.files("telechat.data").joinpath("demo_dialogs.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line)["messages"] for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def build_demo_model(out_dir: str | Path, *, seed: int = 0, train_steps: int = 300) -> Path:
+DEMO_TRAIN_STEPS = 160
+LEARNING_RATE = 5e-3
+
+
+def build_demo_model(out_dir: str | Path, *, seed: int = 0, train_steps: int = DEMO_TRAIN_STEPS) -> Path:
     """Write the demo checkpoint (weights, config, tokenizer, generation config) to ``out_dir``.
 
     Deterministic for a given seed. Written to a temporary folder first and renamed, so an
@@ -94,17 +100,23 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, train_steps: int = 3
 
 
 def _train(model, chat, *, seed: int, steps: int, batch_size: int = 8) -> None:
+    if steps < 1:
+        raise ValueError("train_steps must be at least 1")
     """Fit the canned dialogs (loss on answers only) so the demo's replies are readable."""
     samples = []
-    for messages in _dialogs():
+    for dialog in _dialogs():
         ids, labels = [], []
-        for prompt, answer in chat.encode_turns(messages):
+        for prompt, answer in chat.encode_turns(dialog["messages"]):
             ids += prompt + answer
             labels += [-100] * len(prompt) + answer
+        if dialog.get("endless"):
+            ids, labels = ids[:-1], labels[:-1]
         samples.append((ids, labels))
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    warmup = max(1, steps // 10)  # linear warm-up, then linear decay to 10 %
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warmup if i < warmup else max(0.1, 1 - (i - warmup) / max(1, steps - warmup)))
     model.train()
     for _ in range(steps):
         batch = rng.sample(samples, min(batch_size, len(samples)))

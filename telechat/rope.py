@@ -30,7 +30,7 @@ class RopeParams:
 
 
 def ntk_alpha(effective_length: int, base_seqlen: int) -> int:
-    """NTK factor of the official formula; 1 up to ``base_seqlen / 2``, then 3, 7, 15, ..."""
+    """NTK factor of the official formula: 1 up to ``base_seqlen``, then 3 (up to 2×), 7 (4×), 15 (8×), ..."""
     # math.log(x, 2) as the reference computes it, so exact powers of two round the same way.
     alpha = 2 ** math.ceil(math.log(effective_length / base_seqlen, 2) + 1) - 1
     return max(alpha, 1)

@@ -111,10 +111,15 @@ class Runtime:
         values.setdefault("stop_token_ids", list(self.chat.stop_token_ids))
         return SamplingParams(**values)
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-                     ) -> AsyncIterator[StreamDelta]:
-        """Generate and stream text deltas; closing the iterator early aborts the request."""
-        text = TextStream(self.tokenizer, params.stop, skip_token_ids=params.stop_token_ids)
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     *, continuation: bool = False) -> AsyncIterator[StreamDelta]:
+        """Generate and stream text deltas; closing the iterator early aborts the request.
+
+        ``continuation``: the text continues the prompt (raw completions), so it is decoded in the
+        prompt's context; chat replies start fresh after ``<_bot>``.
+        """
+        text = TextStream(self.tokenizer, params.stop, skip_token_ids=params.stop_token_ids,
+                          prompt_ids=prompt_ids if continuation else None)
         prompt_tokens = len(prompt_ids)
         completion = 0
         agen = self.engine.generate(prompt_ids, params, request_id)

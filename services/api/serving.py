@@ -78,19 +78,19 @@ def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
 
 
 async def start(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                request_id: str) -> AsyncIterator[StreamDelta]:
+                request_id: str, *, continuation: bool = False) -> AsyncIterator[StreamDelta]:
     """Admit a request (429 raised here, before any response starts) and return its delta stream.
 
     The stream is already started, so even a response that never iterates it releases the slot
     when it is closed or garbage-collected.
     """
-    agen = _generate(state, rt, prompt_ids, params, request_id)
+    agen = _generate(state, rt, prompt_ids, params, request_id, continuation)
     await agen.__anext__()  # runs admission
     return agen
 
 
 async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str) -> AsyncIterator[StreamDelta | None]:
+                    request_id: str, continuation: bool) -> AsyncIterator[StreamDelta | None]:
     state.admit()
     m = state.metrics
     try:
@@ -99,7 +99,7 @@ async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], para
         t0 = last = time.perf_counter()
         tokens = 0
         reason = "abort"  # unless the engine says otherwise (e.g. the client left)
-        async for d in rt.stream(prompt_ids, params, request_id):
+        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation):
             now = time.perf_counter()
             if tokens == 0 and d.completion_tokens:
                 m.time_to_first_token.observe(now - t0)
@@ -152,10 +152,19 @@ async def collect(request: Request, deltas: AsyncIterator[StreamDelta]) -> tuple
 
 # ---------------------------------------------------------------------------------------------- SSE
 
+_LINE_SEPARATORS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def sse_json(payload: str) -> str:
+    """Escape the Unicode line separators that JSON leaves raw: SSE clients that split lines with
+    ``str.splitlines`` (httpx ``aiter_lines``, many scripts) would otherwise cut an event in two."""
+    return payload.translate(_LINE_SEPARATORS)
+
+
 def _sse_error(message: str) -> str:
     """An error event in the middle of a stream (the HTTP status is already sent)."""
-    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}},
-                      ensure_ascii=False)
+    return sse_json(json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}},
+                               ensure_ascii=False))
 
 
 def _check(d: StreamDelta) -> bool:
@@ -174,8 +183,8 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
     exclude = None if include_usage else {"usage"}
 
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
-                                   usage=usage).model_dump_json(exclude=exclude)
+        return sse_json(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
+                                            usage=usage).model_dump_json(exclude=exclude))
 
     yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
     try:
@@ -202,8 +211,8 @@ async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDe
     exclude = None if include_usage else {"usage"}
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-        return CompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                  usage=usage).model_dump_json(exclude=exclude)
+        return sse_json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
+                                           usage=usage).model_dump_json(exclude=exclude))
 
     try:
         async for d in deltas:

@@ -12,8 +12,10 @@ from telechat.detokenizer import IncrementalDetokenizer
 class TextStream:
     """Turns one request's new token ids into text deltas; reports when a stop string appears."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, skip_token_ids: list[int] | None = None):
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+    def __init__(self, tokenizer, stop: list[str] | None = None, skip_token_ids: list[int] | None = None,
+                 prompt_ids: list[int] | None = None):
+        # Prompt ids as context make a raw continuation keep its leading space (SentencePiece).
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids, skip_special_tokens=True)
         self._stop = [s for s in (stop or []) if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._skip = set(skip_token_ids or [])
@@ -27,7 +29,9 @@ class TextStream:
             return ""
         self._pending += self._detok.push([t for t in token_ids if t not in self._skip])
         if finished:
-            self._pending += self._detok.flush()
+            # A reply cut by max_tokens may end inside a multi-byte character: drop that fragment
+            # rather than emit U+FFFD.
+            self._pending += self._detok.flush().rstrip("\ufffd")
         cut = self._find_stop()
         if cut is not None:
             delta, self._pending, self.stopped = self._pending[:cut], "", True

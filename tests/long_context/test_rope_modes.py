@@ -145,7 +145,6 @@ def test_ntk_mode_is_ntk_base_without_attention_scaling(golden_refs):
     assert _rel(logits["ntk"], logits["scaled"]) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason="core: load_model sets config overrides after TelechatConfig validation")
 def test_unknown_mode_is_refused_at_load():
     """A bad rope_mode is refused when the model loads, naming the allowed values."""
     with pytest.raises(CheckpointError, match="none, ntk, ntk\\+scaling"):

@@ -18,7 +18,7 @@ from tests.web.conftest import OUTPUT, free_port
 pytestmark = pytest.mark.browser
 
 API_KEY = "web-test-" + secrets.token_hex(8)
-LONG_PROMPT = "写一段很长的文字。写一段很长的文字"  # the demo model loops on it until max tokens
+LONG_PROMPT = "一直写下去"  # the demo model is trained to keep writing on it until max tokens
 TIMEOUT_MS = 30_000
 
 

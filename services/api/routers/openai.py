@@ -78,7 +78,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
     params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
     rid = new_id("cmpl")
-    deltas = await serving.start(state, rt, prompt, params, rid)
+    deltas = await serving.start(state, rt, prompt, params, rid, continuation=True)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(serving.completion_events(rid, rt.name, deltas, usage), sep="\n")
