@@ -77,14 +77,14 @@ API_ENV = ("MODEL_PATH", "MODEL_NAME", "API_HOST", "API_PORT", "API_KEY", "CORS_
 """Settings variables of services/api; cleared for test servers so the developer's shell cannot leak in."""
 
 
-class ApiServer:
-    """A ``python -m services.api`` subprocess on a free loopback port; its output goes to ``log_path``."""
+class ServiceProcess:
+    """A service subprocess on a free loopback port; its output goes to ``log_path``."""
 
     def __init__(self, proc, url: str, log_path: Path):
         self.proc, self.url, self.log_path = proc, url, log_path
 
     def log(self) -> str:
-        """Everything the server printed so far."""
+        """Everything the service printed so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self, timeout: float = 60) -> int:
@@ -101,6 +101,7 @@ class ApiServer:
         return self.proc.returncode
 
 
+
 def free_port() -> int:
     """A loopback port nobody listens on right now."""
     import socket
@@ -110,42 +111,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def api_server(tmp_path_factory):
-    """Factory: ``api_server(model_dir, *flags, env={...})`` starts the API on a free loopback port and
-    returns an :class:`ApiServer` once ``/ready`` answers 200. Servers still running at the end of the
-    session are stopped."""
+def start_service(cmd: list[str], port: int, health_path: str, log_path: Path, env: dict[str, str],
+                  timeout: float, what: str) -> ServiceProcess:
+    """Start ``cmd`` (listening on ``port``) and return once ``health_path`` answers 200.
+
+    Raises with the service's last output if it exits or stays unhealthy for ``timeout`` seconds.
+    """
     import subprocess
-    import sys
     import time
 
     import httpx
 
-    started: list[ApiServer] = []
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    service = ServiceProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{service.log()[-3000:]}")
+        try:
+            if httpx.get(service.url + health_path, timeout=2).status_code == 200:
+                return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    service.stop()
+    raise RuntimeError(f"{what} not healthy after {timeout}s:\n{service.log()[-3000:]}")
 
-    def start(model_dir: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 180) -> ApiServer:
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory):
+    """Factory: ``api_server(model_dir, *flags, env={...})`` starts the API on a free loopback port and
+    returns a :class:`ServiceProcess` once ``/ready`` answers 200. Servers still running at the end of
+    the session are stopped."""
+    import sys
+
+    started: list[ServiceProcess] = []
+
+    def start(model_dir: Path, *flags: str, env: dict[str, str] | None = None, timeout: float = 180
+              ) -> ServiceProcess:
         port = free_port()
-        log_path = tmp_path_factory.mktemp("api-server") / "server.log"
         child_env = {k: v for k, v in os.environ.items() if k not in API_ENV}
         child_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
         cmd = [sys.executable, "-m", "services.api", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port), *flags]
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=out, stderr=subprocess.STDOUT)
-        server = ApiServer(proc, f"http://127.0.0.1:{port}", log_path)
+        log_path = tmp_path_factory.mktemp("api-server") / "server.log"
+        server = start_service(cmd, port, "/ready", log_path, child_env, timeout, "API server")
         started.append(server)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"API server exited with {proc.returncode}:\n{server.log()[-3000:]}")
-            try:
-                if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        server.stop()
-        raise RuntimeError(f"API server not ready after {timeout}s:\n{server.log()[-3000:]}")
+        return server
 
     yield start
     for server in started:

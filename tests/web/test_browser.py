@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from tests.web.conftest import OUTPUT, free_port
+from tests.conftest import free_port
+from tests.web.conftest import OUTPUT
 
 pytestmark = pytest.mark.browser
 
