@@ -38,6 +38,9 @@ def ensure_env(extras: list[str]) -> None:
     wanted = sorted(set(extras))
     missing = missing_requirements(wanted)
     if not missing and not _outdated(wanted):
+        # The re-run mark is for this process only: a child that bootstraps another project (or
+        # this one afresh) must not inherit it.
+        os.environ.pop(_REEXEC_MARK, None)
         return
     if os.environ.get(_REEXEC_MARK):
         name, extra = missing[0] if missing else (PROJECT, ",".join(wanted))
