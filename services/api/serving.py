@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -174,6 +175,21 @@ def _check(d: StreamDelta) -> bool:
     return d.finish_reason is not None
 
 
+async def _terminated(rid: str, deltas: AsyncIterator[StreamDelta], events: AsyncIterator[str]
+                      ) -> AsyncIterator[str]:
+    """Pass ``events`` through; a failure becomes an in-band error event; the generation is always
+    closed (aborting it if the client left) and the stream always ends with ``[DONE]``."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
+        log.warning("%s failed: %s", rid, e)
+        yield _sse_error(f"generation failed: {e}")
+    finally:
+        await deltas.aclose()
+    yield "[DONE]"
+
+
 async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
                       ) -> AsyncIterator[str]:
     """``chat.completion.chunk`` payloads: role first, then content, then ``finish_reason``, then
@@ -186,8 +202,8 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
         return sse_json(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
                                             usage=usage).model_dump_json(exclude=exclude))
 
-    yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-    try:
+    async def body() -> AsyncIterator[str]:
+        yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
         async for d in deltas:
             final = _check(d)
             if d.text:
@@ -196,12 +212,10 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
                 yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=d.finish_reason)])
                 if include_usage:
                     yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
-    except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
-        log.warning("%s failed: %s", rid, e)
-        yield _sse_error(f"generation failed: {e}")
-    finally:
-        await deltas.aclose()
-    yield "[DONE]"
+
+    async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
+        async for event in events:
+            yield event
 
 
 async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
@@ -214,16 +228,14 @@ async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDe
         return sse_json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                            usage=usage).model_dump_json(exclude=exclude))
 
-    try:
+    async def body() -> AsyncIterator[str]:
         async for d in deltas:
             final = _check(d)
             if d.text or final:
                 yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason if final else None)])
             if final and include_usage:
                 yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
-    except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
-        log.warning("%s failed: %s", rid, e)
-        yield _sse_error(f"generation failed: {e}")
-    finally:
-        await deltas.aclose()
-    yield "[DONE]"
+
+    async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
+        async for event in events:
+            yield event
