@@ -86,7 +86,7 @@ class Runtime:
         info = inspect_checkpoint(path, need_tokenizer=True)
         model = load_model(path, device=device, dtype=dtype, **config_overrides)
         if lora:
-            model = merge_adapter(model, Path(lora))
+            model = merge_adapter(model, lora)
         tokenizer = load_tokenizer(path)
         gen_path = path / "generation_config.json"
         generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else None
@@ -140,14 +140,21 @@ class Runtime:
             await agen.aclose()
 
 
-def merge_adapter(model, adapter: Path):
-    """Apply a PEFT LoRA adapter folder to ``model`` and merge it into the weights (serving without a
-    merged checkpoint on disk)."""
-    if not (adapter / "adapter_config.json").is_file():
-        from telechat.checkpoint import CheckpointError
+def check_adapter(adapter: str | Path) -> Path:
+    """The LoRA adapter folder, or :class:`~telechat.checkpoint.CheckpointError` saying what is wrong."""
+    from telechat.checkpoint import CheckpointError
 
+    adapter = Path(adapter).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
         raise CheckpointError(f"{adapter} has no adapter_config.json; pass the LoRA adapter folder written by "
                               "`telechat finetune --method lora`")
+    return adapter
+
+
+def merge_adapter(model, adapter: str | Path):
+    """Apply a PEFT LoRA adapter folder to ``model`` and merge it into the weights (serving without a
+    merged checkpoint on disk)."""
+    adapter = check_adapter(adapter)
     from peft import PeftModel
 
     log.info("merging LoRA adapter %s", adapter)

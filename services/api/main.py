@@ -65,7 +65,10 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
     try:
         state.runtime = load_runtime(state.settings)
     except Exception as e:  # noqa: BLE001 - reported by /ready and the exit code
-        log.exception("loading the model failed")
+        if isinstance(e, UserError):  # a folder or setting to fix: one line, no traceback
+            log.error("loading the model failed: %s", e)
+        else:
+            log.exception("loading the model failed")
         state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
         if on_fatal:
             on_fatal()
@@ -288,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         from telechat.checkpoint import inspect_checkpoint
 
         inspect_checkpoint(Path(settings.model_path), need_tokenizer=True)
+    if settings.lora_path:
+        from telechat.runtime import check_adapter
+
+        check_adapter(settings.lora_path)
     server: uvicorn.Server | None = None
 
     def stop() -> None:
