@@ -15,8 +15,10 @@ from telechat.registry import register  # noqa: E402
 
 __version__ = "0.1.0"
 
-register()
-
-from telechat.tokenizer import register_tokenizers  # noqa: E402  (after the config is registered)
-
-register_tokenizers()
+try:
+    register()
+except ModuleNotFoundError as _missing:
+    # A web-only install (`.[web]`, no torch): `telechat web` must still start; commands that need
+    # the model runtime report the missing extra themselves.
+    if (_missing.name or "").split(".")[0] not in ("torch", "transformers"):
+        raise

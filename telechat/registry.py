@@ -18,4 +18,7 @@ def register() -> None:
     for cfg, model in ((TelechatConfig, TelechatForCausalLM), (Telechat2Config, Telechat2ForCausalLM)):
         AutoConfig.register(cfg.model_type, cfg, exist_ok=True)
         AutoModelForCausalLM.register(cfg, model, exist_ok=True)
+    from telechat.tokenizer import register_tokenizers  # after the config, which the tokenizers key on
+
+    register_tokenizers()
     _done = True
