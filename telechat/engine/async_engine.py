@@ -17,6 +17,17 @@ from telechat.engine.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def _merge(outputs: list[RequestOutput]) -> RequestOutput:
+    """One output carrying the new tokens of several consecutive outputs of a request."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    tokens = [t for out in outputs for t in out.new_token_ids]
+    return RequestOutput(last.request_id, tokens, finished=last.finished, finish_reason=last.finish_reason,
+                         num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
+                         error=last.error)
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread stopped; no request can be served."""
 
@@ -49,7 +60,11 @@ class AsyncEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the loop early (or cancellation) aborts it."""
+        """Stream a request's outputs; leaving the loop early (or cancellation) aborts it.
+
+        Outputs that queued up while the consumer was busy arrive merged into one (several tokens),
+        so a slow client or a busy event loop costs one update per wake-up, not one per token.
+        """
         if not self.alive:
             raise EngineDeadError("the engine has stopped")
         rid = request_id or f"req-{next(self._ids)}"
@@ -61,9 +76,13 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
+                items = [await stream.get()]
+                while not stream.empty():  # a consumer that fell behind gets one merged update
+                    items.append(stream.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                item = _merge(items)
                 finished = item.finished
                 yield item
                 if finished:
