@@ -55,3 +55,16 @@ def test_web_command_needs_no_torch():
     assert done.returncode == 0, done.stderr
     assert "generate 2" in done.stdout and "--api-url" in done.stdout
     assert "needs the 'core' extra" in done.stderr
+
+
+def test_chat_keeps_history_clears_and_exits(demo_model_dir):
+    """`telechat chat` answers each line, `/clear` forgets the conversation, `/exit` quits with 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "telechat.cli", "chat", "--model", str(demo_model_dir),
+                           "--max-tokens", "24"], cwd=REPO, env=env, input="你好\n/clear\nHello\n/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "DEMO MODEL" in out and "(conversation cleared)" in out
+    replies = [line.removeprefix("bot> ") for line in out.splitlines() if "bot> " in line]
+    assert len(replies) == 2 and all(r.strip() for r in replies)
