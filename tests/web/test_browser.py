@@ -19,7 +19,7 @@ from tests.web.conftest import OUTPUT
 pytestmark = pytest.mark.browser
 
 API_KEY = "web-test-" + secrets.token_hex(8)
-LONG_PROMPT = "一直写下去"  # the demo model is trained to keep writing on it until max tokens
+LONG_PROMPT = "Keep writing forever"  # the demo model is trained to keep writing on it until max tokens
 TIMEOUT_MS = 30_000
 
 
