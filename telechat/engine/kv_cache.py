@@ -56,11 +56,6 @@ class PagedKVCache:
         """K + V bytes one token occupies across all layers."""
         return 2 * num_layers * n_kv * head_dim * torch.tensor([], dtype=dtype).element_size()
 
-    @property
-    def capacity_tokens(self) -> int:
-        """How many tokens the cache holds in total."""
-        return self.num_blocks * self.block_size
-
     def slots(self, blocks: list[int], start: int, end: int, device: torch.device | str) -> torch.Tensor:
         """Flat slot indices of token positions ``[start, end)`` of a sequence with these blocks."""
         pos = torch.arange(start, end)
