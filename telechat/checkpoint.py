@@ -37,6 +37,29 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint folder cannot be used; the message names the file and the fix."""
 
 
+PREFIX = "transformer."
+"""Prefix of the decoder's tensors in the 12B layout (and of our parameter names)."""
+_UNPREFIXED_ROOTS = ("h.", "word_embeddings.", "word_embeddings_layernorm.", "ln_f.")
+"""First component of the 7B layout's keys, which lack :data:`PREFIX`."""
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key in our (= official 12B) naming: the 7B layout's ``h.0.…`` becomes ``transformer.h.0.…``."""
+    return PREFIX + key if key.startswith(_UNPREFIXED_ROOTS) else key
+
+
+def split_key_value(weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows of a fused ``key_value`` weight ``[2·n_kv·d, H]``, each ``[n_kv·d, H]``, heads in order.
+
+    The official rows are interleaved per head: ``[2d·h, 2d·h+d)`` is K of head h, the next ``d`` its V.
+    """
+    if weight.shape[0] != 2 * num_kv_heads * head_dim:
+        raise CheckpointError(f"key_value weight has {weight.shape[0]} rows; expected 2·{num_kv_heads}·{head_dim}")
+    per_head = weight.view(num_kv_heads, 2, head_dim, *weight.shape[1:])
+    rest = weight.shape[1:]
+    return per_head[:, 0].reshape(num_kv_heads * head_dim, *rest), per_head[:, 1].reshape(num_kv_heads * head_dim, *rest)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What a valid checkpoint folder holds."""
