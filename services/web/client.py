@@ -291,11 +291,18 @@ class APIClient:
             raise APIUnavailable("API_URL is not a valid URL.") from exc
 
     def health(self) -> Health:
-        """READY, LOADING (alive, model not loaded yet) or DOWN; never raises."""
+        """READY, LOADING (alive, model not loaded yet) or DOWN; never raises.
+
+        A server without ``/ready`` (404: the vLLM OpenAI server, which listens only once its model
+        is loaded) is READY as soon as ``/health`` answers 200.
+        """
         try:
-            if self._get("/ready", probe=True).status_code == 200:
+            ready = self._get("/ready", probe=True).status_code
+            if ready == 200:
                 return Health.READY
-            return Health.LOADING if self._get("/health", probe=True).status_code == 200 else Health.DOWN
+            if self._get("/health", probe=True).status_code != 200:
+                return Health.DOWN
+            return Health.READY if ready == 404 else Health.LOADING
         except APIError:
             return Health.DOWN
 

@@ -142,3 +142,37 @@ def test_greedy_is_sent_as_temperature_zero() -> None:
 
 def test_protocol_error_message_is_human() -> None:
     assert error_text(APIProtocolError("x"), "en", api_url="").startswith("The API's reply")
+
+
+def _status_server(statuses: dict[str, int]):
+    """A loopback HTTP server answering GET ``path`` with ``statuses[path]`` (404 for any other path)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(statuses.get(self.path, 404))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    ({"/ready": 200, "/health": 200}, Health.READY),
+    ({"/ready": 503, "/health": 200}, Health.LOADING),
+    ({"/health": 200}, Health.READY),  # no /ready route: the vLLM OpenAI server, up once its model is loaded
+    ({"/health": 500}, Health.DOWN),
+    ({}, Health.DOWN),
+])
+def test_health_with_and_without_a_ready_route(statuses: dict[str, int], expected: Health) -> None:
+    server = _status_server(statuses)
+    try:
+        assert APIClient(f"http://127.0.0.1:{server.server_address[1]}").health() is expected
+    finally:
+        server.shutdown()
+        server.server_close()
