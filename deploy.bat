@@ -4,6 +4,7 @@ rem Reads MODEL_PATH (checkpoint folder) and CUDA_VISIBLE_DEVICES (e.g. 0 or 0,1
 rem   set MODEL_PATH=C:\models\TeleChat-7B
 rem   set CUDA_VISIBLE_DEVICES=0
 rem   deploy.bat [--api-port 8070] [--web-port 8501] [other deploy.py flags; deploy.bat --help lists them]
+rem   deploy.bat --backend vllm --tensor-parallel-size 2   (vLLM backend: Linux/WSL only, see README)
 setlocal
 set "HERE=%~dp0"
 if defined MODEL_PATH echo model: %MODEL_PATH%

