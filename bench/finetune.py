@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--bucket", type=float, help="deepspeed only: ZeRO-3 reduce and prefetch bucket size in elements "
+                   "(default: what the Trainer's \"auto\" picks, hidden_size² and 0.9·hidden_size²)")
     p.add_argument("--gc", action="store_true", help="activation checkpointing (saves memory, costs ~1/3 more compute)")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU (default: from the GPU name)")
     p.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
@@ -111,7 +113,7 @@ def build_lora(config, rank: int, gc: bool):
     return model, opt, sum(p.numel() for p in params)
 
 
-def build_deepspeed(config, batch: int, gc: bool):
+def build_deepspeed(config, batch: int, gc: bool, bucket: float | None):
     """(engine, optimizer, HfDeepSpeedConfig): keep the last alive while the model is in use."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
@@ -120,8 +122,8 @@ def build_deepspeed(config, batch: int, gc: bool):
         "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
         "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                              "reduce_bucket_size": config.hidden_size ** 2,
-                              "stage3_prefetch_bucket_size": int(0.9 * config.hidden_size ** 2),
+                              "reduce_bucket_size": int(bucket or config.hidden_size ** 2),
+                              "stage3_prefetch_bucket_size": int(bucket or 0.9 * config.hidden_size ** 2),
                               "stage3_param_persistence_threshold": 10 * config.hidden_size},
     }
     deepspeed.init_distributed()
@@ -190,7 +192,7 @@ def main() -> None:
         if backend == "deepspeed":
             if importlib.util.find_spec("deepspeed") is None:
                 raise SystemExit("--backend deepspeed: DeepSpeed is not installed (pip install deepspeed)")
-            engine, opt, _hf_config = build_deepspeed(config, batch, args.gc)
+            engine, opt, _hf_config = build_deepspeed(config, batch, args.gc, args.bucket)
             model = engine
         else:
             model, opt = build_fsdp(config, args.gc)
@@ -232,7 +234,8 @@ def main() -> None:
     result = {
         "mode": args.mode, "backend": backend, "gpus": world, "gpu": torch.cuda.get_device_name(),
         "preset": args.preset, "layers": config.n_layer, "seq": args.seq, "batch_per_gpu": batch,
-        "gc": args.gc, "lora_rank": args.lora_rank if lora_params else None, "lora_params": lora_params,
+        "gc": args.gc, "bucket": args.bucket if backend == "deepspeed" else None,
+        "lora_rank": args.lora_rank if lora_params else None, "lora_params": lora_params,
         "matmul_params": matmul_params(config), "step_s": round(elapsed / args.steps, 3),
         "tokens_per_s_per_gpu": round(tokens_per_gpu, 1), "peak_mem_gib": round(peak.item() / 2 ** 30, 2),
         "mfu": round(tokens_per_gpu * flops / peak_fl, 4), "mfu_palm": round(tokens_per_gpu * flops_palm / peak_fl, 4),
