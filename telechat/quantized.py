@@ -33,6 +33,14 @@ QUANTIZE_CONFIG = "quantize_config.json"
 BLOCKS = "transformer.h"
 """Module path of the decoder blocks whose Linears are quantized (lm_head stays dense)."""
 SUPPORTED_BITS = (2, 3, 4, 8)
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+"""What a GPTQ checkpoint stores per quantized Linear; a kernel's other buffers are its own state."""
+CUDA_BACKENDS = ("gptq_marlin", "gptq_triton", "gptq_torch")
+"""``backend="auto"`` on CUDA, fastest first. Marlin and Triton build from files installed with
+GPTQModel; GPTQModel's own pick on Hopper (Machete) downloads CUTLASS at first use, which an
+offline server cannot, and nothing here may download at run time."""
+KERNEL_ERRORS = (ValueError, NotImplementedError, ImportError, RuntimeError, OSError)
+"""How a kernel that cannot run here fails: unsupported config, missing extension, failed JIT build."""
 
 
 def read_quantize_config(path: str | Path) -> dict:
@@ -91,13 +99,12 @@ def load_quantized(
     """Load a GPTQ TeleChat checkpoint (ours or the official AutoGPTQ layout), in eval mode.
 
     ``dtype`` is the activation / embedding / ``lm_head`` dtype (``auto``: fp16 on CUDA, fp32 on
-    CPU). ``backend`` is a GPTQModel backend name (``auto`` picks the fastest kernel available for
-    the device and the checkpoint's bits / group size / act-order). ``compile_kernels`` lets
-    GPTQModel's torch kernels ``torch.compile`` their dequantizer (default: on CUDA only).
+    CPU). ``backend`` is a GPTQModel backend name; ``auto`` tries :data:`CUDA_BACKENDS` in order on
+    CUDA and lets GPTQModel pick on other devices. ``compile_kernels`` lets GPTQModel's torch
+    kernels ``torch.compile`` their dequantizer (default: on CUDA only).
     """
     _require_backend()
-    from optimum.gptq import GPTQQuantizer
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import telechat  # noqa: F401  (registers the Auto classes)
 
@@ -110,9 +117,32 @@ def load_quantized(
     qcfg = read_quantize_config(info.path)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
     config = AutoConfig.from_pretrained(info.path, **overrides)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    candidates = CUDA_BACKENDS if backend == "auto" and device.startswith("cuda") else (backend,)
+    for i, name in enumerate(candidates):
+        try:
+            model = _build(info, config, qcfg, device, torch_dtype, name, compile_kernels)
+            break
+        except CheckpointError:
+            raise
+        except KERNEL_ERRORS as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if i + 1 == len(candidates):
+                raise CheckpointError(f"no GPTQ kernel for int{qcfg['bits']} on {device} works here "
+                                      f"(last tried {name}: {reason})") from e
+            log.warning("GPTQ kernel %s is unavailable here (%s); trying %s", name, reason, candidates[i + 1])
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    model.config.quantization_config = qcfg
+    return model.eval()
 
+
+def _build(info, config, qcfg: dict, device: str, dtype: torch.dtype, backend: str, compile_kernels: bool | None):
+    """The quantized model with ``backend``'s kernel, weights loaded and post-init run."""
+    from optimum.gptq import GPTQQuantizer
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantizer = GPTQQuantizer(
         bits=qcfg["bits"], group_size=qcfg.get("group_size", 128), desc_act=bool(qcfg.get("desc_act", False)),
         sym=bool(qcfg.get("sym", True)), format=qcfg.get("checkpoint_format", qcfg.get("format", "gptq")),
@@ -128,19 +158,27 @@ def load_quantized(
             if isinstance(module, quantizer.quant_linear):
                 module.optimized = True
     model.to_empty(device=device)
-    _load_tensors(model, info.weight_files, info.path)
+    _load_tensors(model, info.weight_files, info.path, kernel_state=_kernel_buffers(model, quantizer.quant_linear))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.transformer.word_embeddings.weight
-    # v1 → v2 zero points and kernel-specific repacking / scratch buffers.
-    model = quantizer.post_init_model(model)
-    model.config.quantization_config = qcfg
-    model.eval()
-    return model
+    # v1 → v2 zero points and kernel-specific repacking / scratch buffers (JIT-built kernels
+    # compile here, so a kernel that cannot build fails here and the caller tries the next).
+    return quantizer.post_init_model(model)
 
 
-def _load_tensors(model, files: tuple[Path, ...], folder: Path) -> None:
-    """Copy every checkpoint tensor into ``model``; raise :class:`CheckpointError` on gaps or extras."""
-    expected = set(model.state_dict())
+def _kernel_buffers(model, quant_linear: type) -> set[str]:
+    """Buffers that a kernel keeps beside the GPTQ tensors (e.g. Machete's ``input_perm`` on
+    Hopper), filled by its post-init and never stored in a checkpoint."""
+    return {f"{name}.{buffer}" for name, module in model.named_modules() if isinstance(module, quant_linear)
+            for buffer, _ in module.named_buffers(recurse=False) if buffer not in GPTQ_TENSORS}
+
+
+def _load_tensors(model, files: tuple[Path, ...], folder: Path, kernel_state: set[str]) -> None:
+    """Copy every checkpoint tensor into ``model``; raise :class:`CheckpointError` on gaps or extras.
+
+    ``kernel_state`` names buffers the checkpoint does not hold: neither required nor accepted.
+    """
+    expected = set(model.state_dict()) - kernel_state
     seen: set[str] = set()
     for file in files:
         try:
