@@ -47,17 +47,23 @@ def record(name: str, **values) -> None:
 
 
 def build_checkpoint(path: Path, preset_name: str, layers: int | None) -> None:
-    """Save a random-weight bf16 checkpoint of the preset shape (initialised on the GPU: fast)."""
+    """Save a random-weight bf16 checkpoint of the preset shape (initialised on the GPU: fast).
+
+    A real checkpoint folder holds its tokenizer and GPTQModel loads it from there, so the demo
+    byte-level tokenizer goes in too (its ids fit every preset's vocabulary).
+    """
     import torch
 
     from telechat.config import preset
     from telechat.modeling import TelechatForCausalLM
+    from telechat.tokenizer import build_demo_tokenizer
 
     cfg = preset(preset_name, **({"n_layer": layers} if layers else {}), architectures=["TelechatForCausalLM"])
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = TelechatForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(path)
+    build_demo_tokenizer(path)
     del model
     torch.cuda.empty_cache()
 
