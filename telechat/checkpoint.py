@@ -56,8 +56,12 @@ def split_key_value(weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> t
     if weight.shape[0] != 2 * num_kv_heads * head_dim:
         raise CheckpointError(f"key_value weight has {weight.shape[0]} rows; expected 2·{num_kv_heads}·{head_dim}")
     per_head = weight.view(num_kv_heads, 2, head_dim, *weight.shape[1:])
-    rest = weight.shape[1:]
-    return per_head[:, 0].reshape(num_kv_heads * head_dim, *rest), per_head[:, 1].reshape(num_kv_heads * head_dim, *rest)
+    rows = (num_kv_heads * head_dim, *weight.shape[1:])
+    return per_head[:, 0].reshape(rows), per_head[:, 1].reshape(rows)
+
+
+DEMO_MODEL_NAME = "telechat-demo"
+"""Model id of the built-in demo model on every backend."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,11 @@ class CheckpointInfo:
     weight_files: tuple[Path, ...]
     quantized: bool
     is_demo: bool
+
+    def served_name(self, override: str | None = None) -> str:
+        """The model id clients use: ``override``, else :data:`DEMO_MODEL_NAME` for the demo model,
+        else the folder name. Every backend (our API, the vLLM launcher) names a model so."""
+        return override or (DEMO_MODEL_NAME if self.is_demo else self.path.resolve().name)
 
 
 def inspect_checkpoint(path: str | Path, *, need_tokenizer: bool = False) -> CheckpointInfo:

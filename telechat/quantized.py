@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from telechat.checkpoint import CheckpointError, inspect_checkpoint, resolve_device, resolve_dtype
+from telechat.checkpoint import CheckpointError, canonical_key, inspect_checkpoint, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,6 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     # Official AutoGPTQ releases ship torch.save pickles; weights_only refuses arbitrary objects.
     return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-
-
-def _model_key(key: str) -> str:
-    """Checkpoint key → our parameter name: the 7B release stores keys without ``transformer.``."""
-    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
 
 
 def load_quantized(
@@ -187,7 +182,7 @@ def _load_tensors(model, files: tuple[Path, ...], folder: Path, kernel_state: se
             raise CheckpointError(f"could not read {file} ({e}); the file may be corrupt: re-download it") from e
         tensors = {}
         for key, tensor in raw.items():
-            name = _model_key(key)
+            name = canonical_key(key)
             if name in expected:
                 tensors[name] = tensor
             elif name.endswith(".bias") and not tensor.any():

@@ -50,9 +50,9 @@ def load_runtime(settings: Settings):
     from telechat.engine.engine import EngineConfig
     from telechat.runtime import Runtime, resolve_model_path
 
-    path, builtin = resolve_model_path(settings.model_path)
+    path, _ = resolve_model_path(settings.model_path)
     info = inspect_checkpoint(path, need_tokenizer=True)
-    name = settings.model_name or ("telechat-demo" if builtin or info.is_demo else path.resolve().name)
+    name = info.served_name(settings.model_name)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           gpu_memory_utilization=settings.gpu_memory_utilization)
     return Runtime.load(path, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,

@@ -168,6 +168,11 @@ class GenerationDefaults:
         )
 
 
+DEMO_MODEL_ID = "telechat-demo"
+"""The id every backend gives the built-in demo model (``telechat.checkpoint.DEMO_MODEL_NAME``; the UI
+imports nothing of the runtime). Servers without our ``telechat_demo`` field (vLLM) are read by it."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One entry of `GET /v1/models`."""
@@ -317,7 +322,7 @@ class APIClient:
                 ModelInfo(
                     id=str(m["id"]),
                     max_model_len=m.get("max_model_len"),
-                    demo=bool(m.get("telechat_demo", False)),
+                    demo=bool(m.get("telechat_demo", m["id"] == DEMO_MODEL_ID)),
                     defaults=GenerationDefaults.from_json(m.get("generation_defaults")),
                 )
                 for m in entries

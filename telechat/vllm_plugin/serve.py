@@ -48,7 +48,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (env DTYPE)")
     p.add_argument("--max-model-len", help="longest prompt + reply (env MAX_MODEL_LEN; default: the checkpoint's)")
     p.add_argument("--rope-mode", help=f"RoPE policy past training_seqlen: {', '.join(ROPE_MODES)} (env ROPE_MODE)")
-    p.add_argument("--served-model-name", help="model id in /v1/models (env MODEL_NAME; default: the folder name)")
+    p.add_argument("--served-model-name", help="model id in /v1/models (env MODEL_NAME; default as our API: "
+                   "telechat-demo for the demo model, else the folder name)")
     p.add_argument("--tensor-parallel-size", help="GPUs per pipeline stage (env TENSOR_PARALLEL_SIZE, default 1)")
     p.add_argument("--pipeline-parallel-size", help="pipeline stages (env PIPELINE_PARALLEL_SIZE, default 1)")
     return p.parse_args(ours), extra
@@ -83,7 +84,7 @@ def write_chat_template(model: Path, cache: Path) -> Path:
 def vllm_argv(settings: dict[str, str], model: Path, template: Path, extra: list[str]) -> list[str]:
     """The vLLM server command line for these settings."""
     argv = [sys.executable, "-m", VLLM_SERVER, "--model", str(model), "--chat-template", str(template),
-            "--served-model-name", settings.get("served_model_name", model.name)]
+            "--served-model-name", settings["served_model_name"]]
     for key in ("host", "port", "api_key", "dtype", "max_model_len", "tensor_parallel_size",
                 "pipeline_parallel_size"):
         if key in settings:
@@ -102,10 +103,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         model = Path(settings["model"]).expanduser().resolve() if "model" in settings else ensure_demo_model()
-        inspect_checkpoint(model, need_tokenizer=True)
+        info = inspect_checkpoint(model, need_tokenizer=True)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     template = write_chat_template(model, default_demo_dir().parent / "vllm")
+    settings["served_model_name"] = info.served_name(settings.get("served_model_name"))
     command = vllm_argv(settings, model, template, extra)
     print("starting:", " ".join(a if a != settings.get("api_key") else "***" for a in command), flush=True)
     sys.stdout.flush()

@@ -28,14 +28,17 @@ def server(demo_model_dir, tmp_path_factory):
     service.stop()
 
 
-def test_web_client_sees_a_ready_server_and_its_model(server, demo_model_dir):
-    """No /ready route on vLLM: the web client still reports READY and reads the model list."""
+def test_web_client_sees_a_ready_server_and_its_demo_model(server):
+    """No /ready route on vLLM: the web client still reports READY; the demo model has our API's id
+    (a drop-in for clients) and the UI labels it a demo."""
     from services.web.client import APIClient, Health
+    from telechat.checkpoint import DEMO_MODEL_NAME
 
     client = APIClient(server.url)
     assert client.health() is Health.READY
     [model] = client.models()
-    assert model.id == demo_model_dir.name and model.max_model_len and model.max_model_len > 0
+    assert model.id == DEMO_MODEL_NAME and model.demo
+    assert model.max_model_len and model.max_model_len > 0
 
 
 def test_streamed_chinese_chat_uses_our_chat_format_and_matches_native_greedy(server, demo_model_dir):
@@ -43,11 +46,12 @@ def test_streamed_chinese_chat_uses_our_chat_format_and_matches_native_greedy(se
     ``<_user>…<_bot>`` format (same token count), and the greedy reply equals our native model's."""
     from services.web.client import APIClient, ChatParams
     from telechat.chat_format import ChatFormat
+    from telechat.checkpoint import DEMO_MODEL_NAME
 
     client = APIClient(server.url, read_timeout=120)
     params = ChatParams(temperature=0.7, top_p=1.0, top_k=0, max_tokens=MAX_TOKENS, repetition_penalty=1.0,
                         do_sample=False)
-    with client.stream_chat(demo_model_dir.name, MESSAGES, params) as stream:
+    with client.stream_chat(DEMO_MODEL_NAME, MESSAGES, params) as stream:
         chunks = list(stream)
     text = "".join(chunks)
     assert len(chunks) > 1 and text.strip()

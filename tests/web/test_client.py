@@ -20,6 +20,7 @@ from services.web.client import (
     APITimeout,
     APIUnauthorized,
     APIUnavailable,
+    DEMO_MODEL_ID,
     ChatParams,
     GenerationDefaults,
     Health,
@@ -176,3 +177,10 @@ def test_health_with_and_without_a_ready_route(statuses: dict[str, int], expecte
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_demo_model_id_is_the_runtime_name() -> None:
+    """The UI's copy of the demo id (it imports nothing of the runtime) is the name every backend serves."""
+    from telechat.checkpoint import DEMO_MODEL_NAME
+
+    assert DEMO_MODEL_ID == DEMO_MODEL_NAME
