@@ -356,7 +356,7 @@ def _local_url(host: str, port: int, name: str = "127.0.0.1") -> str:
     return f"http://{host}:{port}"
 
 
-def wait_ready(child: Child, url: str, stop: threading.Event, timeout: float) -> bool:
+def wait_ready(child: Child, url: str, stop: StopRequest, timeout: float) -> bool:
     """Poll ``url`` until it answers 200; False if asked to stop; raise if the child dies or time runs out."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
     start = last_note = time.monotonic()
@@ -394,18 +394,49 @@ def _status_detail(e: urllib.error.HTTPError) -> str:
     return f": HTTP {e.code}"
 
 
-def _install_signal_handlers() -> threading.Event:
-    stop = threading.Event()
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, n))
+"""Signals that stop the launcher and its children."""
+
+
+class StopRequest:
+    """Set by the signal handlers, polled by the supervisor. A plain attribute on purpose: a
+    ``threading.Event`` takes a lock in ``set()``, and a second signal landing inside that call
+    (Ctrl+C twice, or a terminal and ``timeout`` both signalling) deadlocked the launcher."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, waking early once a stop is requested; return whether it is."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        return self.requested
+
+
+def _install_signal_handlers() -> StopRequest:
+    stop = StopRequest()
 
     def request_stop(signum: int, _frame: object) -> None:
-        if not stop.is_set():
-            print(f"\n{signal.Signals(signum).name}: stopping the services...", flush=True)
-        stop.set()
+        if not stop.requested:
+            stop.requested = True
+            # os.write, not print: a signal that lands while the main thread prints would make
+            # print re-enter the same buffered stream and raise.
+            os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name}: stopping the services...\n".encode())
 
-    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), request_stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)
     return stop
+
+
+def _ignore_stop_signals() -> None:
+    """Once the children are down: a late signal (Ctrl+C held down) would otherwise hit Python's
+    default handler during interpreter shutdown and turn a clean exit into a kill."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------- main
@@ -449,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop_all(children)
+        _ignore_stop_signals()
         print("stopped", flush=True)
 
 

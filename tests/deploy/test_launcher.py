@@ -160,14 +160,19 @@ server.serve_forever()
 """
 
 
-def test_dead_child_is_reported_and_the_other_stopped():
-    """A stand-in API (stdlib server) is killed: the launcher names it, shows its log, stops the web UI."""
+def launch_with_fake_api() -> Launch:
+    """deploy.py with a stand-in API (stdlib server) and the real web UI, on free loopback ports."""
     api_port, web_port = free_ports(2)
     code = ("import sys, deploy; "
             f"deploy.BACKENDS['native'] = lambda s: [sys.executable, '-c', {FAKE_API!r}, str(s.api_port)]; "
             f"sys.exit(deploy.main(['--no-install', '--api-host', '127.0.0.1', '--web-host', '127.0.0.1', "
             f"'--api-port', '{api_port}', '--web-port', '{web_port}']))")
-    launch = Launch(argv=[sys.executable, "-c", code])
+    return Launch(argv=[sys.executable, "-c", code])
+
+
+def test_dead_child_is_reported_and_the_other_stopped():
+    """A stand-in API (stdlib server) is killed: the launcher names it, shows its log, stops the web UI."""
+    launch = launch_with_fake_api()
     try:
         wait_until(lambda: "Press Ctrl+C" in launch.output, LAUNCH_TIMEOUT_S, "launcher up", (launch.proc,))
         api, *web = sorted(launch.descendants(), key=lambda p: p.create_time())
@@ -201,3 +206,20 @@ def test_vllm_backend_settings_and_command(tmp_path, monkeypatch):
     assert cmd[:3] == [str(python), "-m", "telechat.vllm_plugin.serve"]
     assert cmd[cmd.index("--tensor-parallel-size") + 1] == "8" and cmd[cmd.index("--pipeline-parallel-size") + 1] == "4"
     assert deploy.READY_PATHS["vllm"] == "/health"
+
+
+def test_a_burst_of_signals_still_stops_cleanly():
+    """Ctrl+C hammered (or a terminal and `timeout` both signalling): every signal after the first
+    lands while the launcher handles one; it must neither deadlock nor crash, and stops once."""
+    launch = launch_with_fake_api()
+    try:
+        wait_until(lambda: "Press Ctrl+C" in launch.output, LAUNCH_TIMEOUT_S, "launcher up", (launch.proc,))
+        children = launch.descendants()
+        end = time.monotonic() + 5
+        while time.monotonic() < end and "stopped" not in launch.output:  # until the children are down
+            launch.proc.send_signal(signal.SIGINT)
+        assert launch.proc.wait(timeout=20) == 0, launch.output[-2000:]
+        assert launch.output.count("SIGINT: stopping the services") == 1
+        assert all(gone(c.pid) for c in children)
+    finally:
+        launch.close()
