@@ -79,11 +79,11 @@ def tiny_12b(tmp_path_factory, tokenizer_12b_dir: Path) -> Path:
 
 
 def start_llm(model: Path, **kwargs):
-    """A vLLM engine on ``model`` in float32, eager, seeded."""
+    """A vLLM engine on ``model`` in float32, eager (unless ``kwargs`` say otherwise), seeded."""
     from vllm import LLM
 
-    return LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0,
-               max_num_seqs=4, **kwargs)
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0, max_num_seqs=4)
+    return LLM(model=str(model), **{**options, **kwargs})
 
 
 def stop_llm(llm) -> None:
