@@ -47,17 +47,12 @@ def ensure_env(extras: list[str]) -> None:
         name, extra = missing[0] if missing else (PROJECT, ",".join(wanted))
         raise SystemExit(f"bootstrap: {name} is still missing in {sys.prefix}; install it by hand: "
                          f"pip install -e \"{REPO}[{extra}]\"")
-    python = venv_python()
-    if not python.exists():
-        _stage(f"creating the virtual environment {VENV}")
-        _run([sys.executable, "-m", "venv", str(VENV)])
+    python = _create_venv(VENV)
     stamp = _read_stamp()
     if stamp.get("pyproject") != _pyproject_hash() or not set(wanted) <= set(stamp.get("extras", [])):
         # Keep what an earlier call installed: the venv is shared by the launcher and the test runner.
         everything = sorted(set(wanted) | set(stamp.get("extras", [])))
-        _stage(f"installing .[{','.join(everything)}] into {VENV.name} (minutes the first time)")
-        _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-              "-e", f".[{','.join(everything)}]"])
+        _install_project(python, VENV, everything)
         STAMP.write_text(json.dumps({"pyproject": _pyproject_hash(), "extras": everything}), encoding="utf-8")
     _stage(f"restarting with {python}")
     _reexec(python)
@@ -71,20 +66,11 @@ def ensure_side_env(venv: Path, extras: list[str], remove: tuple[str, ...] = ())
     venv); ``remove`` lists distributions uninstalled after it (packages a dependency drags in that
     break the environment, such as vLLM's CUDA builds of torchvision/torchaudio on a CPU machine).
     """
-    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if not python.exists():
-        _stage(f"creating the virtual environment {venv}")
-        _run([sys.executable, "-m", "venv", str(venv)])
+    python = _create_venv(venv)
     stamp_file = venv / STAMP.name
     wanted = {"pyproject": _pyproject_hash(), "extras": sorted(extras), "removed": list(remove)}
-    try:
-        stamp = json.loads(stamp_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        stamp = {}
-    if stamp != wanted:
-        _stage(f"installing .[{','.join(sorted(extras))}] into {venv.name} (minutes the first time)")
-        _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-              "-e", f".[{','.join(sorted(extras))}]"])
+    if _read_stamp(stamp_file) != wanted:
+        _install_project(python, venv, sorted(extras))
         if remove:
             _run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", *remove])
         stamp_file.write_text(json.dumps(wanted), encoding="utf-8")
@@ -136,9 +122,25 @@ def requirements(project: md.Distribution, extras: list[str]) -> list[tuple[str,
     return found
 
 
-def venv_python() -> Path:
-    """The interpreter of the repository's ``.venv`` (which may not exist yet)."""
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_python(venv: Path = VENV) -> Path:
+    """The interpreter of ``venv`` (default the repository's ``.venv``; it may not exist yet)."""
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _create_venv(venv: Path) -> Path:
+    """``venv``'s interpreter, creating the venv first if it does not exist."""
+    python = venv_python(venv)
+    if not python.exists():
+        _stage(f"creating the virtual environment {venv}")
+        _run([sys.executable, "-m", "venv", str(venv)])
+    return python
+
+
+def _install_project(python: Path, venv: Path, extras: list[str]) -> None:
+    """``pip install -e .[extras]`` with ``python`` (the interpreter of ``venv``)."""
+    _stage(f"installing .[{','.join(extras)}] into {venv.name} (minutes the first time)")
+    _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+          "-e", f".[{','.join(extras)}]"])
 
 
 def _parse(req: str) -> tuple[str, list[str], str]:
@@ -175,9 +177,9 @@ def _outdated(wanted: list[str]) -> bool:
     return stamp.get("pyproject") != _pyproject_hash() or not set(wanted) <= set(stamp.get("extras", []))
 
 
-def _read_stamp() -> dict:
+def _read_stamp(path: Path = STAMP) -> dict:
     try:
-        return json.loads(STAMP.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
