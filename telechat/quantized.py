@@ -125,8 +125,6 @@ def load_quantized(
                 raise CheckpointError(f"no GPTQ kernel for int{qcfg['bits']} on {device} works here "
                                       f"(last tried {name}: {reason})") from e
             log.warning("GPTQ kernel %s is unavailable here (%s); trying %s", name, reason, candidates[i + 1])
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
     model.config.quantization_config = qcfg
     return model.eval()
 
