@@ -321,7 +321,7 @@ def _native_api(settings: Settings) -> list[str]:
 
 def _vllm_api(settings: Settings) -> list[str]:
     """The vLLM OpenAI server with our plugin, from its own venv (``.venv-vllm``, see bootstrap.py)."""
-    python = bootstrap.VLLM_VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    python = bootstrap.venv_python(bootstrap.VLLM_VENV)
     if not python.exists():
         raise DeployError(f"the vllm backend needs {bootstrap.VLLM_VENV.name}; run without --no-install to create "
                           f"it, or make it by hand: pip install -e \".[{bootstrap.vllm_extra()}]\"")

@@ -190,7 +190,7 @@ def load_model(
         config = AutoConfig.from_pretrained(info.path, **overrides)
         config.validate_telechat()  # overrides are applied after __init__'s own validation
     except ValueError as e:
-        raise CheckpointError(f"{info.path / 'config.json'}: {_first_line(e)}") from e
+        raise CheckpointError(f"{info.path / 'config.json'}: {first_line(e)}") from e
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
@@ -200,7 +200,7 @@ def load_model(
         raise CheckpointError(f"out of memory loading {info.path} on {device} as {torch_dtype}; use a GPU with more "
                               "memory, --device-map auto, a lower precision or a quantized checkpoint") from e
     except Exception as e:  # noqa: BLE001 - safetensors/pickle/zip errors have no common base
-        raise CheckpointError(f"could not read the weights in {info.path} ({_first_line(e)}); "
+        raise CheckpointError(f"could not read the weights in {info.path} ({first_line(e)}); "
                               "the files may be corrupt or incomplete: re-download them") from e
     missing = [k for k in loading.get("missing_keys", ()) if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing:
@@ -210,6 +210,7 @@ def load_model(
     return model
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's first line (at most 300 characters), or its type name when it has no message."""
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__

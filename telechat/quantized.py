@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from telechat.checkpoint import CheckpointError, canonical_key, inspect_checkpoint, resolve_device, resolve_dtype
+from telechat.checkpoint import (
+    CheckpointError,
+    canonical_key,
+    first_line,
+    inspect_checkpoint,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ def load_quantized(
         except CheckpointError:
             raise
         except KERNEL_ERRORS as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = first_line(e)
             if i + 1 == len(candidates):
                 raise CheckpointError(f"no GPTQ kernel for int{qcfg['bits']} on {device} works here "
                                       f"(last tried {name}: {reason})") from e
