@@ -97,6 +97,12 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
+    def abort_all(self, error: str) -> None:
+        """Abort every request submitted so far at the next step boundary; each stream then ends
+        with finish reason ``abort`` and ``error`` (e.g. "the server is shutting down")."""
+        self._commands.put(("abort_all", error))
+        self._wake.set()
+
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Let running requests finish for up to ``grace_s`` seconds, abort the rest, stop the thread."""
         deadline = time.monotonic() + grace_s
@@ -134,6 +140,9 @@ class AsyncEngine:
                     self.engine.add_request(prompt, params, rid)
                 except ValueError as e:
                     self._deliver(rid, e)
+            elif cmd[0] == "abort_all":
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid, cmd[1])
             else:
                 self.engine.abort(cmd[1])
 

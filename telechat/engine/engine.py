@@ -88,6 +88,7 @@ class Sequence:
     rope: RopeParams | None = None
     generator: torch.Generator | None = None
     aborted: bool = False
+    abort_error: str | None = None  # why it was aborted, when it is the server's doing (shutdown)
     row: int | None = None  # sampling-state row (presence mask), held from first admission to finish
 
     @property
@@ -179,11 +180,13 @@ class LLMEngine:
         self.waiting.append(seq)
         return rid
 
-    def abort(self, request_id: str) -> None:
-        """Mark a request aborted; it leaves at the start of the next step."""
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """Mark a request aborted; it leaves at the start of the next step with finish reason
+        ``abort`` and ``error`` (None when the client itself gave up)."""
         seq = self.requests.get(request_id)
         if seq is not None:
             seq.aborted = True
+            seq.abort_error = error
 
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
@@ -231,7 +234,7 @@ class LLMEngine:
 
     def _drop_aborted(self) -> list[RequestOutput]:
         gone = [s for s in self.requests.values() if s.aborted]
-        return [self._finish(s, "abort") for s in gone]
+        return [self._finish(s, "abort", error=s.abort_error) for s in gone]
 
     def _schedule_decodes(self) -> list[Sequence]:
         decodes = [s for s in self.running if s.num_computed == s.num_tokens - 1 and s.num_computed > 0]
@@ -309,20 +312,25 @@ class LLMEngine:
         self.presence[seq.row, torch.tensor(seq.all_ids, device=self.device)] = True
 
     def _sample(self, rows: list[int], seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        outputs = []
+        """Sample the ready rows; a request whose sampling fails ends alone, with an error."""
         try:
-            penalised = self.presence is not None and any(s.params.repetition_penalty != 1.0 for s in seqs)
-            state_rows = torch.tensor([s.row for s in seqs], device=self.device) if penalised else None
-            presence = self.presence[state_rows] if penalised else None
-            gens = [s.generator for s in seqs]
-            picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
-            tokens = sample(picked, [s.params for s in seqs], gens, presence, self.generator)
-            if penalised:
-                self.presence[state_rows, torch.tensor(tokens, device=self.device)] = True
-        except Exception as e:  # noqa: BLE001 - fail these requests only
-            log.exception("sampling failed")
-            return [self._finish(s, "error", error=f"sampling failed: {e}") for s in seqs]
+            tokens = self._draw(rows, seqs, logits)
+        except Exception:  # noqa: BLE001 - find the failing request: draw each row on its own
+            log.exception("batched sampling failed; sampling the %d requests one by one", len(seqs))
+            tokens = []
+            for row, seq in zip(rows, seqs):
+                try:
+                    tokens.extend(self._draw([row], [seq], logits))
+                except Exception as e:  # noqa: BLE001
+                    tokens.append(e)
+        outputs = []
         for seq, tok in zip(seqs, tokens):
+            if not isinstance(tok, int):
+                why = f"sampling failed: {tok}" if isinstance(tok, Exception) else \
+                    "sampling failed: the next-token probabilities are not finite (NaN or infinite)"
+                log.warning("%s: %s", seq.request_id, why)
+                outputs.append(self._finish(seq, "error", error=why))
+                continue
             seq.output_ids.append(tok)
             self.tokens_generated += 1
             p = seq.params
@@ -337,6 +345,21 @@ class LLMEngine:
                 outputs.append(RequestOutput(seq.request_id, [tok], num_prompt_tokens=len(seq.prompt_ids),
                                              num_output_tokens=len(seq.output_ids)))
         return outputs
+
+    def _draw(self, rows: list[int], seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """One token per sequence (None where its numbers went bad), presence masks updated."""
+        penalised = self.presence is not None and any(s.params.repetition_penalty != 1.0 for s in seqs)
+        state_rows = torch.tensor([s.row for s in seqs], device=self.device) if penalised else None
+        presence = self.presence[state_rows] if penalised else None
+        gens = [s.generator for s in seqs]
+        picked = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        tokens = sample(picked, [s.params for s in seqs], gens, presence, self.generator)
+        if penalised:
+            good = [(s.row, t) for s, t in zip(seqs, tokens) if t is not None]
+            if good:
+                at = torch.tensor(good, device=self.device)
+                self.presence[at[:, 0], at[:, 1]] = True
+        return tokens
 
     def _finish(self, seq: Sequence, reason: str, new: list[int] | None = None, error: str | None = None
                 ) -> RequestOutput:

@@ -164,3 +164,76 @@ def test_bucket_padding_matches_exact_batches(model):
     padded = LLMEngine(model, EngineConfig(max_num_seqs=8))
     padded.runner.graphs = {}  # bucketed shapes as on CUDA, run eagerly (no capture on CPU)
     assert padded.generate(ps, GREEDY) == exact
+
+
+def _run_all(eng: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> dict[str, tuple[list[int], str, str]]:
+    """Add every request, step to the end; request id → (tokens, finish reason, error)."""
+    ids = [eng.add_request(p, sp) for p, sp in requests]
+    toks: dict[str, list[int]] = {i: [] for i in ids}
+    final: dict[str, tuple[str, str]] = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            toks[out.request_id] += out.new_token_ids
+            if out.finished:
+                final[out.request_id] = (out.finish_reason, out.error)
+    return {i: (toks[i], *final[i]) for i in ids}
+
+
+@pytest.mark.parametrize("poison", [
+    SamplingParams(max_tokens=24, temperature=1e-300),  # logits / 1e-300 = inf → NaN probabilities
+    SamplingParams(max_tokens=24, temperature=1.0, repetition_penalty=5e-324),  # logit / 5e-324 = inf
+    SamplingParams(max_tokens=24, temperature=0, repetition_penalty=5e-324),  # the same, greedy
+], ids=["tiny-temperature", "tiny-penalty-sampled", "tiny-penalty-greedy"])
+def test_poisoned_request_fails_alone(model, poison):
+    """A request whose sampling numbers go bad ends with an error; its 8 batch-mates are untouched."""
+    ps = prompts(9, seed=10)
+    alone = LLMEngine(model, EngineConfig(max_num_seqs=8)).generate(ps[:8], GREEDY)
+    eng = LLMEngine(model, EngineConfig(max_num_seqs=9))
+    results = _run_all(eng, [(p, GREEDY) for p in ps[:8]] + [(ps[8], poison)])
+    outcomes = list(results.values())
+    assert [o[0] for o in outcomes[:8]] == alone
+    assert all(o[1] in ("stop", "length") and o[2] is None for o in outcomes[:8])
+    assert outcomes[8][1] == "error" and "not finite" in outcomes[8][2]
+    assert eng.allocator.free == eng.allocator.num_blocks and not eng.running
+
+
+def test_extreme_but_valid_values_sample_normally(model):
+    """top_p that rounds to 0 keeps the most likely token (= greedy); top_k beyond the vocabulary keeps all."""
+    p = prompts(1, seed=11)[0]
+    eng = LLMEngine(model)
+    greedy = eng.generate([p], GREEDY)[0]
+    assert eng.generate([p], SamplingParams(max_tokens=24, temperature=1.0, top_p=5e-324, seed=1))[0] == greedy
+    every = SamplingParams(max_tokens=24, temperature=0.8, top_k=10**20, seed=4)
+    assert eng.generate([p], every)[0] == eng.generate([p], SamplingParams(max_tokens=24, temperature=0.8, seed=4))[0]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(top_p=float("inf")), dict(seed=2**64),
+                                 dict(top_k=1.5), dict(repetition_penalty=float("-inf"))])
+def test_sampling_params_refuse_non_finite_and_out_of_range(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_abort_all_ends_every_stream_with_the_reason(model):
+    """AsyncEngine.abort_all (server shutdown) ends each running stream with 'abort' and the given error."""
+    engine = AsyncEngine(LLMEngine(model))
+    endless = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def run(p):
+        last = None
+        async for out in engine.generate(p, endless):
+            last = out
+        return last.finish_reason, last.error, last.num_output_tokens
+
+    async def main():
+        tasks = [asyncio.create_task(run(p)) for p in prompts(3, seed=12)]
+        while engine.stats()["running"] < 3:
+            await asyncio.sleep(0.01)
+        engine.abort_all("the server is shutting down")
+        return await asyncio.gather(*tasks)
+
+    try:
+        for reason, error, n in asyncio.run(main()):
+            assert (reason, error) == ("abort", "the server is shutting down") and n < 400
+    finally:
+        engine.shutdown(grace_s=0)
