@@ -17,21 +17,28 @@ prepended raw, before the first ``<_user>``.
 as the official chat and SFT code do. The TeleChat tokenizers (``telechat.tokenizer``) treat the
 markers as special tokens that split the text, so tokenizing the rendered text gives the same ids
 segment by segment (same SentencePiece dummy prefix per segment): that is what makes
-``apply_chat_template`` with :data:`CHAT_TEMPLATE` equal to :meth:`ChatFormat.encode_prompt`.
-A marker typed inside a content is read as that marker, exactly as in the official SFT ``input``.
+``apply_chat_template`` with :data:`CHAT_TEMPLATE` equal to :meth:`ChatFormat.encode_prompt` for
+contents without markers.
+
+Markers typed inside a content (``content_markers``): by default (``"text"``) they are plain text,
+encoded like any other characters, so a user cannot forge an assistant turn or a second system
+prompt; no content ever yields a control id. ``"control"`` reads them as the markers themselves,
+as the official code and service do (a trusted client building raw dialogs needs that).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 USER, BOT, END, SYSTEM = "<_user>", "<_bot>", "<_end>", "<_system>"
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "bot": "assistant"}
 """Accepted roles; ``bot`` (official TeleChat) is the same as ``assistant`` (OpenAI)."""
 
 Turn = tuple[str, str]  # (role, content) with role in system|user|assistant
+ContentMarkers = Literal["text", "control"]
+"""How marker strings inside a message's content are read (see the module doc)."""
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[Turn]:
@@ -75,11 +82,16 @@ class ChatFormat:
 
     ``generation_config`` (the model's generation_config.json as a dict) may give ``user_token_id``,
     ``bot_token_id`` and ``eos_token_id``; they win over the tokenizer's own ``<_user>``/``<_bot>``/
-    ``<_end>`` (the 7B config uses 160130/160131/160133).
+    ``<_end>`` (the 7B config uses 160130/160131/160133). ``content_markers`` says how marker
+    strings typed inside a content are read (module doc).
     """
 
-    def __init__(self, tokenizer: Any, generation_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, tokenizer: Any, generation_config: Mapping[str, Any] | None = None,
+                 content_markers: ContentMarkers = "text") -> None:
+        if content_markers not in ("text", "control"):
+            raise ValueError(f"content_markers must be 'text' or 'control', got {content_markers!r}")
         gen = dict(generation_config or {})
+        self.content_markers = content_markers
         self.tokenizer = tokenizer
         self.user_id = self._id(gen.get("user_token_id"), USER)
         self.bot_id = self._id(gen.get("bot_token_id"), BOT)
@@ -87,6 +99,11 @@ class ChatFormat:
         eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.end_id = self._id(eos, END)
         self.system_id = self._id(None, SYSTEM, required=False)
+        self._control_ids = {i for i in (self.user_id, self.bot_id, self.end_id, self.system_id) if i is not None}
+        self._control_ids |= set(getattr(tokenizer, "all_special_ids", []))
+        strings = sorted({tokenizer.convert_ids_to_tokens(i) for i in self._control_ids} - {None, ""}, key=len,
+                         reverse=True)
+        self._control_re = re.compile("(" + "|".join(map(re.escape, strings)) + ")") if strings else None
 
     def _id(self, configured: int | None, token: str, required: bool = True) -> int | None:
         if configured is not None:
@@ -102,8 +119,30 @@ class ChatFormat:
     # -- text pieces --------------------------------------------------------------------------
 
     def ids(self, text: str) -> list[int]:
-        """Ids of one content string, no special tokens added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        """Ids of one content string, no special tokens added; marker strings in it are read as
+        ``content_markers`` says."""
+        if not text:
+            return []
+        if self.content_markers == "control":
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = self._plain(text)
+        if self._control_ids.isdisjoint(ids) or self._control_re is None:
+            return ids
+        # The tokenizer still matched a marker (an added token not flagged special): encode each
+        # marker occurrence one character at a time, which no multi-character marker can match.
+        ids = []
+        for part in self._control_re.split(text):
+            if self._control_re.fullmatch(part):
+                ids += [t for ch in part for t in self._plain(ch)]
+            elif part:
+                ids += self._plain(part)
+        if not self._control_ids.isdisjoint(ids):
+            raise ValueError("this tokenizer cannot encode the content as plain text (it keeps producing "
+                             "dialog marker tokens)")
+        return ids
+
+    def _plain(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def _system_ids(self, content: str | None) -> list[int]:
         if content is None:

@@ -85,6 +85,11 @@ def _special_kwargs(vocab_pieces: set[str], kwargs: dict[str, Any], defaults: di
     return out
 
 
+def _byte_pieces(text: str) -> list[str]:
+    """``text`` as SentencePiece byte-fallback pieces (``<0x3C>``...)."""
+    return [f"<0x{b:02X}>" for b in text.encode("utf-8")]
+
+
 def _utf8_or_replacement(run: bytearray) -> str:
     # Same rule as tokenizers' ByteFallback decoder: an invalid run becomes one U+FFFD per byte.
     try:
@@ -161,7 +166,13 @@ class TelechatTokenizer(PreTrainedTokenizer):
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         # One chunk between special tokens; SentencePiece adds its dummy prefix to each chunk.
-        return self.sp_model.encode(text, out_type=str)
+        pieces = self.sp_model.encode(text, out_type=str)
+        if any(p in MARKER_TOKENS for p in pieces):
+            # Only with split_special_tokens (markers are split off before this otherwise):
+            # SentencePiece extracts its user-defined marker pieces from any text, so a marker typed
+            # as text becomes its UTF-8 byte pieces, which decode to the same text.
+            pieces = [b for p in pieces for b in (_byte_pieces(p) if p in MARKER_TOKENS else [p])]
+        return pieces
 
     def _convert_token_to_id(self, token: str) -> int:
         return self.sp_model.PieceToId(token)
