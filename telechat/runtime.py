@@ -64,6 +64,12 @@ class Runtime:
     defaults: GenerationDefaults
     is_demo: bool = False
     loaded_at: float = field(default_factory=time.time)
+    max_token_bytes: int = 0
+    """UTF-8 bytes of the longest vocabulary entry (0 = measure it from the tokenizer)."""
+
+    def __post_init__(self) -> None:
+        if not self.max_token_bytes:
+            self.max_token_bytes = longest_token_bytes(self.tokenizer)
 
     @classmethod
     def load(
@@ -75,9 +81,13 @@ class Runtime:
         dtype: str = "auto",
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
+        content_markers: str = "text",
         **config_overrides,
     ) -> Runtime:
-        """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine."""
+        """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine.
+
+        ``content_markers``: how marker strings typed inside chat contents are read (see
+        :class:`~telechat.chat_format.ChatFormat`)."""
         from telechat.chat_format import ChatFormat
         from telechat.checkpoint import inspect_checkpoint, load_model
         from telechat.tokenizer import load_tokenizer
@@ -90,7 +100,7 @@ class Runtime:
         tokenizer = load_tokenizer(path)
         gen_path = path / "generation_config.json"
         generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else None
-        chat = ChatFormat(tokenizer, generation)
+        chat = ChatFormat(tokenizer, generation, content_markers=content_markers)
         engine = AsyncEngine(LLMEngine(model, engine_config))
         return cls(name=name or path.name, path=path, model=model, tokenizer=tokenizer, chat=chat, engine=engine,
                    defaults=GenerationDefaults.from_folder(path), is_demo=info.is_demo)
@@ -99,6 +109,13 @@ class Runtime:
     def max_model_len(self) -> int:
         """Longest prompt + reply this runtime accepts."""
         return self.engine.engine.max_model_len
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """An upper bound on the UTF-8 size of any text that fits the context: every token stands for
+        at most ``max_token_bytes`` bytes (and at least one byte per character), so a longer text
+        cannot fit and need not be tokenized to know it."""
+        return self.max_model_len * self.max_token_bytes
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """Request values over checkpoint defaults; ``None`` means "use the default"."""
@@ -138,6 +155,12 @@ class Runtime:
                     yield StreamDelta(delta, None, prompt_tokens, completion)
         finally:
             await agen.aclose()
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """UTF-8 bytes of the tokenizer's longest vocabulary entry as spelled in the vocabulary; this
+    bounds the text one token stands for (SentencePiece pieces and byte-level BPE alike)."""
+    return max((len(piece.encode("utf-8", "surrogatepass")) for piece in tokenizer.get_vocab()), default=1)
 
 
 def check_adapter(adapter: str | Path) -> Path:

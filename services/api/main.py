@@ -2,8 +2,9 @@
 the ``telechat serve`` entry point.
 
 Status codes: 400 bad input (validation, JSON, prompt or max_tokens beyond the context), 401 API
-key, 404 unknown model or route, 405 method, 413 body over ``MAX_BODY_BYTES``, 429 queue full
-(``Retry-After``), 503 model not loaded yet, 500 only for a failed generation or a bug. OpenAI and
+key (with ``WWW-Authenticate``), 404 unknown model or route, 405 method, 413 body over
+``MAX_BODY_BYTES``, 429 queue full (``Retry-After``), 503 model not loaded yet or shutting down, 500
+only for a failed generation or a bug (sent with ``Connection: close``). OpenAI and
 operational routes answer ``{"error": {"message", "type", "param", "code"}}``; legacy routes answer
 the official body with its codes (see ``protocol/legacy.py``), except 401 and 413, which keep the
 OpenAI body everywhere because they are decided before any route is known.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 import threading
 import time
@@ -22,9 +24,11 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import MutableHeaders
@@ -32,7 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.deps import ServerState
-from services.api.protocol.legacy import FAILED, LegacyError, code_for
+from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
 from services.api.routers import health, legacy, openai
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
@@ -56,7 +60,7 @@ def load_runtime(settings: Settings):
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           gpu_memory_utilization=settings.gpu_memory_utilization)
     return Runtime.load(path, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
-                        lora=settings.lora_path, rope_mode=settings.rope_mode,
+                        lora=settings.lora_path, content_markers=settings.content_markers, rope_mode=settings.rope_mode,
                         training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
 
 
@@ -154,18 +158,57 @@ def _is_legacy(request: Request) -> bool:
     return request.url.path.startswith(LEGACY_PREFIX)
 
 
+MAX_DESCRIBED = 5
+"""Validation errors named in one message; a fuzzed body can have hundreds."""
+
+
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _where(e: dict) -> str:
+    """The error's field path (``messages.0.content``), without the union branch names pydantic
+    puts in locations (``str``, ``list[...]``, ``function-after[...]``, model names)."""
+    parts = [str(x) for x in e["loc"] if x != "body" and (isinstance(x, int) or
+             (_FIELD.fullmatch(str(x)) and x not in ("str", "int", "float", "bool", "list", "dict")))]
+    return ".".join(parts) or "body"
+
+
 def _describe(errors: list[dict]) -> str:
-    """Validation errors as one sentence per error: ``field: what is wrong``."""
-    parts = []
+    """Validation errors as one sentence per error: ``field: what is wrong``; an invalid-Unicode
+    error is named alone (it is the cause of the union's other complaints)."""
+    unicode = [e for e in errors if e["type"] == "string_unicode"]
+    if unicode:
+        return "; ".join(f"{_where(e)}: the text holds a lone surrogate; send valid Unicode (UTF-16 surrogates only "
+                         "come in pairs)" for e in unicode[:MAX_DESCRIBED])
+    parts, seen = [], set()
     for e in errors:
-        loc = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+        if _where(e) in seen:  # one complaint per field (a union reports one per branch)
+            continue
+        seen.add(_where(e))
+        if len(parts) == MAX_DESCRIBED:
+            parts.append("and more")
+            break
+        loc, ctx = _where(e), e.get("ctx") or {}
         if e["type"] == "json_invalid":
-            parts.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
-        elif loc == "body" and e["type"] in ("model_attributes_type", "dict_type"):
+            parts.append(f"the body is not valid JSON ({ctx.get('error', e['msg'])})")
+        elif loc == "body" and e["type"] in ("model_attributes_type", "dict_type", "model_type"):
             parts.append("the body must be a JSON object (and sent with Content-Type: application/json)")
+        elif e["type"] == "unsupported":
+            parts.append(e["msg"])
+        elif e["type"] == "value_error":  # our own validators: the sentence is complete
+            message = str(ctx.get("error", e["msg"]))
+            parts.append(message if loc == "body" else f"{loc}: {message}")
         else:
             parts.append(f"{loc}: {e['msg']}")
     return "; ".join(parts)
+
+
+def _param(e: dict) -> str | None:
+    """The request field an error is about (OpenAI's ``param``)."""
+    if e["type"] == "unsupported":
+        return (e.get("ctx") or {}).get("field")
+    loc = _where(e)
+    return None if loc == "body" else loc
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -173,7 +216,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if _is_legacy(request):
         first = errors[0] if errors else {"loc": ("body",), "type": "missing"}
         return _legacy_response(LegacyError(code_for(tuple(first["loc"]), first["type"]), _describe(errors)))
-    return _api_response(APIError(400, _describe(errors)))
+    return _api_response(APIError(400, _describe(errors), param=_param(errors[0]) if errors else None))
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -187,14 +230,19 @@ async def _legacy_error(request: Request, exc: LegacyError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # Unknown route (404), wrong method (405): OpenAI body, same status.
+    # Unknown route (404), wrong method (405): OpenAI body, same status. A body FastAPI could not
+    # parse (400) on a legacy route: the official body.
+    if exc.status_code == 400 and _is_legacy(request):
+        return _legacy_response(LegacyError(MISSING, str(exc.detail)))
     return _api_response(APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug. Starlette re-raises after this answer and the server then drops the connection: say
+    # so, or the client's next request on this keep-alive connection would fail instead.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _api_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log",
-                                  type="server_error"))
+                                  type="server_error", headers={"Connection": "close"}))
 
 
 def _api_response(e: APIError) -> JSONResponse:
@@ -214,10 +262,11 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.attach(asyncio.get_running_loop())
         threading.Thread(target=_load_in_background, args=(state, on_fatal), name="model-loader", daemon=True).start()
         yield
         if state.runtime is not None:
-            # uvicorn has already let in-flight requests run for the grace period; abort what is left.
+            # Requests had the grace period (see ServerState.begin_shutdown); stop the engine.
             await asyncio.to_thread(state.runtime.engine.shutdown, 0)
 
     app = FastAPI(title="TeleChat Stack API", version="0.1.0", lifespan=lifespan,
@@ -238,7 +287,26 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials="*" not in origins, expose_headers=["X-Request-ID"])
     app.add_middleware(RequestContext, state=state)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The schema FastAPI generates, minus its 422 answers (this server answers validation errors
+    with 400, documented on every route with a body), and with the bearer token required only when
+    the server has an API key."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        keyless = not app.state.server.settings.api_key
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+                if keyless:
+                    operation.pop("security", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -261,7 +329,12 @@ FLAGS = [
     ("--rope-mode", "rope_mode", str, "none | ntk | ntk+scaling (env ROPE_MODE)"),
     ("--training-seqlen", "training_seqlen", int, "override training_seqlen (env TRAINING_SEQLEN)"),
     ("--base-seqlen", "base_seqlen", int, "override the NTK base length (env BASE_SEQLEN)"),
-    ("--shutdown-grace", "shutdown_grace_s", int, "seconds in-flight requests get on SIGTERM (env SHUTDOWN_GRACE_S)"),
+    ("--shutdown-grace", "shutdown_grace_s", int, "seconds running requests get to finish on SIGTERM/SIGINT "
+     "(env SHUTDOWN_GRACE_S, default 10)"),
+    ("--content-markers", "content_markers", str, "text | control: markers typed in message content are plain "
+     "text (default) or read as markers, as the official service does (env CONTENT_MARKERS)"),
+    ("--metrics-require-key", "metrics_require_key", str, "true: /metrics needs the API key too "
+     "(env METRICS_REQUIRE_KEY, default false)"),
     ("--log-level", "log_level", str, "debug | info | warning | error (env LOG_LEVEL)"),
 ]
 
@@ -280,9 +353,25 @@ def parse_settings(argv: list[str]) -> Settings:
         raise UserError(f"invalid setting {err['loc'][0]} ({str(err['loc'][0]).upper()}): {err['msg']}") from e
 
 
+UVICORN_EXTRA_GRACE_S = 5
+"""Seconds uvicorn waits past ``shutdown_grace_s`` before it cancels what is left."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that starts the API's own graceful shutdown on the first SIGTERM/SIGINT."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """Stop admitting, start the grace timer, then let uvicorn stop accepting connections."""
+        self.state.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the model failed to load."""
-    import uvicorn
     from sse_starlette.sse import AppStatus
 
     settings = parse_settings(list(argv or []))
@@ -302,11 +391,12 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop)
-    server = uvicorn.Server(uvicorn.Config(
+    state: ServerState = app.state.server
+    # uvicorn's own grace only backs ours up: by then every request has ended on its own.
+    server = _Server(uvicorn.Config(
         app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s))
-    # SIGTERM: uvicorn stops accepting and lets in-flight requests run for the grace period.
-    # sse-starlette would cut SSE streams at once; let them finish like every other response.
+        timeout_graceful_shutdown=settings.shutdown_grace_s + UVICORN_EXTRA_GRACE_S), state)
+    # sse-starlette would cut SSE streams at once; they end through ServerState.begin_shutdown.
     AppStatus.disable_automatic_graceful_drain()
     # After a graceful shutdown uvicorn re-raises the signal with the previous handler; a no-op one
     # makes that a clean exit (0) instead of death by SIGTERM.

@@ -1,5 +1,6 @@
-"""What every generating route shares: request checks against the loaded model, admission into
-the bounded queue, metrics, abort on client disconnect, and the OpenAI SSE event stream.
+"""What every generating route shares: request checks against the loaded model, prompt encoding off
+the event loop, admission into the bounded queue, metrics, abort on client disconnect, and the
+OpenAI SSE event stream.
 
 Routers stay thin by calling these; nothing here knows about HTTP routes.
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from services.api.deps import ServerState
+from services.api.deps import SHUTTING_DOWN, ServerState
 from services.api.protocol.openai import (
     APIError,
     ChatChunkChoice,
@@ -64,10 +65,23 @@ def build_params(make: Callable[[], SamplingParams]) -> SamplingParams:
         raise APIError(400, str(e)) from e
 
 
-def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
-    """Run a prompt encoder, turning its ``ValueError`` (empty list, unknown role, ...) into a 400."""
+def check_prompt_size(rt: Runtime, texts: list[str], param: str) -> None:
+    """400 for text that cannot fit the context, decided from its size alone (no tokenizing):
+    characters first, then UTF-8 bytes, against :attr:`Runtime.max_prompt_bytes`."""
+    limit = rt.max_prompt_bytes
+    chars = sum(map(len, texts))
+    size = chars if chars > limit else sum(len(t.encode("utf-8")) for t in texts)
+    if size > limit:
+        raise APIError(400, f"the prompt is far too long for this model's {rt.max_model_len}-token context "
+                       f"({chars} characters, {size} bytes or more; anything over {limit} bytes cannot fit): "
+                       "shorten it", code="context_length_exceeded", param=param)
+
+
+async def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
+    """Run a prompt encoder in a worker thread (tokenizing a long prompt must not stall the event
+    loop that serves every other stream), turning its ``ValueError`` into a 400."""
     try:
-        ids = fn()
+        ids = await asyncio.to_thread(fn)
     except ValueError as e:
         raise APIError(400, str(e), param=param) from e
     if not ids:
@@ -147,8 +161,17 @@ async def collect(request: Request, deltas: AsyncIterator[StreamDelta]) -> tuple
         raise APIError(499, "the client disconnected", code="client_closed_request")
     text, last = work.result()
     if last is None or last.finish_reason not in ("stop", "length"):
-        raise APIError(500, f"generation failed: {getattr(last, 'error', None) or 'aborted'}", type="server_error")
+        raise failure(last)
     return text, last
+
+
+def failure(last: StreamDelta | None) -> APIError:
+    """The error of a generation that did not finish: 503 when the server ended it (shutdown), else 500."""
+    error = getattr(last, "error", None)
+    if error == SHUTTING_DOWN:
+        return APIError(503, f"{SHUTTING_DOWN}; the request was ended before its reply was complete",
+                        type="service_unavailable_error", code="shutting_down")
+    return APIError(500, f"generation failed: {error or 'aborted'}", type="server_error")
 
 
 # ---------------------------------------------------------------------------------------------- SSE
@@ -162,16 +185,23 @@ def sse_json(payload: str) -> str:
     return payload.translate(_LINE_SEPARATORS)
 
 
-def _sse_error(message: str) -> str:
+class StreamFailed(Exception):
+    """A generation that ended without finishing, as the error to send in-band."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _sse_error(e: APIError) -> str:
     """An error event in the middle of a stream (the HTTP status is already sent)."""
-    return sse_json(json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": None}},
-                               ensure_ascii=False))
+    return sse_json(json.dumps(e.body(), ensure_ascii=False))
 
 
 def _check(d: StreamDelta) -> bool:
-    """True for the final delta of a successful generation; raises for a failed one."""
+    """True for the final delta of a successful generation; raises :class:`StreamFailed` for a failed one."""
     if d.finish_reason and d.finish_reason not in ("stop", "length"):
-        raise RuntimeError(d.error or f"the request ended with {d.finish_reason!r}")
+        raise StreamFailed(failure(d))
     return d.finish_reason is not None
 
 
@@ -182,9 +212,12 @@ async def _terminated(rid: str, deltas: AsyncIterator[StreamDelta], events: Asyn
     try:
         async for event in events:
             yield event
+    except StreamFailed as e:
+        log.warning("%s ended early: %s", rid, e)
+        yield _sse_error(e.error)
     except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
-        log.warning("%s failed: %s", rid, e)
-        yield _sse_error(f"generation failed: {e}")
+        log.exception("%s failed", rid)
+        yield _sse_error(APIError(500, f"generation failed: {e}", type="server_error"))
     finally:
         await deltas.aclose()
     yield "[DONE]"

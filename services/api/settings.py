@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = Field(8070, ge=0, le=65535)
     api_key: str | None = Field(None, description="bearer token required on model routes; unset = open")
+    metrics_require_key: bool = Field(False, description="with API_KEY set, /metrics needs it too "
+                                      "(default: open, for Prometheus scrapers on a private network)")
     cors_origins: str = Field("*", description="comma-separated allowed origins, `*` for any, empty for none")
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -35,8 +37,11 @@ class Settings(BaseSettings):
     rope_mode: Literal["none", "ntk", "ntk+scaling"] | None = None
     training_seqlen: int | None = Field(None, ge=1)
     base_seqlen: int | None = Field(None, ge=1)
-    shutdown_grace_s: int = Field(30, ge=0, description="on SIGTERM, seconds in-flight requests may run "
-                                  "before they are aborted")
+    shutdown_grace_s: int = Field(10, ge=0, le=3600, description="on SIGTERM/SIGINT, seconds running requests "
+                                  "may take to finish; then each ends with an error event (streams) or a 503")
+    content_markers: Literal["text", "control"] = Field(
+        "text", description="marker strings (<_user>, <_bot>, <_end>, <_system>) typed inside message content: "
+        "`text` = plain text (default), `control` = read as the markers, as the official service does")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("log_level", mode="before")

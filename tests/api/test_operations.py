@@ -14,6 +14,8 @@ CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "你好"}]
 LONG = {"messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
 """A stream that runs for seconds on CPU: the demo context is 2048 tokens."""
+KEEP_WRITING = "Keep writing forever"
+"""The demo model is trained to write until max tokens on this prompt (greedy)."""
 
 
 def metric(server, name: str, default: float | None = None) -> float:
@@ -175,16 +177,51 @@ def test_sigterm_finishes_in_flight_then_exits_0(demo_model_dir, api_server):
         httpx.get(server.url + "/health")
 
 
-def test_sigterm_aborts_after_grace_period(demo_model_dir, api_server):
-    """A stream longer than the grace period is cut and the process still exits 0."""
-    server = api_server(demo_model_dir, "--shutdown-grace", "1")
-    with httpx.stream("POST", server.url + CHAT, json=LONG, timeout=60) as r:
+def _read_stream(url: str, body: dict, started) -> list[str]:
+    """All non-empty SSE lines of one stream (httpx raises if the stream is cut mid-chunk)."""
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
         lines = r.iter_lines()
-        next(lines)
+        out = [next(lines)]
+        started.release()
+        return out + [line for line in lines if line]
+
+
+def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api_server):
+    """SIGTERM with streams longer than the grace period: new requests are refused, every stream
+    ends properly (an OpenAI error event, then [DONE]; legacy v2: its error line) at the grace
+    period, the process exits 0 soon after, and the log holds no traceback."""
+    import threading
+
+    server = api_server(demo_model_dir, "--shutdown-grace", "2", "--max-num-seqs", "8")
+    started = threading.Semaphore(0)
+    with ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(_read_stream, server.url + CHAT, LONG, started) for _ in range(6)]
+
+        def legacy_stream() -> bytes:
+            with httpx.stream("POST", server.url + "/telechat/gptDialog/v2", timeout=60,
+                              json={"dialog": [{"role": "user", "content": KEEP_WRITING}],
+                                    "do_sample": False, "max_length": 2048}) as r:
+                return r.read()
+
+        for _ in streams:
+            assert started.acquire(timeout=60)
+        legacy = pool.submit(legacy_stream)
+        assert wait_for(lambda: metric(server, "telechat:num_requests_running") >= 7, 30)
         t0 = time.monotonic()
         server.proc.terminate()
-        rest = []
-        with pytest.raises(httpx.HTTPError):  # the connection is closed mid-stream
-            rest += list(lines)
-    assert "data: [DONE]" not in rest
-    assert server.proc.wait(60) == 0 and time.monotonic() - t0 < 30
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # the listening socket is closed at once
+            httpx.get(server.url + "/health", timeout=5)
+        results = [f.result(timeout=60) for f in streams]
+        legacy_body = legacy.result(timeout=60).decode("utf-8")
+    ended = time.monotonic() - t0
+    for events in results:
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2][6:])["error"]
+        assert "shutting down" in error["message"] and error["type"] == "service_unavailable_error"
+    last_line = json.loads(legacy_body.rstrip("\n").rsplit("\n", 1)[1])
+    assert last_line["code"] == 10903 and "shutting down" in last_line["detail"]
+    assert 1.5 < ended < 15, ended
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 20
+    assert "Traceback" not in server.log() and "CancelledError" not in server.log()

@@ -29,7 +29,7 @@ CASES = [
      "max_tokens"),
     ("prompt-beyond-context", CHAT, {"messages": [{"role": "user", "content": "测试 " * 3000}]}, 400, "context"),
     ("unknown-model", CHAT, {"messages": HELLO, "model": "gpt-4"}, 404, "gpt-4"),
-    ("n-above-1", CHAT, {"messages": HELLO, "n": 2}, 400, "n must be 1"),
+    ("n-above-1", CHAT, {"messages": HELLO, "n": 2}, 400, "n = 1"),
     ("too-many-stops", CHAT, {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("stream-wrong-type", CHAT, {"messages": HELLO, "stream": "maybe"}, 400, "stream"),
     ("completion-prompt-missing", COMPLETIONS, {"max_tokens": 3}, 400, "prompt"),

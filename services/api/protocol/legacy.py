@@ -13,9 +13,12 @@ official body) says what exactly is wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
+
+from services.api.protocol.fields import Text
+from services.api.protocol.openai import MIN_TEMPERATURE
 
 if TYPE_CHECKING:
     from telechat.engine.sampling import SamplingParams
@@ -32,8 +35,8 @@ class LegacyError(Exception):
         self.code, self.detail, self.status, self.headers = code, detail, status, headers
 
     def body(self) -> dict:
-        return {"seqid": "", "code": self.code, "message": MESSAGES[self.code], "flag": "0", "data": "执行失败",
-                "detail": self.detail}
+        """The official error body with our ``detail``."""
+        return LegacyErrorBody(code=self.code, message=MESSAGES[self.code], detail=self.detail).model_dump()
 
 
 def code_for(loc: tuple, error_type: str) -> int:
@@ -46,8 +49,10 @@ def code_for(loc: tuple, error_type: str) -> int:
 
 
 class DialogTurn(BaseModel):
-    role: StrictStr
-    content: StrictStr
+    model_config = ConfigDict(strict=True)
+
+    role: Literal["user", "bot"]
+    content: Text
 
 
 _EXAMPLE = {"dialog": [{"role": "user", "content": "你好"}, {"role": "bot", "content": "你好！有什么可以帮你？"},
@@ -58,7 +63,8 @@ _EXAMPLE = {"dialog": [{"role": "user", "content": "你好"}, {"role": "bot", "c
 class DialogRequest(BaseModel):
     """Body of ``/telechat/gptDialog/v2`` and ``/v4``; defaults are the official service's."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [_EXAMPLE]})
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False,
+                              json_schema_extra={"examples": [_EXAMPLE]})
 
     dialog: list[DialogTurn] = Field(min_length=1)
     do_sample: StrictBool = True
@@ -66,7 +72,8 @@ class DialogRequest(BaseModel):
     """Prompt + reply tokens, as in the official chat() (the prompt is truncated to fit)."""
     top_k: Annotated[StrictInt, Field(gt=0, lt=100)] = 20
     top_p: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.2
-    temperature: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.1
+    temperature: Annotated[StrictFloat, Field(ge=MIN_TEMPERATURE, lt=1)] = 0.1
+    """(0, 1) officially; values below 0.001 overflow the logits, so they are refused."""
     repetition_penalty: Annotated[StrictFloat, Field(gt=1, lt=100)] = 1.03
 
     @field_validator("dialog")
@@ -92,6 +99,17 @@ class DialogRequest(BaseModel):
                             repetition_penalty=self.repetition_penalty)
         return defaults(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                         repetition_penalty=self.repetition_penalty)
+
+
+class LegacyErrorBody(BaseModel):
+    """The official error body (``detail`` is ours: what exactly is wrong)."""
+
+    seqid: str = ""
+    code: int
+    message: str
+    flag: str = "0"
+    data: str = "执行失败"
+    detail: str
 
 
 class DialogReply(BaseModel):

@@ -1,8 +1,14 @@
 """OpenAI-compatible schemas, ordered as in the official OpenAI API reference; TeleChat extras are
 grouped at the end of each request and marked "not in OpenAI spec" (as vLLM does).
 
-Unknown request fields are ignored (clients send many); fields we cannot honour (``n`` > 1,
-``logprobs``, ``echo``, ``suffix``, ``best_of`` > 1) are rejected with a 400 that says so.
+Validation is strict (no string → number, no bool → number coercion; floats finite) and every range
+is in the published schema. Unknown fields are ignored (clients send many). Fields we cannot honour
+get a 400 naming the field where ignoring them would change the answer: ``n`` > 1, ``logprobs``,
+``top_logprobs``, ``logit_bias``, non-zero ``frequency_penalty``/``presence_penalty``,
+``response_format`` json_object/json_schema, ``tool_choice`` "required" or a named function (and
+the same for ``function_call``), ``echo``, ``suffix``, ``best_of`` > 1, non-text content parts.
+``tools``/``functions`` with ``tool_choice`` absent, "auto" or "none" are accepted and answered in
+text, as OpenAI's own semantics allow (Open WebUI sends its built-in tools with every chat).
 """
 
 from __future__ import annotations
@@ -10,14 +16,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
+
+from services.api.protocol.fields import NonEmptyText, Seed, Text
 
 if TYPE_CHECKING:
     from telechat.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
+MIN_TEMPERATURE = 1e-3
+"""Smallest positive temperature: below it logits / temperature overflow; 0 means greedy."""
+MAX_TOP_K = 2**31 - 1
 
 
 class APIError(Exception):
@@ -39,10 +51,56 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def unsupported(field: str, what: str, hint: str = "") -> PydanticCustomError:
+    """The validation error of a field value we cannot honour: a 400 naming ``field`` (as ``param``)."""
+    return PydanticCustomError("unsupported", "{field}: {what} is not supported by this server{hint}",
+                               {"field": field, "what": what, "hint": f"; {hint}" if hint else ""})
+
+
+def _int(data: dict, name: str) -> int | None:
+    v = data.get(name)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def refuse_unsupported(data: Any, *, chat: bool) -> None:
+    """Raise :func:`unsupported` for the first value in a raw request body that asks for a feature
+    this server lacks. Runs before the schema (whose bounds exclude the same values) so the error
+    says what is missing rather than "should be less than or equal to 1"."""
+    if not isinstance(data, dict):
+        return
+    if (_int(data, "n") or 1) > 1:
+        raise unsupported("n", "more than one choice per request", "send n = 1")
+    if data.get("logprobs") is True or (_int(data, "logprobs") or 0) > 0:
+        raise unsupported("logprobs", "returning log probabilities")
+    if (_int(data, "top_logprobs") or 0) > 0:
+        raise unsupported("top_logprobs", "returning log probabilities")
+    if isinstance(data.get("logit_bias"), dict) and data["logit_bias"]:
+        raise unsupported("logit_bias", "biasing token logits")
+    for name in ("frequency_penalty", "presence_penalty"):
+        v = data.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0 and -2 <= v <= 2:
+            raise unsupported(name, "a non-zero value", "use repetition_penalty (> 1 discourages repeats)")
+    fmt = data.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        raise unsupported("response_format", f"{fmt['type']!r} (structured output)", "only 'text' is")
+    for name in ("tool_choice", "function_call"):
+        v = data.get(name)
+        if v == "required" or isinstance(v, dict):
+            raise unsupported(name, "forcing a tool call (\"required\" or a named function)",
+                              "tools are accepted with \"auto\" or \"none\" and answered in text")
+    if not chat:
+        if (_int(data, "best_of") or 1) > 1:
+            raise unsupported("best_of", "a value above 1")
+        if data.get("echo") is True:
+            raise unsupported("echo", "echoing the prompt")
+        if isinstance(data.get("suffix"), str) and data["suffix"]:
+            raise unsupported("suffix", "a suffix (insertion)")
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -52,24 +110,65 @@ class StreamOptions(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
+
+
+Role = Literal["system", "user", "assistant", "bot"]
 
 
 class ChatMessage(_Request):
-    role: str
+    role: Role
     """system | user | assistant (``bot``, the TeleChat name, is accepted as assistant)."""
-    content: str | list[TextPart] | None = None
-    """A string, or text parts that are joined (images are not supported)."""
+    content: Text | list[TextPart]
+    """A string, or text parts that are joined (the model takes text only)."""
+    name: Text | None = None
+    """Accepted and not used."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_shape(cls, data: Any) -> Any:
+        # Clear messages for the shapes clients get wrong, before the union's own errors.
+        if not isinstance(data, dict):
+            return data
+        content = data.get("content")
+        if content is None:
+            raise ValueError("content is required (a string or a list of text parts)")
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part of type {kind!r} is not supported: this model takes text only "
+                                     "(send {'type': 'text', 'text': ...} parts or a string)")
+        elif not isinstance(content, str):
+            raise ValueError(f"content must be a string or a list of text parts, got {type(content).__name__}")
+        return data
 
     def text(self) -> str:
         """The content as one string."""
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
-        return self.content or ""
+        return self.content
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"]
+    """Only plain text is supported."""
+
+
+StopField = Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None,
+                      Field(description=f"Up to {MAX_STOP_STRINGS} non-empty strings that end the reply "
+                                        "(not included in it).")]
 
 
 class _SamplingFields(_Request):
     """Sampling fields shared by chat and completions requests (each declares its own order)."""
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v}")
+        return v
 
     def _sampling_overrides(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -95,42 +194,65 @@ _CHAT_EXAMPLE = {
     "stream_options": {"include_usage": True},
 }
 
+Temperature = Annotated[float | None, Field(ge=0, le=2), WithJsonSchema({
+    "anyOf": [{"const": 0}, {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2}, {"type": "null"}],
+    "description": f"0 = greedy; otherwise {MIN_TEMPERATURE} to 2."})]
+TopP = Annotated[float | None, Field(gt=0, le=1)]
+TopK = Annotated[int | None, Field(ge=0, le=MAX_TOP_K, description="Keep the k most likely tokens; 0 keeps all.")]
+RepetitionPenalty = Annotated[float | None, Field(ge=0.01, le=100, description=">1 discourages repeats "
+                                                  "(TeleChat generation_config uses 1.01-1.03).")]
+OpenAIPenalty = Annotated[float | None, Field(ge=0, le=0, description="Only 0 is supported; use repetition_penalty.")]
+NoLogitBias = Annotated[dict[str, float] | None, Field(max_length=0, description="Only empty is supported.")]
+
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [_CHAT_EXAMPLE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [_CHAT_EXAMPLE]})
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
+    model: Text | None = None
     """Served model id; optional here (not in OpenAI spec: there it is required)."""
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    """Accepted for compatibility and ignored; use ``repetition_penalty``."""
-    logprobs: bool | None = None
+    frequency_penalty: OpenAIPenalty = None
+    function_call: Literal["none", "auto"] | None = None
+    """Deprecated by OpenAI; the answer is text (forcing a call is not supported)."""
+    functions: list[dict[str, Any]] | None = None
+    """Deprecated by OpenAI; accepted, the answer is text."""
+    logit_bias: NoLogitBias = None
+    logprobs: Literal[False] | None = None
+    """Only false is supported."""
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    """Accepted for compatibility and ignored; use ``repetition_penalty``."""
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    """Only 1 is supported."""
+    parallel_tool_calls: bool | None = None
+    presence_penalty: OpenAIPenalty = None
+    response_format: ResponseFormat | None = None
+    """Only ``{"type": "text"}`` is supported."""
+    seed: Seed | None = None
+    stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    user: str | None = None
+    temperature: Temperature = None
+    tool_choice: Literal["none", "auto"] | None = None
+    """The answer is text (forcing a tool call is not supported)."""
+    tools: list[dict[str, Any]] | None = None
+    """Accepted; the answer is text (no tool calls)."""
+    top_logprobs: int | None = Field(None, ge=0, le=0)
+    """Only 0 is supported."""
+    top_p: TopP = None
+    user: Text | None = None
     # --- not in OpenAI spec
-    top_k: int | None = Field(None, ge=0)
-    """Keep the k most likely tokens; 0 keeps all."""
-    repetition_penalty: float | None = Field(None, gt=0)
-    """>1 discourages repeats (TeleChat generation_config uses 1.01-1.03)."""
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (benchmarks)."""
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatCompletionRequest:
-        _check_supported(n=self.n, stop=self.stop, logprobs=self.logprobs)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        refuse_unsupported(data, chat=True)
+        return data
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -138,65 +260,62 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(_SamplingFields):
-    """``POST /v1/completions`` (raw text continuation, no chat format)."""
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` (raw text continuation, no chat format: marker strings in the prompt
+    are read as the markers)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
         {"model": "telechat-demo", "prompt": "中国的首都是", "max_tokens": 32, "temperature": 0}]})
 
-    model: str | None = None
+    model: Text | None = None
     """Served model id; optional here (not in OpenAI spec)."""
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
     """One prompt: a string or token ids (a list holding exactly one of them is accepted too)."""
-    best_of: int | None = Field(None, ge=1)
-    echo: bool = False
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logprobs: int | None = None
+    best_of: int | None = Field(None, ge=1, le=1)
+    """Only 1 is supported."""
+    echo: Literal[False] = False
+    """Only false is supported."""
+    frequency_penalty: OpenAIPenalty = None
+    logit_bias: NoLogitBias = None
+    logprobs: int | None = Field(None, ge=0, le=0)
+    """Only 0 is supported."""
     max_tokens: int | None = Field(16, ge=1)
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    """Only 1 is supported."""
+    presence_penalty: OpenAIPenalty = None
+    seed: Seed | None = None
+    stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    user: str | None = None
+    suffix: Literal[""] | None = None
+    """Not supported (only empty)."""
+    temperature: Temperature = None
+    top_p: TopP = None
+    user: Text | None = None
     # --- not in OpenAI spec
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
 
-    @model_validator(mode="after")
-    def _supported(self) -> CompletionRequest:
-        _check_supported(n=self.n, stop=self.stop, logprobs=self.logprobs)
-        if self.echo or self.suffix or (self.best_of or 1) > 1:
-            raise ValueError("echo, suffix and best_of are not supported")
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        refuse_unsupported(data, chat=False)
+        return data
+
+    @property
+    def prompt_value(self) -> str | list[int]:
+        """The one prompt: a string or token ids."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ValueError(f"prompt: send one prompt per request (got {len(p)})")
-            self.prompt = p[0]
-        if not self.prompt:
-            raise ValueError("prompt must not be empty")
-        return self
+        return p[0] if isinstance(p, list) and isinstance(p[0], (str, list)) else p
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
-
-
-def _check_supported(*, n: int | None, stop: str | list[str] | None, logprobs: object) -> None:
-    # ValueError inside a validator becomes a 400 naming the field list.
-    if (n or 1) != 1:
-        raise ValueError("n must be 1: one choice per request is supported")
-    if logprobs:
-        raise ValueError("logprobs are not supported")
-    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop sequences")
-    if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
-        raise ValueError("stop: stop sequences must be non-empty strings")
 
 
 # ---------------------------------------------------------------------------------------------- responses

@@ -24,7 +24,7 @@ from services.api.protocol.openai import (
     new_id,
 )
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
 STREAM = {"content": {"text/event-stream": {"description": "with `stream: true`: `data: {chunk}` events, "
                                             "then `data: [DONE]`"}}}
 DEFAULT_UI_MAX_TOKENS = 1024  # suggested reply budget for UIs; the API itself defaults to the remaining context
@@ -50,7 +50,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     """Chat in the TeleChat format; streams SSE chunks with ``stream: true``."""
     serving.check_model(rt, body.model)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = serving.encode(lambda: rt.chat.encode_prompt(messages), "messages")
+    serving.check_prompt_size(rt, [m["content"] for m in messages], "messages")
+    prompt = await serving.encode(lambda: rt.chat.encode_prompt(messages), "messages")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
     params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
     rid = new_id("chatcmpl")
@@ -67,12 +68,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
 
 @router.post("/completions", response_model=CompletionResponse, responses={200: STREAM})
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
-    """Continue a raw prompt (no chat format): a string or token ids."""
+    """Continue a raw prompt: a string or token ids. No chat format is applied, and marker strings in
+    a string prompt are read as the markers (raw access, as the official tokenizer does)."""
     serving.check_model(rt, body.model)
-    if isinstance(body.prompt, str):
-        prompt = serving.encode(lambda: rt.tokenizer(body.prompt, add_special_tokens=False)["input_ids"], "prompt")
+    text = body.prompt_value
+    if isinstance(text, str):
+        serving.check_prompt_size(rt, [text], "prompt")
+        prompt = await serving.encode(lambda: rt.tokenizer(text, add_special_tokens=False)["input_ids"], "prompt")
     else:
-        prompt, vocab = list(body.prompt), rt.model.config.vocab_size
+        prompt, vocab = list(text), rt.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
