@@ -192,9 +192,9 @@ def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api
     period, the process exits 0 soon after, and the log holds no traceback."""
     import threading
 
-    server = api_server(demo_model_dir, "--shutdown-grace", "2", "--max-num-seqs", "8")
+    server = api_server(demo_model_dir, "--shutdown-grace", "2", "--max-num-seqs", "7")
     started = threading.Semaphore(0)
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(10) as pool:
         streams = [pool.submit(_read_stream, server.url + CHAT, LONG, started) for _ in range(6)]
 
         def legacy_stream() -> bytes:
@@ -207,6 +207,10 @@ def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api
             assert started.acquire(timeout=60)
         legacy = pool.submit(legacy_stream)
         assert wait_for(lambda: metric(server, "telechat:num_requests_running") >= 7, 30)
+        # Two more wait in the queue (the batch is full): they end without any text.
+        queued_chat = pool.submit(httpx.post, server.url + CHAT, json={**LONG, "stream": False}, timeout=60)
+        queued_v2 = pool.submit(httpx.post, server.url + "/telechat/gptDialog/v2", json={"dialog": HELLO}, timeout=60)
+        assert wait_for(lambda: metric(server, "telechat:num_requests_waiting") >= 2, 30)
         t0 = time.monotonic()
         server.proc.terminate()
         time.sleep(0.5)
@@ -221,6 +225,9 @@ def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api
         assert "shutting down" in error["message"] and error["type"] == "service_unavailable_error"
     last_line = json.loads(legacy_body.rstrip("\n").rsplit("\n", 1)[1])
     assert last_line["code"] == 10903 and "shutting down" in last_line["detail"]
+    chat, v2 = queued_chat.result(), queued_v2.result()
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "shutting_down", chat.text
+    assert v2.status_code == 503 and v2.json()["code"] == 10903 and "shutting down" in v2.json()["detail"], v2.text
     assert 1.5 < ended < 15, ended
     assert server.proc.wait(30) == 0
     assert time.monotonic() - t0 < 20
