@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,10 @@ from jobs.finetune.cli import main
 from telechat.chat_format import ChatFormat
 from telechat.checkpoint import load_model
 from telechat.tokenizer import load_tokenizer
-from tests.finetune.conftest import official_subset, run_cli
+from tests.conftest import REPO
+from tests.finetune.conftest import child_env, official_subset, run_cli
+
+SCRIPTS = REPO / "jobs" / "finetune"
 
 
 def generate_reply(model_dir: Path) -> list[int]:
@@ -54,3 +60,28 @@ def test_from_scratch_small_model(tmp_path: Path, tiny_model_dir: Path, official
     assert config["hidden_size"] == (32 if source == "preset" else 64)
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "generation_config.json").is_file()
     assert generate_reply(out / "model")
+
+
+def test_run_lora_sh_takes_paths_relative_to_the_caller(tmp_path: Path, tiny_model_dir: Path, official_sft):
+    """The launcher scripts run where they are called from: relative MODEL, DATA and OUTPUT work."""
+    official_subset(official_sft, tmp_path / "data.jsonl", 4, 0)
+    (tmp_path / "base").symlink_to(tiny_model_dir)
+    done = subprocess.run([str(SCRIPTS / "run_lora.sh"), "base", "data.jsonl", "out", "--max-steps", "1",
+                           "--max-seq-len", "64", "--no-gradient-checkpointing", "--no-merge"],
+                          cwd=tmp_path, env={**child_env(), "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_run_single_node_sh_without_nvidia_smi_says_why(tmp_path: Path):
+    """No nvidia-smi and no NGPUS: exit code 2 and one line naming NGPUS, not a silent 127."""
+    bin_dir = tmp_path / "bin"  # a PATH with the shell and nothing else, as on a host without the NVIDIA driver
+    bin_dir.mkdir()
+    (bin_dir / "bash").symlink_to(shutil.which("bash"))
+    env = {**child_env(), "PATH": str(bin_dir)}
+    env.pop("NGPUS", None)
+    done = subprocess.run([str(SCRIPTS / "run_single_node.sh"), "m", "d", "o"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "set NGPUS=N" in done.stderr, done.stderr
