@@ -5,7 +5,8 @@ non-overlapping windows of ``L`` tokens taken from the start of the data. A wind
 official single-pass semantics: its RoPE parameters are those of a length-``L`` sequence, every
 position sees the whole window prefix. Memory stays bounded at any ``L``: the window goes through
 the model ``--chunk`` tokens at a time with a KV cache (``rope_length=L`` keeps all chunks on the
-same rotary base), and logits exist for ``DEFAULT_CHUNK`` positions at a time only. So 7B at 96K
+same rotary base), and logits exist for ``DEFAULT_CHUNK`` positions at a time only (both in
+:func:`telechat.perplexity.window_nll`). So 7B at 96K
 needs the weights (14.4 GB) plus the window's KV cache (96K × 30 layers × 2 × 4096 × 2 B ≈ 47 GB).
 
 The result is printed as a Markdown table shaped like the seed's (rows = modes, columns =
@@ -18,74 +19,25 @@ import argparse
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
+from telechat.chat_format import ChatFormat
 from telechat.config import ROPE_MODES
 from telechat.errors import UserError
-from telechat.perplexity import DEFAULT_CHUNK
+from telechat.perplexity import window_nll
+from telechat.records import token_pieces
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 4096
 """Tokens per forward chunk: bounds attention/MLP activations independent of the window length."""
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
-TEXT_BLOCK_CHARS = 1 << 16
-"""Plain text is tokenized in blocks of about this many characters (cut at line ends), so only the
-tokens that are needed get computed from a large file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# NLL of one window
-
-
-@torch.inference_mode()
-def cached_window_nll(
-    model,
-    window: torch.Tensor,
-    *,
-    prefill_chunk: int | None = None,
-    rope_length: int | None = None,
-    logits_chunk: int = DEFAULT_CHUNK,
-    on_chunk: Callable[[int], None] | None = None,
-) -> tuple[float, int]:
-    """Summed next-token NLL over a window and the number of scored targets (``len(window) - 1``).
-
-    ``window`` is 1-D token ids. With ``prefill_chunk`` smaller than the window, it runs in chunks
-    through a ``DynamicCache``; ``rope_length`` (default: the window length) pins the rotary
-    parameters so the chunks equal one forward pass of the whole window. ``on_chunk(n)`` is
-    called after each chunk of ``n`` tokens (progress bars).
-    """
-    device = next(model.parameters()).device
-    ids = window.to(device=device, dtype=torch.long).flatten()
-    n = ids.numel()
-    if n < 2:
-        raise ValueError(f"a window needs at least 2 tokens, got {n}")
-    rope_length = rope_length or n
-    step = n if prefill_chunk is None or prefill_chunk >= n else prefill_chunk
-    cache = DynamicCache(config=model.config) if step < n else None
-    total = 0.0
-    for start in range(0, n, step):
-        piece = ids[start : start + step]
-        out = model.transformer(input_ids=piece[None], past_key_values=cache, use_cache=cache is not None,
-                                rope_length=rope_length)
-        targets = ids[start + 1 : start + 1 + piece.numel()]  # the window's last token has no target
-        hidden = out.last_hidden_state[0, : targets.numel()]
-        for r in range(0, targets.numel(), logits_chunk):
-            logits = model.lm_head(hidden[r : r + logits_chunk]).float()
-            total += F.cross_entropy(logits, targets[r : r + logits_chunk], reduction="sum").item()
-        if on_chunk is not None:
-            on_chunk(piece.numel())
-    return total, n - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +126,8 @@ def evaluate(
                     bar.set_postfix_str(f"{mode} L={length}")
                     nll, scored = 0.0, 0
                     for w in range(counts[length]):
-                        s, c = cached_window_nll(model, ids[w * length : (w + 1) * length],
-                                                 prefill_chunk=prefill_chunk, on_chunk=bar.update)
+                        s, c = window_nll(model, ids[w * length : (w + 1) * length],
+                                          prefill_chunk=prefill_chunk, on_chunk=bar.update)
                         nll, scored = nll + s, scored + c
                     p = rotary.params(length)
                     mean = nll / scored
@@ -208,70 +160,22 @@ def _fmt(ppl: float) -> str:
 
 def load_token_ids(path: str | Path, tokenizer, *, generation_config: dict | None = None,
                    needed: int | None = None) -> list[int]:
-    """Token ids of a text file or a jsonl file, stopping once ``needed`` ids are read.
+    """Token ids of a text or jsonl file (:mod:`telechat.records`), stopping once ``needed`` ids are read.
 
-    jsonl records may be official SFT (``input`` with ``<_user>``/``<_bot>`` markers + ``output``),
-    OpenAI ``messages``, or documents in ``text`` / ``data`` (TeleChat-PTD). Conversations are
-    encoded with the chat format exactly as fine-tuning sees them; documents end with the
-    tokenizer's eos token.
+    Conversations are encoded with the chat format exactly as fine-tuning sees them; documents
+    (``text`` / ``data``, TeleChat-PTD) end with the tokenizer's eos token.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--data {path} does not exist" if not path.exists() else f"--data {path} is not a file")
-    if path.suffix in JSONL_SUFFIXES:
-        pieces = _jsonl_ids(path, tokenizer, generation_config)
-    else:
-        if path.suffix not in TEXT_SUFFIXES:
-            log.info("reading %s as plain text", path)
-        pieces = _text_ids(path, tokenizer)
     ids: list[int] = []
-    for piece in pieces:
+    for piece in token_pieces(path, ChatFormat(tokenizer, generation_config)):
         ids.extend(piece)
         if needed is not None and len(ids) >= needed:
             break
     if not ids:
         raise UserError(f"--data {path} holds no text")
     return ids
-
-
-def _text_ids(path: Path, tokenizer) -> Iterator[list[int]]:
-    block: list[str] = []
-    size = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            block.append(line)
-            size += len(line)
-            if size >= TEXT_BLOCK_CHARS:
-                yield tokenizer.encode("".join(block), add_special_tokens=False)
-                block, size = [], 0
-    if block:
-        yield tokenizer.encode("".join(block), add_special_tokens=False)
-
-
-def _jsonl_ids(path: Path, tokenizer, generation_config: dict | None) -> Iterator[list[int]]:
-    from telechat.chat_format import ChatFormat, messages_from_official
-
-    chat = None
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if "messages" in record or "input" in record:
-                    chat = chat or ChatFormat(tokenizer, generation_config)
-                    messages = record.get("messages") or messages_from_official(record["input"], record.get("output"))
-                    if messages[-1]["role"] == "user":  # a prompt without answer (e.g. test.jsonl)
-                        yield chat.encode_prompt(messages)
-                    else:
-                        yield [t for prompt, answer in chat.encode_turns(messages) for t in prompt + answer]
-                elif "text" in record or "data" in record:
-                    yield tokenizer.encode(record.get("text", record.get("data")), add_special_tokens=False) + eos
-                else:
-                    raise ValueError(f"no known field (input/output, messages, text, data) in keys {sorted(record)}")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise UserError(f"{path}:{lineno}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

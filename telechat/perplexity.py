@@ -1,19 +1,22 @@
 """Perplexity of a causal LM over one long token stream, without materialising full logits.
 
-Shared by the GPTQ before/after report (``jobs/quant``) and the long-context evaluator
-(``telechat eval-ppl``). The model runs one window at a time; the LM head and cross-entropy run
-over ``chunk`` positions at a time, so peak memory holds ``chunk × vocab`` logits, never
-``seq_len × vocab`` (160k vocab × 32k tokens in float32 would be 20 GB).
+The one chunked-NLL loop (:func:`window_nll`), shared by the GPTQ before/after report
+(``jobs/quant``) and the long-context evaluator (``telechat eval-ppl``). The model runs one window
+at a time (optionally in KV-cached chunks); the LM head and cross-entropy run over ``chunk``
+positions at a time, so peak memory holds ``chunk × vocab`` logits, never ``seq_len × vocab``
+(160k vocab × 32k tokens in float32 would be 20 GB).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +24,48 @@ DEFAULT_CHUNK = 1024
 """Positions per LM-head/loss chunk: 1024 × 160k vocab × 4 B = 0.6 GiB of float32 logits."""
 
 
-def window_nll(model, window: torch.Tensor, num_scored: int, chunk: int = DEFAULT_CHUNK) -> float:
-    """Summed negative log-likelihood of the last ``num_scored`` targets of one window.
+@torch.inference_mode()
+def window_nll(
+    model,
+    window: torch.Tensor,
+    *,
+    num_scored: int | None = None,
+    prefill_chunk: int | None = None,
+    rope_length: int | None = None,
+    logits_chunk: int = DEFAULT_CHUNK,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
+    """Summed next-token NLL of the last ``num_scored`` targets of a window (default: all
+    ``len(window) - 1``), and that count.
 
-    ``window`` is a 1-D tensor of token ids on the model's device. Targets are ``window[1:]``;
-    only the last ``num_scored`` of them count (the earlier ones are context when windows overlap).
+    ``window`` is 1-D token ids; the earlier targets are context only (overlapping windows). With
+    ``prefill_chunk`` smaller than the window it runs in chunks through a ``DynamicCache``;
+    ``rope_length`` (default: the window length) pins the rotary parameters so the chunks equal
+    one forward pass of the whole window. ``on_chunk(n)`` is called after each chunk of ``n``
+    tokens (progress bars).
     """
-    hidden = model.transformer(input_ids=window[None], use_cache=False).last_hidden_state[0]
-    hidden = hidden[-num_scored - 1 : -1]  # positions whose next token is scored
-    targets = window[-num_scored:]
+    device = next(model.parameters()).device
+    ids = window.to(device=device, dtype=torch.long).flatten()
+    n = ids.numel()
+    if n < 2:
+        raise ValueError(f"a window needs at least 2 tokens, got {n}")
+    num_scored = n - 1 if num_scored is None else num_scored
+    first = n - 1 - num_scored  # first position whose next token is scored
+    step = n if prefill_chunk is None or prefill_chunk >= n else prefill_chunk
+    cache = DynamicCache(config=model.config) if step < n else None
     total = 0.0
-    for start in range(0, num_scored, chunk):
-        logits = model.lm_head(hidden[start : start + chunk]).float()
-        total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum").item()
-    return total
+    for start in range(0, n, step):
+        piece = ids[start : start + step]
+        out = model.transformer(input_ids=piece[None], past_key_values=cache, use_cache=cache is not None,
+                                rope_length=rope_length or n)
+        lo, hi = max(first - start, 0), min(piece.numel(), n - 1 - start)  # the last token has no target
+        hidden, targets = out.last_hidden_state[0, lo:hi], ids[start + lo + 1 : start + hi + 1]
+        for r in range(0, max(hi - lo, 0), logits_chunk):
+            logits = model.lm_head(hidden[r : r + logits_chunk]).float()
+            total += F.cross_entropy(logits, targets[r : r + logits_chunk], reduction="sum").item()
+        if on_chunk is not None:
+            on_chunk(piece.numel())
+    return total, num_scored
 
 
 @torch.inference_mode()
@@ -69,7 +100,7 @@ def perplexity(
         num_scored = end - max(scored_until, begin + 1)
         if num_scored <= 0:
             continue
-        total_nll += window_nll(model, ids[begin:end], num_scored, chunk)
+        total_nll += window_nll(model, ids[begin:end], num_scored=num_scored, logits_chunk=chunk)[0]
         count += num_scored
         scored_until = end
         if end == ids.numel():

@@ -1,27 +1,23 @@
 """Calibration and held-out evaluation data for GPTQ, from the user's own files.
 
-Accepted files (detected per line / by content, not by extension):
-
-- official SFT jsonl: ``{"input": "<_user>q…", "output": "a"}`` (SPEC.md §7);
-- ``messages`` jsonl: ``{"messages": [{"role": …, "content": …}, …]}``;
-- ``text`` jsonl: ``{"text": "…"}``;
-- plain text: anything else; tokenized as one stream and cut into ``seq_len`` windows.
-
-Conversations are tokenized with :class:`telechat.chat_format.ChatFormat` (markers, ``<_end>``)
-so GPTQ sees the same ids the model sees when serving chats. The official recipe calibrated on a
-single English sentence; here every sample is a real record, and too few of them is an error.
+Files are read by :mod:`telechat.records` (the one record reader): official SFT, ``messages``,
+``text``/``data`` jsonl, one sample per record; or plain text, tokenized as one stream and cut
+into ``seq_len`` windows. Conversations are tokenized with :class:`telechat.chat_format.ChatFormat`
+(markers, ``<_end>``) so GPTQ sees the same ids the model sees when serving chats. The official
+recipe calibrated on a single English sentence; here every sample is a real record, and too few
+of them is an error.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from telechat.chat_format import ChatFormat, messages_from_official
+from telechat.chat_format import ChatFormat
 from telechat.errors import UserError
+from telechat.records import is_jsonl, token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -43,45 +39,14 @@ class CalibrationData:
     heldout: list[int]
 
 
-def read_records(path: Path, chat: ChatFormat) -> list[list[int]]:
+def calibration_records(path: Path, chat: ChatFormat) -> list[list[int]]:
     """Token ids of every record in ``path`` (one list per jsonl record, or one for plain text)."""
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+    pieces = list(token_pieces(path, chat))
+    if not pieces:
         raise CalibrationError(f"{path} is empty")
-    if not _is_jsonl(lines[0]):
-        return [chat.ids(text)]
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(_record_ids(json.loads(line), chat))
-        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-            raise CalibrationError(f"{path}:{n}: not a calibration record ({e}); expected one JSON object per line "
-                                   'with "input"/"output", "messages" or "text"') from e
-    return records
-
-
-def _is_jsonl(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def _record_ids(record: dict, chat: ChatFormat) -> list[int]:
-    if "messages" in record:
-        messages = record["messages"]
-    elif "input" in record:
-        messages = messages_from_official(record["input"], record.get("output"))
-    elif "text" in record:
-        return chat.ids(record["text"])
-    else:
-        raise KeyError(f"no input, messages or text key (keys: {sorted(record)})")
-    if messages[-1].get("role") in ("assistant", "bot"):
-        return [t for prompt, answer in chat.encode_turns(messages) for t in prompt + answer]
-    return chat.encode_prompt(messages)
+    return pieces if is_jsonl(path) else [[t for piece in pieces for t in piece]]
 
 
 def _windows(ids: list[int], seq_len: int) -> list[list[int]]:
@@ -102,7 +67,7 @@ def load_calibration(
     Raises :class:`CalibrationError` when fewer than ``num_samples`` usable samples remain.
     """
     path = Path(path)
-    records = read_records(path, chat)
+    records = calibration_records(path, chat)
     if len(records) == 1:  # plain text: one token stream
         ids = records[0]
         cut = len(ids) - max(int(len(ids) * HELDOUT_FRACTION), 2)
@@ -126,4 +91,4 @@ def load_calibration(
 
 def load_eval_tokens(path: str | Path, chat: ChatFormat) -> list[int]:
     """All records of an evaluation file as one token stream."""
-    return [t for r in read_records(Path(path), chat) for t in r]
+    return [t for piece in token_pieces(path, chat) for t in piece]

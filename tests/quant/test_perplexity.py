@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from telechat.perplexity import perplexity
+from telechat.perplexity import perplexity, window_nll
 
 
 def _tiny_model():
@@ -42,3 +42,17 @@ def test_windows_and_stride():
     # With stride 1 and a window as long as the text, every prediction sees its whole prefix.
     full = perplexity(model, ids, seq_len=50)
     assert math.isclose(perplexity(model, ids, seq_len=50, stride=10), full, rel_tol=1e-5)
+
+
+def test_window_nll_scores_a_suffix_in_cached_chunks():
+    """The one NLL loop: scoring only the last targets of a window, run in KV-cached chunks, equals
+    the single pass (what eval-ppl's long windows and the GPTQ report's overlapping windows use)."""
+    model = _tiny_model()
+    window = torch.randint(0, 97, (50,))
+    total, count = window_nll(model, window)
+    assert count == 49
+    suffix, n = window_nll(model, window, num_scored=20)
+    for chunk in (7, 16, 49):
+        chunked, m = window_nll(model, window, num_scored=20, prefill_chunk=chunk, logits_chunk=3)
+        assert m == n == 20 and math.isclose(chunked, suffix, rel_tol=1e-5)
+    assert 0 < suffix < total
