@@ -19,6 +19,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -129,6 +130,7 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant.py needs a CUDA GPU (GPTQ int4 kernels and the timings are GPU figures)")
+    from jobs.output import owned_temp_dir
     from jobs.quant.gptq import quantize
     from telechat.checkpoint import load_model
     from telechat.quantized import load_quantized
@@ -145,8 +147,12 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         samples = [torch.randint(100, vocab - 100, (args.calib_seq_len,), generator=g).tolist()
                    for _ in range(args.calib_samples)]
-        seconds = quantize(src, out, samples, bits=args.bits, group_size=128, desc_act=False, sym=True,
-                           dtype=torch.float16, device="cuda")
+        work = owned_temp_dir(args.work_dir, "gptq")  # GPTQModel's scratch folder
+        try:
+            seconds = quantize(src, out, samples, bits=args.bits, group_size=128, desc_act=False, sym=True,
+                               dtype=torch.float16, device="cuda", work=work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         record("gptq_quantize", bits=args.bits, samples=args.calib_samples, seq_len=args.calib_seq_len,
                seconds=round(seconds, 1))
     measure_model("bf16", lambda: load_model(src, device="cuda", dtype="bfloat16"), args)

@@ -1,8 +1,9 @@
 """``telechat quantize`` / ``python -m jobs.quant``: GPTQ int4/int8 of a TeleChat checkpoint.
 
-Recipe: read calibration (and held-out) data → perplexity of the original → GPTQ into a temporary
+Recipe: read calibration (and held-out) data → perplexity of the original → GPTQ into a staging
 folder next to ``--output`` → copy tokenizer and generation config → perplexity of the quantized
-model → report → rename the folder to ``--output``. A failure at any step leaves no output folder.
+model → report → publish the folder as ``--output`` (:mod:`jobs.output`: a failure at any step
+leaves no output, ``--overwrite`` keeps the files it does not write).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from jobs.output import check_output, copy_companions, owned_temp_dir, staged
+from jobs.quiet import setup_logging
 from telechat.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
-"""Copied verbatim from the source folder (the tokenizer GPTQModel would re-save can differ)."""
+GROUP_SIZES = (128, 64, 32)
+"""Default ``--group-size`` candidates, largest first: 128 as the official int4/int8 releases, else
+the largest that divides every Linear input width (GPTQ kernels take these sizes)."""
 
 
 def build_parser(prog: str = "telechat quantize") -> argparse.ArgumentParser:
@@ -29,18 +32,22 @@ def build_parser(prog: str = "telechat quantize") -> argparse.ArgumentParser:
                                 "quantization_config in config.json and a quantize_config.json.")
     p.add_argument("--model", required=True, type=Path, help="source checkpoint folder (fp16/bf16/fp32)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4, help="weight bits (default: 4)")
-    p.add_argument("--group-size", type=int, default=128, help="columns per scale/zero group; -1 = per channel "
-                   "(default: 128, as the official int4/int8 releases)")
+    p.add_argument("--group-size", type=int, help="columns per scale/zero group; -1 = per channel (default: 128, "
+                   "as the official int4/int8 releases, or the largest of 64, 32 that divides every Linear input "
+                   "width, else -1)")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False,
                    help="act-order: quantize columns by decreasing activation (default: off, as official)")
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
                    help="symmetric quantization (default: on, as official)")
     p.add_argument("--calib", required=True, type=Path,
                    help="calibration data: official SFT jsonl (input/output), messages jsonl, text jsonl or plain text")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default: 128)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default: 128, the usual "
+                   "GPTQ setting, with which int4 stays within 5%% perplexity; GPTQModel's generic advice of 256 "
+                   "doubles the time)")
     p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration sample at most (default: 2048)")
     p.add_argument("--output", type=Path, help="output folder (default: MODEL-GPTQ-Int{bits} beside the model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --output: replace "
+                   "the files this job writes, keep every other file")
     p.add_argument("--device", default="auto", help="auto (cuda if visible), cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="float16", help="dtype the model is quantized in (default: float16, as official)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration batch size (default: 1, no padding)")
@@ -62,18 +69,28 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"{args.model} is already quantized; pass the fp16/bf16 checkpoint it came from")
     if args.calib_samples < 1 or args.calib_seq_len < 2 or args.batch_size < 1:
         raise UserError("--calib-samples and --batch-size must be >= 1 and --calib-seq-len >= 2")
-    if args.group_size != -1 and args.group_size < 1:
+    widths = {k: info.config[k] for k in ("hidden_size", "ffn_hidden_size") if info.config.get(k)}
+    if args.group_size is None:
+        args.group_size = default_group_size(widths)
+    elif args.group_size != -1 and args.group_size < 1:
         raise UserError("--group-size must be positive or -1 (per channel)")
-    if args.group_size != -1:
-        cfg = info.config
-        widths = {"hidden_size": cfg.get("hidden_size"), "ffn_hidden_size": cfg.get("ffn_hidden_size")}
-        bad = {k: v for k, v in widths.items() if v and v % args.group_size}
+    elif args.group_size != -1:
+        bad = {k: v for k, v in widths.items() if v % args.group_size}
         if bad:
             raise UserError(f"--group-size {args.group_size} does not divide {bad} (Linear input widths); "
                             "pick a divisor or -1")
     args.output = args.output or args.model.with_name(f"{args.model.name}-GPTQ-Int{args.bits}")
-    if args.output.exists() and not args.overwrite:
-        raise UserError(f"{args.output} exists; pass --overwrite to replace it or choose another --output")
+    check_output(args.output, args.overwrite)
+
+
+def default_group_size(widths: dict[str, int]) -> int:
+    """The largest of :data:`GROUP_SIZES` that divides every width (-1, per channel, if none); says
+    so when it is not the official 128."""
+    size = next((g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())), -1)
+    if size != GROUP_SIZES[0]:
+        log.info("--group-size %d: the largest that divides every Linear input width (%s); the official %d does not",
+                 size, ", ".join(f"{k} {v}" for k, v in widths.items()), GROUP_SIZES[0])
+    return size
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -99,7 +116,7 @@ def run(args: argparse.Namespace) -> Path:
     eval_tokens = eval_tokens[: args.eval_max_tokens]
     eval_seq_len = min(args.eval_seq_len, max(len(eval_tokens), 2))
 
-    from jobs.quant.gptq import quantize  # heavy import (GPTQModel); after the cheap checks
+    from jobs.quant.gptq import quantize, sandbox  # heavy import (GPTQModel); after the cheap checks
 
     report = QuantReport(
         model=str(args.model), output=str(args.output), bits=args.bits, group_size=args.group_size,
@@ -112,27 +129,25 @@ def run(args: argparse.Namespace) -> Path:
         report.ppl_original = evaluate(lambda: load_model(args.model, device=device), eval_tokens, eval_seq_len)
         log.info("original perplexity: %.3f", report.ppl_original)
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{args.output.name}-", dir=args.output.parent))
+    work = owned_temp_dir(Path(tempfile.gettempdir()), "gptq")
+    log.info("GPTQ int%d, group size %d, on %s (GPTQModel's own output: %s)", args.bits, args.group_size, device,
+             work / "gptqmodel.log")
     try:
-        report.quant_seconds = quantize(
-            args.model, tmp, data.samples, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
-            sym=args.sym, dtype=DTYPES[args.dtype], device=device, batch_size=args.batch_size,
-        )
-        for name in TOKENIZER_FILES:
-            if (args.model / name).is_file():
-                shutil.copy2(args.model / name, tmp / name)
-        report.size_quantized_mb = weights_mb(tmp)
-        if not args.skip_eval:
-            report.ppl_quantized = evaluate(lambda: load_quantized(tmp, device=device), eval_tokens, eval_seq_len)
-            log.info("quantized perplexity: %.3f (%+.2f%%)", report.ppl_quantized, report.ppl_change_pct)
-        report.write(tmp)
-        if args.output.exists():
-            shutil.rmtree(args.output)
-        tmp.rename(args.output)
+        with staged(args.output.resolve()) as tmp:
+            report.quant_seconds = quantize(
+                args.model, tmp, data.samples, bits=args.bits, group_size=args.group_size, desc_act=args.desc_act,
+                sym=args.sym, dtype=DTYPES[args.dtype], device=device, work=work, batch_size=args.batch_size,
+            )
+            log.info("quantized in %.1f s", report.quant_seconds)
+            copy_companions(args.model, tmp)  # the tokenizer GPTQModel would re-save can differ
+            report.size_quantized_mb = weights_mb(tmp)
+            if not args.skip_eval:
+                with sandbox(work):  # loading goes through GPTQModel too
+                    report.ppl_quantized = evaluate(lambda: load_quantized(tmp, device=device), eval_tokens, eval_seq_len)
+                log.info("quantized perplexity: %.3f (%+.2f%%)", report.ppl_quantized, report.ppl_change_pct)
+            report.write(tmp)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     log.info("wrote %s\n%s", args.output, report.markdown())
@@ -142,6 +157,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``telechat quantize``; returns the exit code (2 on a usage or data error)."""
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         run(args)
     except UserError as e:

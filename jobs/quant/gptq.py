@@ -10,26 +10,31 @@ Sequential groups are the official ones (SPEC.md §8): [query, key_value] → [d
 the *last listed* module runs, so each group is listed in execution order (``project`` calls
 ``query`` before ``key_value``, the MLP ``gate_proj`` before ``up_proj``); listed the other way,
 the first module never sees a sample and silently falls back to round-to-nearest.
+
+GPTQModel runs in a scratch folder of ours (:func:`sandbox`): its temporary folders (the disk
+offload, otherwise an anonymous ``/tmp/gptqmodel_*``) and the ``logs/`` folder it makes in the
+working directory land there, and its console output goes to ``gptqmodel.log`` there. The job
+removes the folder when it ends; after a kill, the next job does (:mod:`jobs.output`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from jobs.quiet import captured_output, import_gptqmodel_quietly
 from telechat.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# GPTQModel sizes its CPU worker pool as (cores + 1) // 2 but asks for 2 workers when loading, so
-# on a 2-core machine it fails ("requests 2 workers but parent 'cpu' only has 1"). Must be set
-# before gptqmodel is imported.
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-
+import_gptqmodel_quietly()
 try:
     from gptqmodel import QuantizeConfig
     from gptqmodel.models.base import BaseQModel
@@ -78,21 +83,39 @@ def quantize(
     sym: bool,
     dtype: torch.dtype,
     device: str,
+    work: Path,
     batch_size: int = 1,
 ) -> float:
     """Quantize ``model_path`` on ``samples`` and save the GPTQ checkpoint to ``out_dir``; return seconds.
 
-    ``batch_size`` 1 by default: our blocks get padding only through their 4-D mask, which
-    GPTQModel cannot see, so padded positions of a batch would enter the Hessians.
+    ``work`` is GPTQModel's scratch folder (:func:`sandbox`). ``batch_size`` 1 by default: our
+    blocks get padding only through their 4-D mask, which GPTQModel cannot see, so padded
+    positions of a batch would enter the Hessians.
     """
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
+    model_path, out_dir = model_path.resolve(), out_dir.resolve()
     start = time.perf_counter()
-    model = TelechatQModel.from_pretrained(str(model_path), quantize_config=qcfg, dtype=dtype, device=device)
-    calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
-    model.quantize(calib, batch_size=batch_size, calibration_data_min_length=1)
-    _check_no_fallback(model)
-    model.save(str(out_dir))
+    with sandbox(work):
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym)
+        model = TelechatQModel.from_pretrained(str(model_path), quantize_config=qcfg, dtype=dtype, device=device)
+        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
+        model.quantize(calib, batch_size=batch_size, calibration_data_min_length=1)
+        _check_no_fallback(model)
+        model.save(str(out_dir))
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def sandbox(work: Path) -> Iterator[None]:
+    """Run GPTQModel with ``work`` as working and temporary directory, its output to ``work/gptqmodel.log``."""
+    previous_cwd, previous_tmp = Path.cwd(), tempfile.tempdir
+    os.chdir(work)
+    tempfile.tempdir = str(work)
+    try:
+        with captured_output(work / "gptqmodel.log"):
+            yield
+    finally:
+        tempfile.tempdir = previous_tmp
+        os.chdir(previous_cwd)
 
 
 def _check_no_fallback(model) -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +123,53 @@ def test_too_little_calibration_data_fails_clearly(trained_model: Path, sft_file
     assert main(quantize_args(trained_model, small, out, 4)) == 2
     assert "fewer than the 64 requested" in caplog.text and "--calib-samples" in caplog.text
     assert not out.exists()
+
+
+def _killed_job_leftovers(*parents: Path) -> list[Path]:
+    """Scratch folders made by a job process that was then SIGKILLed (a fork of this one)."""
+    from jobs.output import owned_temp_dir
+
+    pid = os.fork()
+    if pid == 0:  # the doomed job
+        for parent in parents:
+            owned_temp_dir(parent, "killed")
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    leftovers = [p for parent in parents for p in parent.iterdir() if p.name.startswith(".telechat-tmp-")]
+    assert len(leftovers) == len(parents)
+    return leftovers
+
+
+def test_defaults_quantize_the_demo_model_quietly_and_clean_up(demo_model_dir: Path, sft_file: Path,
+                                                               tmp_path: Path, caplog):
+    """`telechat quantize` with the default group size works on the demo model (ffn 352): it picks
+    32 and says so. It refuses an existing non-empty output without --overwrite and with it keeps
+    the user's files; its log is short; GPTQModel leaves nothing behind (no /tmp/gptqmodel_*, no
+    logs/ in the working directory); folders left by a killed job are removed; modes follow the umask."""
+    from jobs.quant.cli import main
+
+    out = tmp_path / "demo-int4"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("mine")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    leftovers = _killed_job_leftovers(tmp_path, tmpdir)
+    argv = ["quantize", "--model", str(demo_model_dir), "--calib", str(sft_file), "--device", "cpu",
+            "--output", str(out), "--calib-samples", "32", "--calib-seq-len", "256", "--eval-max-tokens", "2048"]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv[1:]) == 2
+    assert f"--output {out} exists and is not empty; pass --overwrite" in caplog.text
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-m", "telechat.cli", *argv, "--overwrite"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, umask=0o027)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "--group-size 32: the largest that divides every Linear input width" in log
+    assert len(log.splitlines()) < 40 and "GPT-QModel" not in log, log
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "quant_report.json").is_file()
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir() if p.name != "NOTES.txt"} == {0o640}
+    assert not any(p.exists() for p in leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-int4", "tmp"]  # no logs/, no staging folder
+    assert not [p.name for p in tmpdir.iterdir() if p.name.startswith(("gptqmodel_", ".telechat-tmp-"))]
