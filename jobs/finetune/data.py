@@ -1,15 +1,15 @@
 """Reading SFT data: official jsonl, OpenAI ``messages`` jsonl, and weighted ``data.json`` mixes.
 
-Formats (one JSON object per line; blank lines are skipped):
+Lines are parsed by :mod:`telechat.records` (the one record reader); fine-tuning takes
+conversations that end with an answer only. A ``data.json`` maps jsonl paths (relative to the
+data.json folder, or to the working directory as the official scripts run) to sampling weights:
+a weight ``w < 1`` keeps each conversation with probability ``w``; ``w >= 1`` keeps ``floor(w)``
+copies plus one more with probability ``frac(w)`` (the official rule). Every malformed line of
+every file is reported as ``file:line: reason`` and nothing is trained: a bad file is never
+skipped silently.
 
-- official: ``{"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}`` (SPEC.md §7);
-- OpenAI: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``.
-
-A ``data.json`` maps jsonl paths (relative to the data.json folder, or to the working directory
-as the official scripts run) to sampling weights: a weight ``w < 1`` keeps each conversation with
-probability ``w``; ``w >= 1`` keeps ``floor(w)`` copies plus one more with probability ``frac(w)``
-(the official rule). Every malformed line of every file is reported as ``file:line: reason`` and
-nothing is trained: a bad file is never skipped silently.
+Held-out conversations are chosen before the weights make copies, so no conversation is both
+trained on and evaluated.
 """
 
 from __future__ import annotations
@@ -18,82 +18,24 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from telechat.chat_format import messages_from_official, validate_messages
+from telechat.errors import UserError
+from telechat.records import Record, RecordError, read_records
 
 log = logging.getLogger(__name__)
 
-MAX_REPORTED = 20
-"""Bad lines listed in one error message; the total count is always given."""
 
-
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training data cannot be used; the message lists ``file:line: reason`` for each problem."""
 
 
-@dataclass(frozen=True)
-class Conversation:
-    """One training conversation (ends with an assistant answer) and where it came from."""
-
-    messages: list[dict[str, str]]
-    source: str  # "file:line", for error messages during tokenization
-
-
-def _parse_line(text: str) -> list[dict[str, str]]:
-    """Messages of one jsonl line; ``ValueError`` with a readable reason when malformed."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        messages = obj["messages"]
-        turns = validate_messages(messages)
-        if turns[-1][0] != "assistant":
-            raise ValueError("the last message must be the assistant answer to train on")
-        return [{"role": role, "content": content} for role, content in turns]
-    if "input" in obj:
-        if "output" not in obj:
-            raise ValueError("has 'input' but no 'output' (an inference prompt file such as test.jsonl?)")
-        if not isinstance(obj["output"], str) or not obj["output"]:
-            raise ValueError("'output' must be a non-empty string")
-        return messages_from_official(obj["input"], obj["output"])
-    raise ValueError(f"expected keys 'input'+'output' (official) or 'messages' (OpenAI), got {sorted(obj)}")
-
-
-def read_jsonl(path: str | Path) -> list[Conversation]:
+def read_jsonl(path: str | Path) -> list[Record]:
     """All conversations of one jsonl file; raises :class:`DataError` listing every bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file does not exist")
-    conversations, errors = [], []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                errors.append(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                conversations.append(Conversation(_parse_line(text), f"{path}:{lineno}"))
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: {e}")
-    if errors:
-        raise DataError(_report(errors))
-    if not conversations:
-        raise DataError(f"{path}: no conversations (the file is empty)")
-    return conversations
-
-
-def _report(errors: list[str]) -> str:
-    shown = "\n".join(errors[:MAX_REPORTED])
-    more = f"\n... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
-    return f"{len(errors)} malformed line(s); fix them and run again:\n{shown}{more}"
+    try:
+        return read_records(path, prompts=False, documents=False)
+    except RecordError as e:
+        raise DataError(str(e)) from None
 
 
 def read_mix(path: str | Path) -> dict[Path, float]:
@@ -121,33 +63,42 @@ def read_mix(path: str | Path) -> dict[Path, float]:
     return mix
 
 
-def load_conversations(data: str | Path, seed: int) -> list[Conversation]:
-    """Conversations of a jsonl file or a weighted data.json mix, shuffled with ``seed``.
+def load_conversations(data: str | Path, seed: int, eval_split: float = 0.0) -> tuple[list[Record], list[Record]]:
+    """``(train, held_out)`` conversations of a jsonl file or a weighted data.json mix, shuffled with ``seed``.
 
-    All files are validated before any sampling, so every bad line of every file is reported at once.
+    ``eval_split`` of the distinct conversations is held out first (each scored once); only the
+    rest is weighted, so the weights' copies never reach the held-out set. All files are
+    validated before any sampling, so every bad line of every file is reported at once.
     """
     data = Path(data)
+    mix = read_mix(data) if data.suffix == ".json" else {data: 1.0}
+    per_file, errors = {}, []
+    for file in mix:
+        try:
+            per_file[file] = read_jsonl(file)
+        except DataError as e:
+            errors.append(str(e))
+    if errors:
+        raise DataError("\n".join(errors))
     rng = random.Random(seed)
+    pool = [(file, c) for file in mix for c in per_file[file]]
+    rng.shuffle(pool)
+    n_eval = int(len(pool) * eval_split)
+    held_out = [c for _, c in pool[:n_eval]]
+    train = [c for file, c in pool[n_eval:] for _ in range(_copies(mix[file], rng))]
+    rng.shuffle(train)
     if data.suffix == ".json":
-        mix = read_mix(data)
-        per_file, errors = {}, []
-        for file in mix:
-            try:
-                per_file[file] = read_jsonl(file)
-            except DataError as e:
-                errors.append(str(e))
-        if errors:
-            raise DataError("\n".join(errors))
-        conversations = [c for file, weight in mix.items() for c in per_file[file] for _ in range(_copies(weight, rng))]
-        log.info("data mix %s: %s -> %d conversations", data,
-                 ", ".join(f"{f.name} x{w:g} ({len(per_file[f])})" for f, w in mix.items()), len(conversations))
-        if not conversations:
-            raise DataError(f"{data}: the weights sampled no conversation at all; raise them")
+        log.info("data mix %s: %s -> %d training conversations", data,
+                 ", ".join(f"{f.name} x{w:g} ({len(per_file[f])})" for f, w in mix.items()), len(train))
     else:
-        conversations = read_jsonl(data)
-        log.info("data %s: %d conversations", data, len(conversations))
-    rng.shuffle(conversations)
-    return conversations
+        log.info("data %s: %d conversations", data, len(pool))
+    if n_eval:
+        log.info("held out %d of %d distinct conversations for evaluation", n_eval, len(pool))
+    elif eval_split:
+        log.warning("--eval-split %g of %d conversations holds out none; eval is skipped", eval_split, len(pool))
+    if not train:
+        raise DataError(f"{data}: the weights sampled no training conversation at all; raise them")
+    return train, held_out
 
 
 def _copies(weight: float, rng: random.Random) -> int:

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from jobs.finetune.data import Conversation, DataError
+from jobs.finetune.data import DataError
+from jobs.quiet import rank
 from telechat.chat_format import ChatFormat
+from telechat.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,10 @@ def encode(chat: ChatFormat, messages: list[dict[str, str]], max_len: int | None
     return Sample(ids, labels), "ok"
 
 
-def encode_all(chat: ChatFormat, conversations: list[Conversation], max_len: int, overlong: str) -> list[Sample]:
-    """Tokenize every conversation (progress bar); logs how many were truncated or dropped."""
+def encode_all(chat: ChatFormat, conversations: list[Record], max_len: int, overlong: str) -> list[Sample]:
+    """Tokenize every conversation (progress bar on rank 0); logs how many were truncated or dropped."""
     samples, status = [], Counter()
-    for conv in tqdm(conversations, desc="tokenizing", unit="conv", mininterval=2.0):
+    for conv in tqdm(conversations, desc="tokenizing", unit="conv", mininterval=2.0, disable=rank() != 0):
         try:
             sample, state = encode(chat, conv.messages, max_len, overlong)
         except ValueError as e:  # the tokenizer lacks a marker, etc.

@@ -1,49 +1,55 @@
-"""Atomic output folders and the finishing touches of an exported checkpoint.
+"""The one checkpoint export of every path (full SFT with or without ZeRO-2/3, LoRA merge, merge-lora).
 
-Every final folder is written as a hidden sibling ``.NAME.tmp`` and renamed into place, so a
-crash never leaves a half-written ``model/`` or ``adapter/`` that looks usable.
+Input is a full state dict in our (= official 12B) parameter names, however it was gathered; the
+output is the same for all: a tied head is not stored (the official 7B layout, which every loader
+ties back), ``use_cache`` is on again (training turns it off), ``dtype`` names the stored dtype,
+safetensors shards as ``save_pretrained`` names them, plus the source's tokenizer files,
+generation_config.json and remote code. Written through :func:`jobs.output.staged`: atomic,
+umask-respecting, never deleting what it did not write.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import shutil
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-SKIPPED_FILES = ("config.json", "README.md")
-"""Rewritten by ``save_pretrained`` or specific to the source model: never copied over."""
+import torch
+from huggingface_hub import save_torch_state_dict
+
+from jobs.output import copy_companions, staged
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD_SIZE = "50GB"
+"""transformers' ``save_pretrained`` default: 7B and 12B in bf16 stay one ``model.safetensors``."""
 
 
-def temp_dir(final: Path) -> Path:
-    """The temporary sibling a final folder is written to (same name on every rank)."""
-    return final.with_name(f".{final.name}.tmp")
+def export_checkpoint(state_dict: dict[str, torch.Tensor], config, output: Path, *, dtype: torch.dtype | None = None,
+                      companions: Sequence[Path] = (), generation_ids: dict[str, int] | None = None) -> Path:
+    """Write ``state_dict`` + ``config`` as a TeleChat checkpoint folder ``output``; returns ``output``.
 
-
-def publish(tmp: Path, final: Path) -> Path:
-    """Move a finished ``tmp`` folder to ``final``, replacing an older one."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def copy_companions(source: Path, dest: Path) -> list[str]:
-    """Copy the non-weight files of a checkpoint folder (tokenizer files, generation_config.json,
-    the official remote-code ``*.py``) so ``dest`` loads like ``source`` in our runtime and the
-    official code. Returns the copied names."""
-    copied = []
-    for file in sorted(source.iterdir()):
-        if not file.is_file() or file.name in SKIPPED_FILES or file.name.endswith(".index.json"):
-            continue
-        if file.suffix in WEIGHT_SUFFIXES:
-            continue
-        shutil.copy2(file, dest / file.name)
-        copied.append(file.name)
-    return copied
+    ``dtype`` casts the floating tensors (default: keep them). ``companions`` are folders whose
+    tokenizer files, generation_config.json and ``*.py`` are copied (later ones win);
+    ``generation_ids`` writes a generation_config.json for a model that has none (random init).
+    """
+    config = copy.deepcopy(config)
+    tensors = {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+               for k, v in state_dict.items()
+               if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    config.use_cache = True
+    config.dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    with staged(Path(output)) as tmp:
+        save_torch_state_dict(tensors, tmp, max_shard_size=MAX_SHARD_SIZE, metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        for folder in dict.fromkeys(companions):
+            copy_companions(folder, tmp)
+        if generation_ids is not None:
+            write_generation_config(tmp, generation_ids)
+    log.info("wrote %s (%d tensors, %s)", output, len(tensors), str(config.dtype).removeprefix("torch."))
+    return Path(output)
 
 
 def write_generation_config(dest: Path, ids: dict[str, int]) -> None:

@@ -77,8 +77,9 @@ class TrainArguments:
         "help": "lora: train a PEFT adapter and also export a merged checkpoint; full: train all weights.",
         "choices": ("lora", "full")})
     output: str | None = field(default=None, metadata={
-        "help": "Output folder: checkpoint-N/ (resumable), runs/ (TensorBoard), model/ (final "
-                "checkpoint in official naming) and, for LoRA, adapter/."})
+        "help": "Output folder (new or empty): run_config.yaml (the run's options), checkpoint-N/ "
+                "(resumable), runs/ (TensorBoard), model/ (final checkpoint in official naming) and, for "
+                "LoRA, adapter/."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training rows."})
     max_steps: int = field(default=-1, metadata={
         "help": "Stop after this many optimizer steps (overrides --epochs when > 0)."})
@@ -111,11 +112,14 @@ class TrainArguments:
         "help": "Evaluate every this many steps (default: --save-steps); needs --eval-split."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, lr, grad norm and tokens/s every N steps."})
     resume: str | None = field(default=None, metadata={
-        "help": "Continue from the last complete checkpoint in --output (bare --resume) or from "
-                "the given checkpoint folder: weights, optimizer, scheduler and data position.",
+        "help": "Continue the run in --output from its last complete checkpoint (bare --resume) or "
+                "from the given checkpoint folder: weights, optimizer, scheduler and data position. Options "
+                "not given come from OUTPUT/run_config.yaml; changing one that shapes the model or data is "
+                "refused. A finished run is left as it is.",
         "nargs": "?", "const": "last"})
     overwrite: bool = field(default=False, metadata={
-        "help": "Start fresh even though --output already holds checkpoints (they are deleted)."})
+        "help": "Start a new run in a non-empty --output: its checkpoint-N/ are deleted, the files of "
+                "model/ and adapter/ replaced, every other file kept."})
     merge: bool = field(default=True, metadata={
         "help": "LoRA: also export base+adapter merged into model/ (disable with --no-merge)."})
 

@@ -11,10 +11,12 @@ from torch import nn
 
 from jobs.finetune.hparams import FinetuneArguments, ModelArguments
 from jobs.finetune.parser import ArgsError
+from jobs.quiet import import_gptqmodel_quietly
 from telechat.checkpoint import DTYPES, CheckpointError, inspect_checkpoint, load_model
 from telechat.config import PRESETS, TelechatConfig, preset
 
 log = logging.getLogger(__name__)
+
 
 def load_dtype(args: FinetuneArguments) -> torch.dtype:
     """Dtype the weights are loaded in.
@@ -80,6 +82,7 @@ def add_lora(model: nn.Module, args: FinetuneArguments) -> nn.Module:
     """Wrap ``model`` in a PEFT LoRA adapter on ``--lora-targets``; only the adapter trains."""
     from peft import LoraConfig, get_peft_model
 
+    import_gptqmodel_quietly()  # PEFT imports it to look for quantized layers
     linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
     unknown = [t for t in args.lora_targets if t not in linear]
     if unknown:

@@ -1,7 +1,7 @@
 """Command line + YAML → :class:`FinetuneArguments`, with every cross-field check in one place.
 
-Precedence: explicit flags > ``--config`` YAML > dataclass defaults. Errors raise
-:class:`ArgsError` whose message says what to change.
+Precedence: explicit flags > ``--config`` YAML > (with ``--resume``) the run's ``run_config.yaml``
+> dataclass defaults. Errors raise :class:`ArgsError` whose message says what to change.
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ from typing import Any, Sequence
 import yaml
 
 from jobs.finetune.hparams import GROUPS, FinetuneArguments
+from jobs.finetune.run_config import RUN_CONFIG, changed_options
+from jobs.output import is_nonempty_dir
+from telechat.checkpoint import inspect_checkpoint
 from telechat.config import PRESETS
+from telechat.errors import UserError
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 DEFAULT_LR = {"lora": 2e-4, "full": 3e-5}
 
 
-class ArgsError(ValueError):
+class ArgsError(UserError, ValueError):
     """Settings that cannot work together; the message names the options and the fix."""
 
 
@@ -94,19 +98,34 @@ def _load_yaml(path: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneArguments:
-    """Parse flags (+ optional YAML), fill cross-field defaults and validate."""
+    """Parse flags (+ optional YAML, + the resumed run's ``run_config.yaml``), fill cross-field
+    defaults and validate."""
     parser = build_parser()
     ns = vars(parser.parse_args(argv))
     values = _load_yaml(ns.pop("config")) if "config" in ns else {}
     ns.pop("local_rank", None)
     values.update(ns)
+    saved = _resumed_run_config(values)
+    merged = {**saved, **values}
     groups = {g: {} for g in GROUPS}
     for group, f, _ in _fields():
-        if f.name in values:
-            groups[group][f.name] = values[f.name]
+        if f.name in merged:
+            groups[group][f.name] = merged[f.name]
     args = FinetuneArguments(**{g: GROUPS[g](**kw) for g, kw in groups.items()})
     check_args(args)
+    changed = changed_options(saved, args)
+    if changed:
+        raise ArgsError(f"a resumed run keeps the options that shape its model and data: {'; '.join(changed)}; "
+                        "drop them, or start a new run with another --output")
     return args
+
+
+def _resumed_run_config(values: dict[str, Any]) -> dict[str, Any]:
+    """The options in ``OUTPUT/run_config.yaml`` when resuming (empty for a run that has none)."""
+    if values.get("resume") is None or values.get("output") is None:
+        return {}
+    file = Path(values["output"]) / RUN_CONFIG
+    return _load_yaml(str(file)) if file.is_file() else {}
 
 
 def check_args(args: FinetuneArguments) -> None:
@@ -120,6 +139,7 @@ def check_args(args: FinetuneArguments) -> None:
         raise ArgsError(f"--data {d.data} does not exist")
     if (m.model is None) == (m.from_scratch is None):
         raise ArgsError("pass exactly one of --model (fine-tune a checkpoint) and --from-scratch (random init)")
+    _check_sources(args)
     if m.from_scratch is not None:
         if t.method != "full":
             raise ArgsError("--from-scratch trains every weight: use --method full")
@@ -161,6 +181,29 @@ def check_args(args: FinetuneArguments) -> None:
     _check_output(t)
 
 
+def _check_sources(args: FinetuneArguments) -> None:
+    """The model and tokenizer folders are usable; paths become absolute (they are recorded in
+    adapter_config.json and run_config.yaml, which must work from any directory)."""
+    m, d, t = args.model, args.data, args.train
+    if m.model is not None:
+        info = inspect_checkpoint(m.model, need_tokenizer=m.tokenizer is None)
+        if info.quantized:
+            raise ArgsError(f"{m.model} is a quantized (GPTQ) checkpoint, which cannot be fine-tuned here: fine-tune "
+                            "the bf16/fp16 checkpoint it came from, then quantize the result with `telechat quantize`")
+        m.model = str(info.path.resolve())
+    if m.tokenizer is not None:
+        tok = Path(m.tokenizer)
+        if not any((tok / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+            raise ArgsError(f"--tokenizer {tok} holds no tokenizer.model or tokenizer.json; pass a TeleChat "
+                            "checkpoint or tokenizer folder")
+        m.tokenizer = str(tok.resolve())
+    if m.from_scratch is not None and Path(m.from_scratch).is_file():
+        m.from_scratch = str(Path(m.from_scratch).resolve())
+    d.data = str(Path(d.data).resolve())
+    if t.deepspeed_config is not None and Path(t.deepspeed_config).is_file():
+        t.deepspeed_config = str(Path(t.deepspeed_config).resolve())
+
+
 def _check_parallelism(t) -> None:
     if t.offload and t.zero == 0 and t.deepspeed_config is None:
         raise ArgsError("--offload is a DeepSpeed ZeRO feature: add --zero 2 or --zero 3")
@@ -197,8 +240,9 @@ def _check_output(t) -> None:
             t.resume = str(last)
         elif not (Path(t.resume) / "trainer_state.json").is_file():
             raise ArgsError(f"--resume {t.resume} is not a complete checkpoint (no trainer_state.json)")
-    elif not t.overwrite and last_checkpoint(out, complete_only=False) is not None:
-        raise ArgsError(f"{out} already holds checkpoints: pass --resume to continue or --overwrite to start over")
+    elif not t.overwrite and is_nonempty_dir(out):
+        raise ArgsError(f"--output {out} is not empty: pass --resume to continue the run in it, --overwrite to start "
+                        "a new run there (its checkpoint-N are removed, other files kept), or choose another --output")
 
 
 def last_checkpoint(output: Path, complete_only: bool = True) -> Path | None:

@@ -16,13 +16,17 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unse
 
 from jobs.finetune.data import load_conversations
 from jobs.finetune.dataset import Collator, RowDataset, build_rows, encode_all
-from jobs.finetune.export import copy_companions, publish, temp_dir, write_generation_config
+from jobs.finetune.export import export_checkpoint
 from jobs.finetune.hparams import FinetuneArguments
 from jobs.finetune.merge import merge_lora
 from jobs.finetune.model_setup import build_model
+from jobs.finetune.parser import ArgsError, last_checkpoint
+from jobs.finetune.run_config import save_run_config, training_done
 from jobs.finetune.trainer import SFTTrainer
+from jobs.output import staged
+from jobs.quiet import rank
 from telechat.chat_format import ChatFormat
-from telechat.checkpoint import DTYPES
+from telechat.checkpoint import DTYPES, load_model
 from telechat.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,15 +91,9 @@ def _checkpointing(enabled: bool) -> dict:
 
 def run_sft(args: FinetuneArguments) -> Path:
     """Train and export; returns the final checkpoint folder (``OUTPUT/model``, or ``OUTPUT/adapter``
-    for LoRA with ``--no-merge``)."""
+    for LoRA with ``--no-merge``). A resumed run whose training is over only exports what is missing."""
     t, m, d = args.train, args.model, args.data
-    output = Path(t.output)
     set_seed(t.seed)
-    if t.overwrite and int(os.environ.get("RANK", "0")) == 0:
-        # A stale, higher-numbered checkpoint would be taken for this run's newest one by --resume.
-        for old in output.glob("checkpoint-*"):
-            shutil.rmtree(old)
-
     source = Path(m.model) if m.model else None
     tok_dir = Path(m.tokenizer) if m.tokenizer else source
     tokenizer = load_tokenizer(tok_dir)
@@ -104,18 +102,22 @@ def run_sft(args: FinetuneArguments) -> Path:
     chat = ChatFormat(tokenizer, generation)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = chat.end_id  # the Trainer counts tokens != pad as real ones
+    export = Export(args, companions=[p for p in (source, tok_dir) if p is not None],
+                    generation_ids=None if generation else _generation_ids(chat, tokenizer))
+    if t.resume and training_done(Path(t.resume), t):
+        return export.finished_run(Path(t.resume))
 
-    conversations = load_conversations(d.data, t.seed)
-    n_eval = int(len(conversations) * d.eval_split)
-    if d.eval_split and not n_eval:
-        log.warning("--eval-split %g of %d conversations holds out none; eval is skipped", d.eval_split, len(conversations))
-    train_rows = build_rows(encode_all(chat, conversations[n_eval:], d.max_seq_len, d.overlong), d.max_seq_len, d.packing)
+    train, held_out = load_conversations(d.data, t.seed, d.eval_split)
+    train_rows = build_rows(encode_all(chat, train, d.max_seq_len, d.overlong), d.max_seq_len, d.packing)
     random.Random(t.seed).shuffle(train_rows)
-    eval_rows = (build_rows(encode_all(chat, conversations[:n_eval], d.max_seq_len, d.overlong), d.max_seq_len, d.packing)
-                 if n_eval else None)
+    eval_rows = (build_rows(encode_all(chat, held_out, d.max_seq_len, d.overlong), d.max_seq_len, d.packing)
+                 if held_out else None)
 
     ds_config = deepspeed_config(args)
     if ds_config:
+        if rank() == 0:
+            log.info("DeepSpeed compiles its C++/CUDA ops on first use: up to ~2 min without output "
+                     "(cached in %s)", os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
         init_deepspeed_distributed()
     # Created before the model: with ZeRO-3 it switches model creation to partitioned init.
     targs = training_arguments(args, ds_config, has_eval=eval_rows is not None)
@@ -124,48 +126,86 @@ def run_sft(args: FinetuneArguments) -> Path:
         model=model, args=targs, data_collator=Collator(tokenizer.pad_token_id), train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
     )
+    if rank() == 0:
+        _prepare_output(args)  # only now: bad data or a bad model leaves --output as it was
     if t.resume:
         log.info("resuming from %s (weights, optimizer, scheduler, RNG and data position)", t.resume)
     trainer.train(resume_from_checkpoint=t.resume)
     if eval_rows:
         trainer.evaluate()
 
-    # The Trainer would also save the tokenizer in transformers-5 form; the exports copy the
-    # source's own tokenizer files instead, which the official code can read.
-    trainer.processing_class = None
-    final = output / "model"
-    if t.method == "lora":
-        adapter = output / "adapter"
-        _save(trainer, adapter)
-        if t.merge and trainer.is_world_process_zero():
-            unset_hf_deepspeed_config()  # ZeRO-3 is over: the merge loads a whole, plain base model
-            merge_lora(source, adapter, final)
-        trainer.accelerator.wait_for_everyone()
-        return final if t.merge else adapter
-    if not ds_config and t.precision != "fp32":
-        trainer.model.to(DTYPES[t.precision])  # fp32 master weights -> the checkpoint dtype
-    _save(trainer, final, companions=[p for p in (source, tok_dir) if p is not None],
-          generation_ids=None if generation else _generation_ids(chat, tokenizer))
-    return final
+    state = _gathered_state_dict(trainer)  # every rank takes part (ZeRO-3 gathers)
+    if trainer.is_world_process_zero():
+        unset_hf_deepspeed_config()  # training is over: the merge loads a whole, plain base model
+        export.trained_model(trainer.accelerator.unwrap_model(trainer.model), state)
+    trainer.accelerator.wait_for_everyone()
+    return export.final
 
 
-def _save(trainer: SFTTrainer, final: Path, companions: list[Path] | None = None,
-          generation_ids: dict[str, int] | None = None) -> None:
-    """``trainer.save_model`` (every rank: ZeRO-3 gathers) into a temp folder, then publish on rank 0."""
-    tmp = temp_dir(final)
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
-    if trainer.is_world_process_zero():
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a Trainer pickle, not part of a checkpoint
-        for folder in dict.fromkeys(companions or []):
-            copy_companions(folder, tmp)
-        if generation_ids is not None:
-            write_generation_config(tmp, generation_ids)
-        publish(tmp, final)
-        log.info("wrote %s", final)
-    trainer.accelerator.wait_for_everyone()
+def _prepare_output(args: FinetuneArguments) -> None:
+    """Rank 0, before training: ``--overwrite`` removes the previous run's checkpoint-N (``--resume``
+    would take a stale, higher-numbered one for this run's newest); the run's options are saved."""
+    output = Path(args.train.output)
+    if args.train.overwrite:
+        while (old := last_checkpoint(output, complete_only=False)) is not None:
+            shutil.rmtree(old)
+    save_run_config(args, output)
+
+
+def _gathered_state_dict(trainer: SFTTrainer) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on rank 0, however it is sharded (collective: call on every rank)."""
+    try:
+        return trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
+    except ValueError as e:  # a ZeRO-3 config of the user's that keeps weights sharded on save
+        raise ArgsError(f"cannot gather the ZeRO-3 weights to export them ({e}); set "
+                        "stage3_gather_16bit_weights_on_model_save: true in the DeepSpeed config") from e
+
+
+class Export:
+    """The final folders of a run: ``adapter/`` (LoRA) and ``model/`` (full, or LoRA merged)."""
+
+    def __init__(self, args: FinetuneArguments, companions: list[Path], generation_ids: dict[str, int] | None):
+        self.args, self.companions, self.generation_ids = args, companions, generation_ids
+        self.output = Path(args.train.output)
+        self.lora = args.train.method == "lora"
+        self.merge = not self.lora or args.train.merge
+        self.final = self.output / ("model" if self.merge else "adapter")
+
+    def trained_model(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Export the just-trained ``model`` (unwrapped) from its gathered ``state`` (rank 0)."""
+        if self.lora:
+            with staged(self.output / "adapter") as tmp:
+                model.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's tensors
+            self._merge()
+        else:
+            self._full(state, model.config)
+
+    def finished_run(self, checkpoint: Path) -> Path:
+        """A resumed run whose training is over: write the final folders that are missing from its
+        last checkpoint, without training or touching checkpoints."""
+        wanted = [self.output / "adapter"] * self.lora + [self.output / "model"] * self.merge
+        if all(p.is_dir() for p in wanted):
+            log.info("the run in %s is already complete (%s is its last step): nothing to do", self.output, checkpoint.name)
+            return self.final
+        if rank() == 0:
+            log.info("training is over (%s is the last step): exporting it", checkpoint.name)
+            if self.lora:
+                with staged(self.output / "adapter") as tmp:
+                    for name in ("adapter_config.json", "adapter_model.safetensors"):
+                        shutil.copy2(checkpoint / name, tmp / name)
+                self._merge()
+            else:
+                model = load_model(checkpoint, device="cpu", dtype="float32")
+                self._full(model.state_dict(), model.config)
+        return self.final
+
+    def _merge(self) -> None:
+        if self.merge:
+            merge_lora(self.args.model.model, self.output / "adapter", self.output / "model")
+
+    def _full(self, state: dict[str, torch.Tensor], config) -> None:
+        export_checkpoint(state, config, self.output / "model", dtype=DTYPES[self.args.train.precision],
+                          companions=self.companions, generation_ids=self.generation_ids)
 
 
 def _generation_ids(chat: ChatFormat, tokenizer) -> dict[str, int]:

@@ -65,10 +65,12 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_cli(*args: str, timeout: float = 180, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m jobs.finetune ARGS`` (or under ``launcher``, e.g. torchrun) in the repo, output captured."""
+def run_cli(*args: str, timeout: float = 180, launcher: list[str] | None = None,
+            umask: int = -1) -> subprocess.CompletedProcess:
+    """``python -m jobs.finetune ARGS`` (or under ``launcher``, e.g. torchrun) in the repo, output captured;
+    ``umask`` sets the child's (-1: inherited)."""
     cmd = (launcher or [sys.executable]) + ["-m", "jobs.finetune", *args]
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout, umask=umask)
 
 
 def log_history(checkpoint_or_output: Path) -> list[dict]:

@@ -39,6 +39,7 @@ def test_python_m_lora_on_official_jsonl_to_merged_checkpoint(tmp_path: Path, ti
                    "--max-steps", "4", "--max-seq-len", "128", "--save-steps", "2", "--eval-split", "0.2")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "eval_perplexity" in done.stdout + done.stderr
+    assert "GPT-QModel" not in done.stdout + done.stderr  # PEFT imports it; its banner stays out of the log
     merged = out / "model"
     assert json.loads((merged / "config.json").read_text())["architectures"] == ["TelechatForCausalLM"]
     assert generate_reply(merged), "the merged model generated nothing"
@@ -58,6 +59,7 @@ def test_from_scratch_small_model(tmp_path: Path, tiny_model_dir: Path, official
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["n_layer"] == 1 and config["vocab_size"] == vocab
     assert config["hidden_size"] == (32 if source == "preset" else 64)
+    assert config["use_cache"] is True  # off while training only
     assert (out / "model" / "tokenizer.json").is_file() and (out / "model" / "generation_config.json").is_file()
     assert generate_reply(out / "model")
 

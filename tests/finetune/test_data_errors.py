@@ -44,6 +44,9 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path: Path):
         read_jsonl(bad)
     message = str(err.value)
     assert message.startswith("8 malformed line(s)")
+    # the parser stops at the end of line 2, one past its last character (not "line 2 column 1")
+    column = len('{"input": "<_user>q", "output": "a"') + 1
+    assert f"{bad}:2: not valid JSON at column {column}: Expecting ',' delimiter" in message
     for line in range(2, 10):
         assert f"{bad}:{line}: " in message
     assert f"{bad}:1:" not in message
@@ -62,12 +65,12 @@ def test_data_json_mix_weights_and_errors(tmp_path: Path):
     write(tmp_path / "datas" / "b.jsonl", [GOOD_MESSAGES] * 10)
     mix = tmp_path / "data.json"
     mix.write_text(json.dumps({"datas/a.jsonl": 2.0, "datas/b.jsonl": 1.0}))
-    convs = load_conversations(mix, seed=1)
+    convs, _ = load_conversations(mix, seed=1)
     assert len(convs) == 30  # whole weights: exact copies
     assert sum(c.source.startswith(str(tmp_path / "datas" / "a.jsonl")) for c in convs) == 20
 
     mix.write_text(json.dumps({"datas/a.jsonl": 0.5}))
-    assert 0 < len(load_conversations(mix, seed=1)) < 10  # each kept with probability 0.5
+    assert 0 < len(load_conversations(mix, seed=1)[0]) < 10  # each kept with probability 0.5
 
     write(tmp_path / "datas" / "c.jsonl", [GOOD_OFFICIAL, "{oops"])
     mix.write_text(json.dumps({"datas/a.jsonl": 1, "datas/c.jsonl": 1, "datas/missing.jsonl": 1, "datas/b.jsonl": -1}))
@@ -87,4 +90,15 @@ def test_cli_refuses_to_start_on_bad_data(tmp_path: Path, tiny_model_dir: Path, 
         code = main(["--method", "lora", "--model", str(tiny_model_dir), "--data", str(bad), "--output", str(out)])
     assert code == EXIT_USAGE != 0
     assert f"{bad}:2: has 'input' but no 'output'" in caplog.text
-    assert not any(out.glob("checkpoint-*")) and not (out / "model").exists()
+    assert not out.exists()  # nothing written: the corrected run needs no --overwrite
+
+
+def test_held_out_conversations_are_never_trained(official_sft, tmp_path: Path):
+    """With data.json weights >= 2, the eval split is taken before the copies: no held-out
+    conversation is trained on, and each is held out once."""
+    mix = tmp_path / "data.json"
+    mix.write_text(json.dumps({str(official_sft["single"]): 2.0, str(official_sft["multi"]): 1.0}))
+    train, held_out = load_conversations(mix, seed=42, eval_split=0.02)
+    assert len(held_out) == 40 == len({c.source for c in held_out})  # 2% of the 2000 distinct conversations
+    assert not {c.source for c in held_out} & {c.source for c in train}
+    assert 2900 < len(train) < 2960  # 1960 distinct, the single-turn ones twice

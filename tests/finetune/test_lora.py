@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,10 +35,15 @@ def lora_run(tmp_path_factory, tiny_model_dir: Path) -> Path:
     data.write_text("".join(json.dumps({"messages": d}, ensure_ascii=False) + "\n" for d in DIALOGS * 8),
                     encoding="utf-8")
     out = root / "out"
-    code = main(["--method", "lora", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
-                 "--max-steps", "40", "--lr", "5e-3", "--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0",
-                 "--warmup", "2", "--batch-size", "2", "--max-seq-len", "64", "--logging-steps", "1",
-                 "--save-steps", "40", "--eval-split", "0.1", "--seed", "3"])
+    cwd = os.getcwd()
+    os.chdir(tiny_model_dir.parent)  # --model as typed relative to here, the way a user passes it
+    try:
+        code = main(["--method", "lora", "--model", tiny_model_dir.name, "--data", str(data), "--output", str(out),
+                     "--max-steps", "40", "--lr", "5e-3", "--lora-rank", "8", "--lora-alpha", "16",
+                     "--lora-dropout", "0", "--warmup", "2", "--batch-size", "2", "--max-seq-len", "64",
+                     "--logging-steps", "1", "--save-steps", "40", "--eval-split", "0.1", "--seed", "3"])
+    finally:
+        os.chdir(cwd)
     assert code == 0
     return out
 
@@ -74,13 +82,19 @@ def test_outputs_are_adapter_and_merged_checkpoint(lora_run: Path, tiny_model_di
         assert (model / name).is_file(), name
     assert (model / "generation_config.json").read_text() == (tiny_model_dir / "generation_config.json").read_text()
     assert not (model / "training_args.bin").exists()
-    assert not list(lora_run.glob(".*.tmp")), "a temp folder was left behind"
+    assert not list(lora_run.glob(".*")), "a temp folder was left behind"
+    assert tensor_names(model) == tensor_names(tiny_model_dir)  # tied head not stored: 22 tensors, as the base
+    assert json.loads((model / "config.json").read_text())["use_cache"] is True
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tiny_model_dir.resolve())  # absolute, though --model was typed relative
+
+
+def tensor_names(folder: Path) -> set[str]:
+    """Tensor names of a checkpoint's model.safetensors."""
     from safetensors import safe_open
 
-    with safe_open(model / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
-    assert "transformer.h.0.self_attention.key_value.weight" in keys
-    assert not any("lora" in k or "base_layer" in k for k in keys)
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return set(f.keys())
 
 
 def test_merged_logits_equal_base_plus_adapter(lora_run: Path, tiny_model_dir: Path, tmp_path: Path):
@@ -99,3 +113,40 @@ def test_merged_logits_equal_base_plus_adapter(lora_run: Path, tiny_model_dir: P
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "m", device="cpu")(input_ids=ids).logits, reference,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_merge_lora_never_clobbers_an_existing_folder(lora_run: Path, tiny_model_dir: Path, tmp_path: Path, caplog):
+    """merge-lora into the base's own copy: refused without --overwrite; with it, the merged files
+    replace theirs and the user's other files stay; modes follow the umask."""
+    b2 = tmp_path / "b2"
+    shutil.copytree(tiny_model_dir, b2)
+    (b2 / "README.md").write_text("my model card")
+    (b2 / "NOTES.txt").write_text("my notes")
+    before = (b2 / "model.safetensors").read_bytes()
+    argv = ["--adapter", str(lora_run / "adapter"), "--base", str(b2), "--output", str(b2)]
+    with caplog.at_level(logging.ERROR):
+        assert merge.main(argv) == 2
+    assert f"--output {b2} exists and is not empty; pass --overwrite" in caplog.text
+    assert (b2 / "model.safetensors").read_bytes() == before
+    umask = os.umask(0o027)
+    try:
+        assert merge.main(argv + ["--overwrite"]) == 0
+    finally:
+        os.umask(umask)
+    assert (b2 / "README.md").read_text() == "my model card" and (b2 / "NOTES.txt").read_text() == "my notes"
+    assert (b2 / "model.safetensors").read_bytes() == (lora_run / "model" / "model.safetensors").read_bytes()
+    assert (b2 / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_merge_lora_elsewhere_without_the_base_says_pass_base(lora_run: Path, tmp_path: Path, caplog):
+    """An adapter whose recorded base is not on this machine: one line telling to pass --base."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "base"}))
+    with caplog.at_level(logging.ERROR):
+        assert merge.main(["--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 2
+    [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "the base model base named in" in message and "pass --base FOLDER" in message and "\n" not in message
+    assert not (tmp_path / "m").exists()

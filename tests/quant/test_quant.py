@@ -125,6 +125,17 @@ def test_too_little_calibration_data_fails_clearly(trained_model: Path, sft_file
     assert not out.exists()
 
 
+def test_finetune_refuses_a_quantized_checkpoint(quantized, sft_file: Path, tmp_path: Path, caplog):
+    """Fine-tuning a GPTQ folder: one line saying to fine-tune the bf16 checkpoint, then quantize."""
+    from jobs.finetune.cli import main
+
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model", str(quantized(4)), "--data", str(sft_file), "--output", str(tmp_path / "o")]) == 2
+    [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "is a quantized (GPTQ) checkpoint" in message and "fine-tune the bf16/fp16 checkpoint" in message
+    assert "\n" not in message and not (tmp_path / "o").exists()
+
+
 def _killed_job_leftovers(*parents: Path) -> list[Path]:
     """Scratch folders made by a job process that was then SIGKILLed (a fork of this one)."""
     from jobs.output import owned_temp_dir
