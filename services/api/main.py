@@ -232,9 +232,13 @@ async def _legacy_error(request: Request, exc: LegacyError) -> JSONResponse:
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     # Unknown route (404), wrong method (405): OpenAI body, same status. A body FastAPI could not
     # parse (400) on a legacy route: the official body.
+    detail = str(exc.detail)
+    if exc.status_code == 400 and detail == "There was an error parsing the body":
+        detail = ("the body could not be read as JSON: it must be UTF-8 text, nested at most a few hundred "
+                  "levels deep, with integers of at most 4300 digits")
     if exc.status_code == 400 and _is_legacy(request):
-        return _legacy_response(LegacyError(MISSING, str(exc.detail)))
-    return _api_response(APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers))
+        return _legacy_response(LegacyError(MISSING, detail))
+    return _api_response(APIError(exc.status_code, detail, code=None, headers=exc.headers))
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -307,6 +307,19 @@ class CompletionRequest(_SamplingFields):
         refuse_unsupported(data, chat=False)
         return data
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        # One sentence for the shapes the union would describe branch by branch.
+        def ids_ok(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
+
+        one = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)) else v
+        if (isinstance(one, str) and one) or ids_ok(one):
+            return v
+        raise ValueError("send one prompt: a non-empty string or a non-empty list of token ids (integers >= 0), "
+                         "or a list holding exactly one of them")
+
     @property
     def prompt_value(self) -> str | list[int]:
         """The one prompt: a string or token ids."""
