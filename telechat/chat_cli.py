@@ -4,44 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
+from services.settings_cli import build_parser, load
 from telechat.engine.engine import EngineConfig
+from telechat.settings import ModelSettings
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads a model (flag > env > default)."""
-    p.add_argument("--model", default=os.environ.get("MODEL_PATH"),
-                   help="checkpoint folder (env MODEL_PATH; default: the built-in demo model)")
-    p.add_argument("--device", default=os.environ.get("DEVICE", "auto"), help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=os.environ.get("DTYPE", "auto"),
-                   help="auto | bfloat16 | float16 | float32 (env DTYPE; auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=_env_int("MAX_MODEL_LEN"),
-                   help="longest prompt + reply (env MAX_MODEL_LEN; default: the checkpoint's seq_length)")
-    p.add_argument("--rope-mode", choices=("none", "ntk", "ntk+scaling"), default=os.environ.get("ROPE_MODE"),
-                   help="RoPE scaling (env ROPE_MODE; default ntk+scaling, the official behaviour)")
-    p.add_argument("--training-seqlen", type=int, default=_env_int("TRAINING_SEQLEN"),
-                   help="override training_seqlen (set it to the length you fine-tuned at)")
-    p.add_argument("--base-seqlen", type=int, default=_env_int("BASE_SEQLEN"),
-                   help="override the NTK base length (v1: 4096 for 7B layout, 8192 for 12B layout)")
-    p.add_argument("--lora", default=os.environ.get("LORA_PATH"), help="LoRA adapter folder merged at load")
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the model options (``ModelSettings``: flag > env > default) and the sampling ones."""
+    p = build_parser(ModelSettings, prog=prog, description=description)
+    _add_sampling_arguments(p)
+    return p
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def load_runtime(args: argparse.Namespace, engine_config: EngineConfig | None = None):
-    """Load the runtime that the model options describe."""
+def load_runtime(settings: ModelSettings, engine_config: EngineConfig | None = None):
+    """Load the runtime that the model settings describe."""
     from telechat.runtime import Runtime, resolve_model_path
 
-    path, _ = resolve_model_path(args.model)
+    path, _ = resolve_model_path(settings.model_path)
     cfg = engine_config or EngineConfig(max_num_seqs=4)
-    cfg.max_model_len = args.max_model_len
-    return Runtime.load(path, device=args.device, dtype=args.dtype, engine_config=cfg, lora=args.lora,
-                        rope_mode=args.rope_mode, training_seqlen=args.training_seqlen, base_seqlen=args.base_seqlen)
+    cfg.max_model_len = settings.max_model_len
+    return Runtime.load(path, device=settings.device, dtype=settings.dtype, engine_config=cfg,
+                        lora=settings.lora_path, rope_mode=settings.rope_mode,
+                        training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,12 +63,10 @@ async def _reply(rt, messages: list[dict], args, out) -> str:
 
 def generate_main(argv: list[str]) -> int:
     """Print the reply to one ``--prompt`` (streamed to stdout)."""
-    p = argparse.ArgumentParser(prog="telechat generate", description="Generate a reply to one prompt.")
-    add_model_arguments(p)
-    _add_sampling_arguments(p)
+    p = _parser("telechat generate", "Generate a reply to one prompt.")
     p.add_argument("--prompt", required=True, help="the user message")
     args = p.parse_args(argv)
-    rt = load_runtime(args)
+    rt = load_runtime(load(ModelSettings, args))
     if rt.is_demo:
         print("[demo model: not TeleChat — set --model or MODEL_PATH for real weights]", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -94,12 +78,10 @@ def generate_main(argv: list[str]) -> int:
 
 def chat_main(argv: list[str]) -> int:
     """Interactive chat: history kept across turns; ``/clear`` forgets it, ``/exit`` quits."""
-    p = argparse.ArgumentParser(prog="telechat chat", description="Interactive multi-turn chat. "
-                                "Commands: /clear (forget the conversation), /exit (quit).")
-    add_model_arguments(p)
-    _add_sampling_arguments(p)
+    p = _parser("telechat chat", "Interactive multi-turn chat. Commands: /clear (forget the conversation), "
+                "/exit (quit).")
     args = p.parse_args(argv)
-    rt = load_runtime(args)
+    rt = load_runtime(load(ModelSettings, args))
     banner = f"TeleChat chat — model {rt.name}" + (" [DEMO MODEL: not TeleChat]" if rt.is_demo else "")
     print(f"{banner}\n/clear forgets the conversation, /exit quits.")
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []

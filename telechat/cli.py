@@ -66,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_guarded(entry, argv: list[str]) -> int:
     """Run an entry point, turning expected failures into one line on stderr and exit code ≠ 0."""
+    from services.settings_cli import SettingsError
     from telechat.errors import UserError
 
     try:
         return int(entry(argv) or 0)
-    except UserError as e:
+    except (UserError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

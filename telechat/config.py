@@ -12,10 +12,14 @@ infer it from the layout: a tied head (7B style, ``tie_word_embeddings`` absent 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from transformers import PreTrainedConfig
 
-ROPE_MODES = ("none", "ntk", "ntk+scaling")
-"""RoPE scaling modes: plain RoPE, NTK-aware base only, NTK base + attention scaling (official)."""
+RopeMode = Literal["none", "ntk", "ntk+scaling"]
+"""RoPE scaling modes: plain RoPE, NTK-aware base only, NTK base + attention scaling (official).
+The one definition: settings models, flags and checks all use it."""
+ROPE_MODES: tuple[str, ...] = get_args(RopeMode)
 
 ARCHITECTURES = ("TelechatForCausalLM", "TeleChatForCausalLM", "TeleChat2ForCausalLM")
 

@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import torch
 
+from telechat.config import ROPE_MODES
+
 
 @dataclass(frozen=True)
 class RopeParams:
@@ -57,7 +59,7 @@ def rope_params(
     mscale = 1.0
     if mode == "ntk+scaling" and effective > training_seqlen:
         mscale = 1.0 + 0.1 * math.log(effective / training_seqlen)
-    elif mode not in ("ntk", "ntk+scaling"):
+    elif mode not in ROPE_MODES:
         raise ValueError(f"unknown RoPE mode {mode!r}")
     return RopeParams(float(alpha), float(base), float(mscale))
 

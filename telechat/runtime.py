@@ -185,16 +185,14 @@ def merge_adapter(model, adapter: str | Path):
 
 
 def resolve_model_path(path: str | Path | None) -> tuple[Path, bool]:
-    """The model folder to serve: ``path``, else ``MODEL_PATH``, else the demo model (built on first use).
+    """The model folder to serve: ``path`` (the caller's setting, e.g. ``--model`` / ``MODEL_PATH``),
+    else the demo model (built on first use). Reads no environment.
 
     Returns ``(folder, is_builtin_demo)``.
     """
-    import os
-
     from telechat.demo import ensure_demo_model
 
-    chosen = path or os.environ.get("MODEL_PATH") or None
-    if chosen:
-        return Path(chosen).expanduser(), False
+    if path:
+        return Path(path).expanduser(), False
     log.info("no model configured (--model / MODEL_PATH): serving the built-in demo model")
     return ensure_demo_model(), True

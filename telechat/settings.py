@@ -1,0 +1,51 @@
+"""Settings of every command that loads a model (``telechat chat`` / ``generate``; ``telechat serve``
+extends them): one pydantic-settings model, from which flags and env names are derived
+(``services/settings_cli.py``). The core itself reads no environment: callers pass these values.
+
+The field types are shared (``Annotated``), so the API and the vLLM launcher declare the same
+setting with the same type, description and flag.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from services.settings_cli import CliSettings
+from telechat.config import ROPE_MODES, RopeMode
+
+ModelPath = Annotated[str | None, Field(
+    description="checkpoint folder; unset = the built-in demo model (built on first use)",
+    json_schema_extra={"flags": ["--model"]})]
+Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"], Field(
+    description="weights dtype; auto = bf16 on GPUs that support it, fp32 on CPU")]
+MaxModelLen = Annotated[int | None, Field(ge=16, description="longest prompt + reply in tokens; "
+                                          "unset = the checkpoint's seq_length")]
+RopeModeSetting = Annotated[RopeMode | None, Field(
+    description=f"RoPE policy past training_seqlen ({', '.join(ROPE_MODES)}); unset = the checkpoint's "
+    "(ntk+scaling, the official behaviour)")]
+
+# The server side, shared by ``telechat serve`` and the vLLM launcher (same flags and env names).
+ModelName = Annotated[str | None, Field(description="served model id (/v1/models); unset = the folder name, "
+                                        "or telechat-demo for the demo model")]
+ApiHost = Annotated[str, Field(description="bind address; 0.0.0.0 = every interface",
+                               json_schema_extra={"flags": ["--host"]})]
+ApiPort = Annotated[int, Field(ge=0, le=65535, description="port", json_schema_extra={"flags": ["--port"]})]
+ApiKey = Annotated[str | None, Field(description="bearer token required on model routes; unset = open")]
+
+
+class ModelSettings(CliSettings):
+    """How to load the model: flag > env (upper-case name) > default."""
+
+    model_path: ModelPath = None
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Dtype = "auto"
+    max_model_len: MaxModelLen = None
+    rope_mode: RopeModeSetting = None
+    training_seqlen: int | None = Field(None, ge=1, description="override the config's training_seqlen "
+                                        "(set it to the length you fine-tuned at)")
+    base_seqlen: int | None = Field(None, ge=1, description="override the NTK base length "
+                                    "(v1: 4096 for the 7B layout, 8192 for the 12B layout)")
+    lora_path: str | None = Field(None, description="LoRA adapter folder merged at load",
+                                  json_schema_extra={"flags": ["--lora"]})
