@@ -12,7 +12,6 @@ OpenAI body everywhere because they are decided before any route is known.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import re
@@ -30,11 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services import settings_cli
 from services.api.deps import ServerState
 from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
@@ -315,46 +314,14 @@ def _openapi(app: FastAPI) -> dict:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-FLAGS = [
-    # (flag, settings field, type, help); every default comes from Settings (env var of the upper-case name)
-    ("--model", "model_path", str, "checkpoint folder (env MODEL_PATH; default: the built-in demo model)"),
-    ("--model-name", "model_name", str, "served model id (env MODEL_NAME; default: folder name / telechat-demo)"),
-    ("--host", "api_host", str, "bind address (env API_HOST, default 0.0.0.0)"),
-    ("--port", "api_port", int, "port (env API_PORT, default 8070)"),
-    ("--api-key", "api_key", str, "require 'Authorization: Bearer KEY' (env API_KEY)"),
-    ("--cors-origins", "cors_origins", str, "comma-separated origins, * for any (env CORS_ORIGINS, default *)"),
-    ("--device", "device", str, "auto | cpu | cuda | cuda:N (env DEVICE)"),
-    ("--dtype", "dtype", str, "auto | bfloat16 | float16 | float32 (env DTYPE)"),
-    ("--max-model-len", "max_model_len", int, "longest prompt + reply (env MAX_MODEL_LEN)"),
-    ("--max-num-seqs", "max_num_seqs", int, "requests decoding together (env MAX_NUM_SEQS, default 32)"),
-    ("--max-queue", "max_queue", int, "waiting requests before 429 (env MAX_QUEUE, default 128)"),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "GPU memory share (env GPU_MEMORY_UTILIZATION)"),
-    ("--lora", "lora_path", str, "LoRA adapter folder merged at load (env LORA_PATH)"),
-    ("--rope-mode", "rope_mode", str, "none | ntk | ntk+scaling (env ROPE_MODE)"),
-    ("--training-seqlen", "training_seqlen", int, "override training_seqlen (env TRAINING_SEQLEN)"),
-    ("--base-seqlen", "base_seqlen", int, "override the NTK base length (env BASE_SEQLEN)"),
-    ("--shutdown-grace", "shutdown_grace_s", int, "seconds running requests get to finish on SIGTERM/SIGINT "
-     "(env SHUTDOWN_GRACE_S, default 10)"),
-    ("--content-markers", "content_markers", str, "text | control: markers typed in message content are plain "
-     "text (default) or read as markers, as the official service does (env CONTENT_MARKERS)"),
-    ("--metrics-require-key", "metrics_require_key", str, "true: /metrics needs the API key too "
-     "(env METRICS_REQUIRE_KEY, default false)"),
-    ("--log-level", "log_level", str, "debug | info | warning | error (env LOG_LEVEL)"),
-]
+DESCRIPTION = ("Serve a TeleChat model over HTTP (OpenAI-compatible /v1 routes and the legacy /telechat/gptDialog "
+               "routes). Each flag has an environment variable; flag > environment > default.")
 
 
 def parse_settings(argv: list[str]) -> Settings:
-    """Settings from flags over environment over defaults; ``UserError`` on a bad value."""
-    p = argparse.ArgumentParser(prog="telechat serve", description="Serve a TeleChat model over HTTP "
-                                "(OpenAI-compatible /v1 routes and the legacy /telechat/gptDialog routes).")
-    for flag, dest, type_, help_ in FLAGS:
-        p.add_argument(flag, dest=dest, type=type_, default=None, help=help_)
-    args = p.parse_args(argv)
-    try:
-        return Settings(**{k: v for k, v in vars(args).items() if v is not None})
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"invalid setting {err['loc'][0]} ({str(err['loc'][0]).upper()}): {err['msg']}") from e
+    """Settings from flags over environment over defaults (flags derived from ``Settings``);
+    ``SettingsError`` (one line naming flag and env variable) on a bad value."""
+    return settings_cli.parse(Settings, argv, prog="telechat serve", description=DESCRIPTION)
 
 
 UVICORN_EXTRA_GRACE_S = 5
