@@ -5,9 +5,9 @@
 What it adds to ``python -m vllm.entrypoints.openai.api_server`` (which it then runs, with this
 interpreter, so the plugin is loaded through its entry point):
 
-- settings from flags > environment (``MODEL_PATH``, ``API_HOST``, ``API_PORT``, ``API_KEY``,
-  ``DTYPE``, ``MAX_MODEL_LEN``, ``ROPE_MODE``, ``MODEL_NAME``, ``TENSOR_PARALLEL_SIZE``,
-  ``PIPELINE_PARALLEL_SIZE``) > our API's defaults (0.0.0.0:8070);
+- settings (``VllmServeSettings``, ``--help`` lists them) from flags > environment (``MODEL_PATH``,
+  ``API_HOST``, ``API_PORT``, ``API_KEY``, ``DTYPE``, ``MAX_MODEL_LEN``, ``ROPE_MODE``, ``MODEL_NAME``,
+  ``TENSOR_PARALLEL_SIZE``, ``PIPELINE_PARALLEL_SIZE``) > our API's defaults (0.0.0.0:8070);
 - no model configured → the built-in demo model (built on first use), as our API does;
 - the chat template: official checkpoints ship none, so one is rendered from
   :func:`telechat.chat_format.install_chat_template` for this model's tokenizer markers and
@@ -19,52 +19,48 @@ Arguments after ``--`` go to vLLM unchanged (e.g. ``--distributed-executor-backe
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from telechat.config import ROPE_MODES
+from pydantic import Field
+
+from services import settings_cli
+from telechat.settings import ApiHost, ApiKey, ApiPort, Dtype, MaxModelLen, ModelName, ModelPath, RopeModeSetting
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
-ENV = {"model": "MODEL_PATH", "host": "API_HOST", "port": "API_PORT", "api_key": "API_KEY", "dtype": "DTYPE",
-       "max_model_len": "MAX_MODEL_LEN", "rope_mode": "ROPE_MODE", "served_model_name": "MODEL_NAME",
-       "tensor_parallel_size": "TENSOR_PARALLEL_SIZE", "pipeline_parallel_size": "PIPELINE_PARALLEL_SIZE"}
-DEFAULTS = {"host": "0.0.0.0", "port": "8070", "dtype": "auto", "tensor_parallel_size": "1",
-            "pipeline_parallel_size": "1"}
+PROG = "python -m telechat.vllm_plugin.serve"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, and the vLLM arguments given after ``--``."""
+class VllmServeSettings(settings_cli.CliSettings):
+    """The launcher's settings: the same names, flags and env variables as our API's where they overlap."""
+
+    model_path: ModelPath = None
+    model_name: ModelName = Field(None, json_schema_extra={"flags": ["--served-model-name"]})
+    api_host: ApiHost = "0.0.0.0"
+    api_port: ApiPort = 8070
+    api_key: ApiKey = None
+    dtype: Dtype = "auto"
+    max_model_len: MaxModelLen = None
+    rope_mode: RopeModeSetting = None
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs each pipeline stage is split over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (layers split over GPUs)")
+
+
+VLLM_FLAGS = {"api_host": "--host", "api_port": "--port", "api_key": "--api-key", "dtype": "--dtype",
+              "max_model_len": "--max-model-len", "tensor_parallel_size": "--tensor-parallel-size",
+              "pipeline_parallel_size": "--pipeline-parallel-size"}
+"""Our settings that vLLM's server takes as they are, with its flag."""
+
+
+def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> tuple[VllmServeSettings, list[str]]:
+    """Our settings (flag > environment > default), and the vLLM arguments given after ``--``."""
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="python -m telechat.vllm_plugin.serve",
-                                description="vLLM OpenAI server for TeleChat v1 (flag > environment > default).")
-    p.add_argument("--model", help="checkpoint folder (env MODEL_PATH); none → the built-in demo model")
-    p.add_argument("--host", help="bind address (env API_HOST, default 0.0.0.0)")
-    p.add_argument("--port", help="port (env API_PORT, default 8070)")
-    p.add_argument("--api-key", help="bearer token required on /v1 routes (env API_KEY)")
-    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (env DTYPE)")
-    p.add_argument("--max-model-len", help="longest prompt + reply (env MAX_MODEL_LEN; default: the checkpoint's)")
-    p.add_argument("--rope-mode", help=f"RoPE policy past training_seqlen: {', '.join(ROPE_MODES)} (env ROPE_MODE)")
-    p.add_argument("--served-model-name", help="model id in /v1/models (env MODEL_NAME; default as our API: "
-                   "telechat-demo for the demo model, else the folder name)")
-    p.add_argument("--tensor-parallel-size", help="GPUs per pipeline stage (env TENSOR_PARALLEL_SIZE, default 1)")
-    p.add_argument("--pipeline-parallel-size", help="pipeline stages (env PIPELINE_PARALLEL_SIZE, default 1)")
-    return p.parse_args(ours), extra
-
-
-def resolve(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
-    """Each setting from its flag, else its environment variable, else the default; empty = unset."""
-    out = {}
-    for key, env in ENV.items():
-        value = getattr(args, key) or environ.get(env, "").strip() or DEFAULTS.get(key)
-        if value:
-            out[key] = str(value)
-    if out.get("rope_mode") and out["rope_mode"] not in ROPE_MODES:
-        raise SystemExit(f"error: ROPE_MODE {out['rope_mode']!r} is not one of {', '.join(ROPE_MODES)}")
-    return out
+    settings = settings_cli.parse(VllmServeSettings, ours, prog=PROG, environ=environ, description=(
+        "vLLM OpenAI server for TeleChat v1 (flag > environment > default). Arguments after -- go to vLLM."))
+    return settings, extra
 
 
 def write_chat_template(model: Path, cache: Path) -> Path:
@@ -81,35 +77,36 @@ def write_chat_template(model: Path, cache: Path) -> Path:
     return path
 
 
-def vllm_argv(settings: dict[str, str], model: Path, template: Path, extra: list[str]) -> list[str]:
+def vllm_argv(settings: VllmServeSettings, served_name: str, model: Path, template: Path,
+              extra: list[str]) -> list[str]:
     """The vLLM server command line for these settings."""
     argv = [sys.executable, "-m", VLLM_SERVER, "--model", str(model), "--chat-template", str(template),
-            "--served-model-name", settings["served_model_name"]]
-    for key in ("host", "port", "api_key", "dtype", "max_model_len", "tensor_parallel_size",
-                "pipeline_parallel_size"):
-        if key in settings:
-            argv += [f"--{key.replace('_', '-')}", settings[key]]
-    if "rope_mode" in settings:
-        argv += ["--hf-overrides", json.dumps({"rope_mode": settings["rope_mode"]})]
+            "--served-model-name", served_name]
+    for key, flag in VLLM_FLAGS.items():
+        if getattr(settings, key) is not None:
+            argv += [flag, str(getattr(settings, key))]
+    if settings.rope_mode:
+        argv += ["--hf-overrides", json.dumps({"rope_mode": settings.rope_mode})]
     return argv + extra
 
 
 def main(argv: list[str] | None = None) -> None:
     """Resolve the settings, prepare model and chat template, then become the vLLM server."""
-    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    settings = resolve(args, dict(os.environ))
+    try:
+        settings, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    except settings_cli.SettingsError as e:
+        raise SystemExit(f"error: {e}") from None
     from telechat.checkpoint import CheckpointError, inspect_checkpoint
     from telechat.demo import default_demo_dir, ensure_demo_model
 
     try:
-        model = Path(settings["model"]).expanduser().resolve() if "model" in settings else ensure_demo_model()
+        model = Path(settings.model_path).expanduser().resolve() if settings.model_path else ensure_demo_model()
         info = inspect_checkpoint(model, need_tokenizer=True)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     template = write_chat_template(model, default_demo_dir().parent / "vllm")
-    settings["served_model_name"] = info.served_name(settings.get("served_model_name"))
-    command = vllm_argv(settings, model, template, extra)
-    print("starting:", " ".join(a if a != settings.get("api_key") else "***" for a in command), flush=True)
+    command = vllm_argv(settings, info.served_name(settings.model_name), model, template, extra)
+    print("starting:", " ".join(a if a != settings.api_key else "***" for a in command), flush=True)
     sys.stdout.flush()
     os.execv(command[0], command)
 
