@@ -1,18 +1,19 @@
-"""Start the web page: `python -m services.web [--host H] [--port P] [--api-url URL]`.
+"""Start the web page: `python -m services.web [--host H] [--port P] [--api-url URL] ...`.
 
-`telechat web` calls `main`. Flags override the environment (WEB_HOST, WEB_PORT, API_URL).
+`telechat web` calls `main`. Flags (one per `WebSettings` field) override the environment
+(WEB_HOST, WEB_PORT, API_URL, ...); the page gets the result through its environment.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from services.web.settings import get_settings
+from services import settings_cli
+from services.web.settings import WebSettings
 
 APP = Path(__file__).with_name("app.py")
 
@@ -33,17 +34,16 @@ def build_command(host: str, port: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run Streamlit until it exits; returns its exit status."""
-    settings = get_settings()
-    parser = argparse.ArgumentParser(prog="telechat web", description="TeleChat web chat page.")
-    parser.add_argument("--host", default=settings.web_host, help="bind address (WEB_HOST)")
-    parser.add_argument("--port", type=int, default=settings.web_port, help="port (WEB_PORT)")
-    parser.add_argument("--api-url", default=settings.api_url, help="TeleChat API base URL (API_URL)")
-    args = parser.parse_args(argv)
-
+    try:
+        settings = settings_cli.parse(WebSettings, list(sys.argv[1:] if argv is None else argv),
+                                      prog="telechat web", description="TeleChat web chat page.")
+    except settings_cli.SettingsError as e:  # `python -m services.web` has no other handler
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     # The page reads its settings from the environment of the Streamlit process.
-    env = {**os.environ, "API_URL": args.api_url}
-    print(f"TeleChat web: http://{args.host}:{args.port}  (API: {args.api_url})", flush=True)
-    proc = subprocess.Popen(build_command(args.host, args.port), env=env)
+    env = {**os.environ, **settings_cli.to_env(settings)}
+    print(f"TeleChat web: http://{settings.web_host}:{settings.web_port}  (API: {settings.api_url})", flush=True)
+    proc = subprocess.Popen(build_command(settings.web_host, settings.web_port), env=env)
     # `docker stop` / a supervisor signal only this process: pass it on so Streamlit never
     # outlives us holding the port.
     signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
