@@ -62,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bucket", type=float, help="deepspeed only: ZeRO-3 reduce and prefetch bucket size in elements "
                    "(default: what the Trainer's \"auto\" picks, hidden_size² and 0.9·hidden_size²)")
     p.add_argument("--gc", action="store_true", help="activation checkpointing (saves memory, costs ~1/3 more compute)")
+    p.add_argument("--loss-chunk", type=int, help="chunked LM-head + cross-entropy, this many tokens at a time "
+                   "(telechat.losses: no full logits in memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (fuses norms, RoPE, SwiGLU)")
+    p.add_argument("--profile", action="store_true", help="profile one step after the timed ones and print the "
+                   "top GPU kernels and time per kernel family")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU (default: from the GPU name)")
     p.add_argument("--json", type=Path, help="append the result as one JSON line to this file")
     return p.parse_args()
@@ -166,6 +171,34 @@ def build_fsdp(config, gc: bool):
 # ---------------------------------------------------------------------------------------------- loop
 
 
+KERNEL_FAMILIES = (("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "wgmma")), ("attention", ("flash", "fmha", "attn")),
+                   ("nccl", ("nccl",)), ("optimizer", ("adam", "multi_tensor")),
+                   ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")))
+
+
+def profile_step(step, rank: int) -> None:
+    """One profiled training step: the 15 longest GPU kernels and the time per kernel family."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if rank:
+        return
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) or 1
+    families: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other (elementwise, norms)")
+        families[family] = families.get(family, 0) + e.self_device_time_total
+    print(f"profiled step: {total / 1e3:.1f} ms of GPU kernels", flush=True)
+    for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"  {family:28s} {t / 1e3:9.1f} ms {100 * t / total:5.1f} %")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"  {e.self_device_time_total / 1e3:9.1f} ms  x{e.count:<5d} {e.key[:110]}")
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -197,6 +230,12 @@ def main() -> None:
         else:
             model, opt = build_fsdp(config, args.gc)
     model.train()
+    core = getattr(model, "module", model)  # DeepSpeed engine
+    core = core.get_base_model() if hasattr(core, "get_base_model") else core  # PEFT
+    core.loss_chunk_tokens = args.loss_chunk
+    if args.compile:
+        for block in core.transformer.h:
+            block.compile()
 
     def step() -> None:
         ids = torch.randint(0, config.vocab_size, (batch, args.seq), device="cuda")
@@ -234,13 +273,16 @@ def main() -> None:
     result = {
         "mode": args.mode, "backend": backend, "gpus": world, "gpu": torch.cuda.get_device_name(),
         "preset": args.preset, "layers": config.n_layer, "seq": args.seq, "batch_per_gpu": batch,
-        "gc": args.gc, "bucket": args.bucket if backend == "deepspeed" else None,
+        "gc": args.gc, "loss_chunk": args.loss_chunk, "compile": args.compile,
+        "bucket": args.bucket if backend == "deepspeed" else None,
         "lora_rank": args.lora_rank if lora_params else None, "lora_params": lora_params,
         "matmul_params": matmul_params(config), "step_s": round(elapsed / args.steps, 3),
         "tokens_per_s_per_gpu": round(tokens_per_gpu, 1), "peak_mem_gib": round(peak.item() / 2 ** 30, 2),
         "mfu": round(tokens_per_gpu * flops / peak_fl, 4), "mfu_palm": round(tokens_per_gpu * flops_palm / peak_fl, 4),
         "flops_per_token": flops, "torch": torch.__version__,
     }
+    if args.profile:
+        profile_step(step, rank)
     if rank == 0:
         print(json.dumps(result, indent=2), flush=True)
         if args.json:

@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from telechat.attention import attention
 from telechat.config import Telechat2Config, TelechatConfig
 from telechat.kernels import rms_norm, silu_mul
+from telechat.losses import chunked_causal_lm_loss
 from telechat.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
 
 # transformers renamed the cache argument/output field `past_key_values` -> `cache` (5.2x); accept both.
@@ -287,6 +288,10 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
+    loss_chunk_tokens: int | None = None
+    """When set, training forwards with ``labels`` compute the loss this many tokens at a time
+    without materialising the logits (:mod:`telechat.losses`) and return no logits."""
+
     def __init__(self, config: TelechatConfig):
         super().__init__(config)
         self.transformer = TelechatModel(config)
@@ -327,6 +332,11 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         )
         new_cache = getattr(out, CACHE_FIELD)
         hidden = out.last_hidden_state
+        if labels is not None and self.training and self.loss_chunk_tokens:
+            # Training: the loss without full logits (telechat.losses); no logits are returned.
+            loss = chunked_causal_lm_loss(self.lm_head, hidden, labels, self.loss_chunk_tokens,
+                                          kwargs.get("num_items_in_batch"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: new_cache})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
