@@ -5,10 +5,11 @@
     python deploy.py --model-path models/TeleChat-7B --gpu 0,1
     python deploy.py --backend vllm --tensor-parallel-size 2 --model-path models/TeleChat-12B
 
-Settings: flag > environment (MODEL_PATH, API_HOST, API_PORT, WEB_HOST, WEB_PORT,
-CUDA_VISIBLE_DEVICES, BACKEND, TENSOR_PARALLEL_SIZE, PIPELINE_PARALLEL_SIZE) > ``deploy_config.yaml``
-> default. Installs what is missing into ``.venv`` first (see ``bootstrap.py``), and for the vLLM
-backend into ``.venv-vllm``. This file needs only the standard library until then, and never torch.
+Settings (``deploy_settings.Settings``; ``--help`` lists them): flag > environment (MODEL_PATH, API_HOST,
+API_PORT, WEB_HOST, WEB_PORT, CUDA_VISIBLE_DEVICES, BACKEND, TENSOR_PARALLEL_SIZE, PIPELINE_PARALLEL_SIZE)
+> ``deploy_config.yaml`` > default. Installs what is missing into ``.venv`` first (see ``bootstrap.py``),
+and for the vLLM backend into ``.venv-vllm``. This file needs only the standard library until then
+(the settings model needs pydantic, so flags are parsed after the bootstrap), and never torch.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bootstrap
+
+if TYPE_CHECKING:
+    from deploy_settings import Settings
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "deploy_config.yaml"
@@ -57,102 +61,46 @@ class ServiceFailed(DeployError):
     exit_code = 1
 
 
-@dataclass
-class Settings:
-    """What the launcher starts; each field is a key of deploy_config.yaml."""
-
-    model_path: str | None = None
-    """Checkpoint folder; None → the built-in demo model (built on first use)."""
-    api_host: str = "0.0.0.0"
-    api_port: int = 8070
-    web_host: str = "0.0.0.0"
-    web_port: int = 8501
-    gpu_devices: str | None = None
-    """Becomes CUDA_VISIBLE_DEVICES of both children; None keeps the launcher's own."""
-    backend: str = "native"
-    """Inference server on the API port: ``native`` (our engine) or ``vllm`` (vLLM + the TeleChat plugin)."""
-    tensor_parallel_size: int = 1
-    """vLLM backend: GPUs each pipeline stage is split over."""
-    pipeline_parallel_size: int = 1
-    """vLLM backend: pipeline stages (layers split over GPUs or, with Ray, over machines)."""
-
-
-ENV_NAMES = {"model_path": "MODEL_PATH", "api_host": "API_HOST", "api_port": "API_PORT", "web_host": "WEB_HOST",
-             "web_port": "WEB_PORT", "gpu_devices": "CUDA_VISIBLE_DEVICES", "backend": "BACKEND",
-             "tensor_parallel_size": "TENSOR_PARALLEL_SIZE", "pipeline_parallel_size": "PIPELINE_PARALLEL_SIZE"}
-
-
 # ---------------------------------------------------------------------------- settings
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="deploy.py", description="Start the TeleChat API and web UI locally (no Docker) and stop both on "
-        "Ctrl+C. Precedence: flag > environment > config file > default.")
+    """Every field of ``deploy_settings.Settings`` as a flag, plus the launcher's own options."""
+    from deploy_settings import Settings
+    from services.settings_cli import SettingsError, build_parser
+
+    p = build_parser(Settings, prog="deploy.py", description="Start the TeleChat API and web UI locally (no "
+                     "Docker) and stop both on Ctrl+C. Precedence: flag > environment > config file > default.")
     p.add_argument("--config", type=Path, help=f"YAML settings file (default: {DEFAULT_CONFIG.name} if present)")
-    p.add_argument("--model-path", "--model", dest="model_path",
-                   help="checkpoint folder (env MODEL_PATH); none → the built-in demo model")
-    p.add_argument("--gpu", dest="gpu_devices", metavar="IDS",
-                   help="GPUs for the services, e.g. 0 or 0,1 (passed on as CUDA_VISIBLE_DEVICES)")
-    p.add_argument("--api-host", help="API bind address (env API_HOST, default 0.0.0.0 = every interface)")
-    p.add_argument("--api-port", type=int, help="API port (env API_PORT, default 8070)")
-    p.add_argument("--web-host", help="web UI bind address (env WEB_HOST, default 0.0.0.0)")
-    p.add_argument("--web-port", type=int, help="web UI port (env WEB_PORT, default 8501)")
-    p.add_argument("--backend", choices=sorted(BACKENDS),
-                   help="inference server on the API port (env BACKEND): native (default) or vllm (scale-out, "
-                   "see README 'vLLM backend')")
-    p.add_argument("--tensor-parallel-size", type=int, help="vllm backend: tensor parallel size (default 1)")
-    p.add_argument("--pipeline-parallel-size", type=int, help="vllm backend: pipeline parallel size (default 1)")
     p.add_argument("--ready-timeout", type=float, default=900.0, metavar="S",
                    help="seconds to wait for the model to load (default 900, enough for a 7B from a slow disk)")
     p.add_argument("--no-install", action="store_true",
                    help="use the current Python as is: report missing packages instead of installing into .venv")
-    return p.parse_args(argv)
+    try:
+        return p.parse_args(argv)
+    except SettingsError as e:
+        raise DeployError(str(e)) from None
 
 
 def resolve_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
-    """Merge default < config file < environment < flags; empty values count as unset."""
-    merged: dict[str, object] = {}
-    merged.update(_read_config(args.config))
-    merged.update({key: environ[env] for key, env in ENV_NAMES.items() if environ.get(env, "").strip()})
-    merged.update({key: getattr(args, key) for key in ENV_NAMES if getattr(args, key) not in (None, "")})
-    settings = Settings()
-    for key, value in merged.items():
-        if key.endswith("_port"):
-            value = _port(key, value)
-        elif key.endswith("_size"):
-            value = _count(key, value)
-        setattr(settings, key, value if isinstance(value, int) else str(value))
-    if settings.backend not in BACKENDS:
-        raise DeployError(f"backend {settings.backend!r} is unknown; choose one of {', '.join(sorted(BACKENDS))}")
+    """Merge default < config file < environment < flags; empty values in file or environment count as unset."""
+    from deploy_settings import Settings
+    from services.settings_cli import SettingsError, load
+
+    values, name = _read_config(args.config)
+    try:
+        settings = load(Settings, args, environ=environ, file_values=values, file_name=name)
+    except SettingsError as e:
+        raise DeployError(str(e)) from None
     if settings.model_path:  # the children run in the repository: hand them an absolute path
         settings.model_path = str(Path(settings.model_path).expanduser().resolve())
     return settings
 
 
-def _port(key: str, value: object) -> int:
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise DeployError(f"{key} must be a port number, got {value!r}") from None
-    if not 0 < port < 65536:
-        raise DeployError(f"{key} {port} is outside 1-65535")
-    return port
-
-
-def _count(key: str, value: object) -> int:
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        raise DeployError(f"{key} must be a whole number, got {value!r}") from None
-    if count < 1:
-        raise DeployError(f"{key} must be at least 1, got {count}")
-    return count
-
-
-def _read_config(path: Path | None) -> dict[str, object]:
+def _read_config(path: Path | None) -> tuple[dict[str, object], str]:
+    """The config file's key: value pairs (checked against the settings model by ``load``) and its name."""
     if path is None:
         if not DEFAULT_CONFIG.is_file():
-            return {}
+            return {}, DEFAULT_CONFIG.name
         path = DEFAULT_CONFIG
     if not path.is_file():
         raise DeployError(f"config file {path} does not exist")
@@ -164,14 +112,9 @@ def _read_config(path: Path | None) -> dict[str, object]:
         raise DeployError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise DeployError(f"{path} must hold key: value pairs")
-    known = {f.name for f in fields(Settings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise DeployError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-    values = {k: v for k, v in data.items() if v not in (None, "")}
-    if "model_path" in values:  # relative to the file, so the config works from any directory
-        values["model_path"] = str(path.parent / Path(str(values["model_path"])).expanduser())
-    return values
+    if data.get("model_path") not in (None, ""):  # relative to the file, so the config works from any directory
+        data["model_path"] = str(path.parent / Path(str(data["model_path"])).expanduser())
+    return data, str(path)
 
 
 # ---------------------------------------------------------------------------- checks before starting
@@ -230,10 +173,43 @@ def _who_listens(port: int) -> str:
         for conn in psutil.net_connections(kind="inet"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
                 proc = psutil.Process(conn.pid)
-                return f" by pid {conn.pid} ({' '.join(proc.cmdline())[:100] or proc.name()})"
+                return f" by pid {conn.pid} ({_short_command(proc.cmdline()) or proc.name()})"
     except Exception:  # noqa: BLE001 - ImportError, psutil.AccessDenied (macOS needs root): the pid is a bonus
         return ""
     return ""
+
+
+def _short_command(args: list[str], limit: int = 100) -> str:
+    """A command line of whole arguments, about ``limit`` characters: never cut inside an argument."""
+    shown: list[str] = []
+    for arg in args:
+        if shown and len(" ".join([*shown, arg])) > limit:
+            return " ".join(shown) + " ..."
+        shown.append(arg)
+    return " ".join(shown)
+
+
+def visible_gpus() -> list[str] | None:
+    """Indices of the NVIDIA GPUs on this machine (``nvidia-smi``), None when there is none or no driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()] or None
+
+
+def gpu_note(s: Settings, gpus: list[str] | None) -> str:
+    """What the API will actually run on, said in the start line."""
+    if s.gpu_devices is not None and not s.gpu_devices.strip():
+        return "on CPU: CUDA_VISIBLE_DEVICES is empty"
+    if not gpus:
+        return "on CPU: no NVIDIA GPU found"
+    visible = s.gpu_devices if s.gpu_devices is not None else ",".join(gpus)
+    source = "CUDA_VISIBLE_DEVICES" if s.gpu_devices is not None else "all visible"
+    if s.backend == "vllm":
+        return f"on {s.tensor_parallel_size * s.pipeline_parallel_size} of the GPUs {visible} ({source})"
+    return f"on GPU {visible.split(',')[0]} of {visible} ({source}; the native engine uses one GPU)"
 
 
 # ---------------------------------------------------------------------------- children
@@ -443,7 +419,6 @@ def _ignore_stop_signals() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check, start the API, wait for /ready, start the web UI, supervise; return the exit code."""
-    check_dependencies()
     s = resolve_settings(args, dict(os.environ))
     if s.model_path:
         check_model(s.model_path)
@@ -456,11 +431,10 @@ def run(args: argparse.Namespace) -> int:
     env = child_env(s)
     api_url = _local_url(s.api_host, s.api_port)
     model = s.model_path or "built-in demo (no model configured; built on first use)"
-    gpus = f", CUDA_VISIBLE_DEVICES={s.gpu_devices}" if s.gpu_devices is not None else ""
     parallel = (f", tensor x pipeline parallel {s.tensor_parallel_size}x{s.pipeline_parallel_size}"
                 if s.backend == "vllm" else "")
-    print(f"starting the API on {s.api_host}:{s.api_port} ({s.backend} backend{gpus}{parallel}); model: {model}",
-          flush=True)
+    print(f"starting the API on {s.api_host}:{s.api_port} ({s.backend} backend {gpu_note(s, visible_gpus())}"
+          f"{parallel}); model: {model}", flush=True)
     children = [Child("api", "API", BACKENDS[s.backend](s), env)]
     try:
         if not wait_ready(children[0], f"{api_url}{READY_PATHS[s.backend]}", stop, args.ready_timeout):
@@ -497,11 +471,13 @@ def _print_banner(s: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not args.no_install:
-        bootstrap.ensure_env(EXTRAS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--no-install" not in argv:  # --help needs only the base install (pydantic), the services all of it
+        bootstrap.ensure_env([] if {"-h", "--help"} & set(argv) else EXTRAS)
     try:
-        return run(args)
+        if "--no-install" in argv:
+            check_dependencies()
+        return run(parse_args(argv))
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code

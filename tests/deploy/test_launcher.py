@@ -16,12 +16,13 @@ import psutil
 import pytest
 
 import deploy
+from deploy_settings import Settings
 from tests.deploy.conftest import REPO, free_ports, http_status, wait_until
 
 LAUNCH_TIMEOUT_S = 240
 
 
-def settings_for(argv: list[str], environ: dict[str, str]) -> deploy.Settings:
+def settings_for(argv: list[str], environ: dict[str, str]) -> Settings:
     return deploy.resolve_settings(deploy.parse_args(argv), environ)
 
 
@@ -38,12 +39,12 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path):
 
 def test_defaults_without_a_config_file(monkeypatch, tmp_path):
     monkeypatch.setattr(deploy, "DEFAULT_CONFIG", tmp_path / "absent.yaml")
-    assert settings_for([], {}) == deploy.Settings()
-    assert (deploy.Settings().api_port, deploy.Settings().web_port) == (8070, 8501)
+    assert settings_for([], {}) == Settings()
+    assert (Settings().api_port, Settings().web_port, Settings().gpu_devices) == (8070, 8501, None)
 
 
 @pytest.mark.parametrize("text, message", [("api_prot: 1\n", "unknown key 'api_prot'"),
-                                           ("api_port: http\n", "must be a port number")])
+                                           ("api_port: http\n", "invalid api_port .*'http' from .*deploy.yaml")])
 def test_bad_config_file(tmp_path, text, message):
     config = tmp_path / "deploy.yaml"
     config.write_text(text)
@@ -192,9 +193,9 @@ def test_vllm_backend_settings_and_command(tmp_path, monkeypatch):
     s = settings_for(["--config", str(config), "--pipeline-parallel-size", "4"], {"TENSOR_PARALLEL_SIZE": "8"})
     assert (s.backend, s.tensor_parallel_size, s.pipeline_parallel_size) == ("vllm", 8, 4)
     assert settings_for(["--config", str(config), "--backend", "native"], {"BACKEND": "vllm"}).backend == "native"
-    with pytest.raises(deploy.DeployError, match="tensor_parallel_size must be at least 1"):
+    with pytest.raises(deploy.DeployError, match="invalid tensor_parallel_size .*greater than or equal to 1"):
         settings_for(["--tensor-parallel-size", "0"], {})
-    with pytest.raises(deploy.DeployError, match="backend 'tgi' is unknown"):
+    with pytest.raises(deploy.DeployError, match="invalid backend .*'tgi' from the environment"):
         settings_for([], {"BACKEND": "tgi"})
     python = tmp_path / ".venv-vllm" / "bin" / "python"
     monkeypatch.setattr(deploy.bootstrap, "VLLM_VENV", python.parents[1])
@@ -223,3 +224,21 @@ def test_a_burst_of_signals_still_stops_cleanly():
         assert all(gone(c.pid) for c in children)
     finally:
         launch.close()
+
+
+def test_shipped_config_validates_and_uses_every_visible_gpu(monkeypatch):
+    """deploy_config.yaml holds only keys of the settings model and leaves the GPUs to the host."""
+    monkeypatch.setattr(deploy, "DEFAULT_CONFIG", REPO / "deploy_config.yaml")
+    s = settings_for([], {})
+    assert s.gpu_devices is None, "no GPU pinned by default: a multi-GPU host uses all of them"
+    assert deploy.gpu_note(s, None) == "on CPU: no NVIDIA GPU found"
+    assert deploy.gpu_note(s, ["0", "1"]) == "on GPU 0 of 0,1 (all visible; the native engine uses one GPU)"
+    vllm = settings_for(["--backend", "vllm", "--tensor-parallel-size", "2"], {"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert deploy.gpu_note(vllm, ["0", "1", "2", "3"]) == "on 2 of the GPUs 2,3 (CUDA_VISIBLE_DEVICES)"
+
+
+def test_port_owner_command_is_cut_between_arguments():
+    args = ["/usr/bin/python3", "-m", "http.server", "--directory", "/srv/" + "x" * 80, "8070"]
+    short = deploy._short_command(args)
+    assert short == "/usr/bin/python3 -m http.server --directory ..."
+    assert deploy._short_command(["/" + "y" * 150]) == "/" + "y" * 150, "one long argument stays whole"
