@@ -109,13 +109,14 @@ def chat_main(argv: list[str]) -> int:
 
 def demo_model_main(argv: list[str]) -> int:
     """Write the demo checkpoint to OUT."""
-    from telechat.demo import build_demo_model
+    from telechat.demo import DEMO_TRAIN_STEPS, build_demo_model
 
     p = argparse.ArgumentParser(prog="telechat demo-model",
                                 description="Write the small built-in demo TeleChat checkpoint (seconds, offline).")
     p.add_argument("out", help="folder to create (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-steps", type=int, default=300, help="steps of fitting the canned demo dialogs")
+    p.add_argument("--train-steps", type=int, default=DEMO_TRAIN_STEPS,
+                   help=f"training steps (default {DEMO_TRAIN_STEPS}, the recipe the server builds)")
     args = p.parse_args(argv)
     path = build_demo_model(args.out, seed=args.seed, train_steps=args.train_steps)
     print(f"demo model written to {path}")

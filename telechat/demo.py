@@ -2,8 +2,10 @@
 
 Layout is the official 7B one (tied head, byte-level BPE ``tokenizer.json``), so the demo also
 exercises that loading path. The weights are briefly trained on a few canned dialogs
-(``data/demo_dialogs.jsonl``) so replies are readable; ``config.json`` carries
-``"telechat_demo": true`` and every service that serves it labels it a demo.
+(``data/demo_dialogs.jsonl``) so replies are readable, and on random other prompts (Chinese,
+English, symbols) answered with :data:`NOTICE`, so anything else gets that labelled canned reply
+rather than broken text; ``config.json`` carries ``"telechat_demo": true`` and every service that
+serves it labels it a demo.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 """Bump when the recipe changes so cached demo models are rebuilt."""
 
 DEMO_SHAPE = dict(hidden_size=128, n_layer=2, n_head=4, ffn_hidden_size=352, training_seqlen=512,
@@ -51,7 +53,11 @@ def _dialogs() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-DEMO_TRAIN_STEPS = 160
+NOTICE = "[Demo model] 这是演示模型的固定回复，没有学过这个问题。"
+"""The demo's answer to every prompt it was not trained on: clearly labelled, whole characters."""
+
+DEMO_TRAIN_STEPS = 200
+"""Steps of the one recipe: ``ensure_demo_model`` (the server) and ``telechat demo-model`` both use it."""
 LEARNING_RATE = 5e-3
 
 
@@ -99,29 +105,80 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, train_steps: int = D
     return out
 
 
-def _train(model, chat, *, seed: int, steps: int, batch_size: int = 8) -> None:
+def _unseen_prompt(rng: random.Random, pools: dict[str, list[str]]) -> str:
+    """A prompt the canned dialogs do not have: random Chinese (common and rare characters), English
+    words, digits, symbols and mixes of them; short ones most often."""
+    kind = rng.random()
+    n = min(1 + int(rng.expovariate(1 / 4)), 16)
+    if kind < 0.3:  # characters of the demo corpus in new orders
+        text = "".join(rng.choice(pools["chars"]) for _ in range(n))
+    elif kind < 0.45:  # any CJK character (byte-level pieces the corpus never merged)
+        text = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
+    elif kind < 0.75:  # English words
+        text = " ".join(rng.choice(pools["words"]) for _ in range(n))
+    elif kind < 0.85:  # a known prompt with something around it
+        text = rng.choice(pools["prompts"])
+        extra = "".join(rng.choice(pools["chars"]) for _ in range(rng.randint(2, 8)))
+        text = text + extra if rng.random() < 0.5 else extra + text
+    else:  # printable ASCII, digits and emoji
+        text = "".join(rng.choice(pools["misc"]) for _ in range(n))
+    return text + rng.choice(("", "", "？", "?", "。", "！", "."))
+
+
+def _pools(dialogs: list[dict]) -> dict[str, list[str]]:
+    from telechat.tokenizer import demo_corpus
+
+    corpus = demo_corpus()
+    prompts = [m["content"] for d in dialogs for m in d["messages"] if m["role"] == "user"]
+    return {
+        "chars": sorted({c for c in corpus if "\u4e00" <= c <= "\u9fa5"}),
+        "words": sorted({w.strip(".,!?;:'\"()").lower() for w in corpus.split() if w.isascii()} - {""}),
+        "prompts": sorted(set(prompts)),
+        "misc": [chr(c) for c in range(33, 127)] + list("😊🎉👋🚀✨🌸  "),
+    }
+
+
+def _train(model, chat, *, seed: int, steps: int, batch_size: int = 6, unseen_per_step: int = 6) -> None:
+    """Fit the canned dialogs and map unseen prompts to :data:`NOTICE` (loss on answers only)."""
     if steps < 1:
         raise ValueError("train_steps must be at least 1")
-    """Fit the canned dialogs (loss on answers only) so the demo's replies are readable."""
-    samples = []
-    for dialog in _dialogs():
+    dialogs = _dialogs()
+    known = {tuple((m["role"], m["content"]) for m in d["messages"][:-1]) for d in dialogs}
+
+    def sample(messages: list[dict], endless: bool = False) -> tuple[list[int], list[int]]:
         ids, labels = [], []
-        for prompt, answer in chat.encode_turns(dialog["messages"]):
+        for prompt, answer in chat.encode_turns(messages):
             ids += prompt + answer
             labels += [-100] * len(prompt) + answer
-        if dialog.get("endless"):
-            ids, labels = ids[:-1], labels[:-1]
-        samples.append((ids, labels))
+        return (ids[:-1], labels[:-1]) if endless else (ids, labels)
+
+    canned = [sample(d["messages"], d.get("endless", False)) for d in dialogs]
+    short = [s for s in canned if len(s[0]) <= 128]
+    long = [s for s in canned if len(s[0]) > 128]  # the endless and long answers: batched together
+    pools = _pools(dialogs)
     rng = random.Random(seed)
+
+    def unseen() -> tuple[list[int], list[int]]:
+        messages = [{"role": "user", "content": _unseen_prompt(rng, pools)}]
+        if rng.random() < 0.2:  # after a canned turn, or under a system prompt
+            first = rng.choice([d for d in dialogs if not d.get("endless")])["messages"]
+            messages = first + messages
+        while tuple((m["role"], m["content"]) for m in messages) in known:
+            messages[-1]["content"] += "？"
+        return sample(messages + [{"role": "assistant", "content": NOTICE}])
+
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     warmup = max(1, steps // 10)  # linear warm-up, then linear decay to 10 %
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warmup if i < warmup else max(0.1, 1 - (i - warmup) / max(1, steps - warmup)))
+    pad = model.config.pad_token_id
     model.train()
-    for _ in range(steps):
-        batch = rng.sample(samples, min(batch_size, len(samples)))
+    for step in range(steps):
+        if long and step % 6 == 5:
+            batch = long
+        else:
+            batch = rng.sample(short, min(batch_size, len(short))) + [unseen() for _ in range(unseen_per_step)]
         width = max(len(ids) for ids, _ in batch)
-        pad = model.config.pad_token_id
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
