@@ -37,7 +37,7 @@ from services import settings_cli
 from services.api.deps import ServerState
 from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
-from services.api.routers import health, legacy, openai
+from services.api.routers import docs, health, legacy, openai
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.errors import UserError
 
@@ -273,10 +273,11 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
             await asyncio.to_thread(state.runtime.engine.shutdown, 0)
 
     app = FastAPI(title="TeleChat Stack API", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # served by routers/docs.py with local assets
                   description="OpenAI-compatible and legacy TeleChat routes over a continuous-batching engine. "
                   "Send `Authorization: Bearer <API_KEY>` when the server has an API key.")
     app.state.server = state
-    for router in (openai.router, legacy.router, health.router):
+    for router in (openai.router, legacy.router, health.router, docs.router):
         app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
