@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests read the reference material in ../shared (CI has it beside the checkout)."""
+"""Shared fixtures. Reference files (official tokenizer, configs, SFT examples, golden logits) live in
+tests/fixtures (README there); a missing one fails the test that needs it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REF = SHARED / "telechat-ref"
+REF = REPO / "tests" / "fixtures"
 GOLDEN_DIR = REF / "golden"
 TOKENIZER_12B = REF / "tokenizer-12b"
 SFT_DATA = REF / "sft-data"
+
+
+def fixture_file(path: Path) -> Path:
+    """``path`` under tests/fixtures; the test fails (never skips) when it is missing."""
+    if not path.exists():
+        pytest.fail(f"test fixture missing: {path} (tests/fixtures/README.md says what belongs there)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +39,7 @@ def demo_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_12b_dir() -> Path:
     """The official TeleChat 12B tokenizer folder (tokenizer.model + configs)."""
-    if not (TOKENIZER_12B / "tokenizer.model").is_file():
-        pytest.skip(f"reference tokenizer not found at {TOKENIZER_12B}")
+    fixture_file(TOKENIZER_12B / "tokenizer.model")
     return TOKENIZER_12B
 
 

@@ -15,3 +15,15 @@ def test_models_readme_names_the_quantize_output():
     readme = (REPO / "models" / "README.md").read_text(encoding="utf-8")
     assert "TeleChat-7B-GPTQ-Int4/" in readme
     assert not re.search(r"gptq-int4", readme)
+
+
+def test_reference_fixtures_are_in_the_repo():
+    """The official files the tests compare against ship in tests/fixtures, not beside the checkout."""
+    from tests.conftest import GOLDEN_DIR, REF, SFT_DATA, TOKENIZER_12B
+
+    assert REF == REPO / "tests" / "fixtures"
+    needed = [TOKENIZER_12B / "tokenizer.model", GOLDEN_DIR / "v7b" / "refs.npz", GOLDEN_DIR / "v7b" / "model.safetensors",
+              SFT_DATA / "single_turn_example.jsonl", SFT_DATA / "multi_turn_example.jsonl", SFT_DATA / "test.jsonl",
+              *(REF / "configs" / name / "config.json" for name in ("7B", "12B", "12B-V2"))]
+    assert [p for p in needed if not p.is_file()] == []
+    assert sum(p.stat().st_size for p in REF.rglob("*") if p.is_file()) < 8 * 2**20

@@ -28,7 +28,7 @@ def golden(request):
 
 
 def test_golden_fixtures_present():
-    """The shared fixture folder is there (CI has ../shared beside the checkout)."""
+    """The golden fixture is in tests/fixtures (without it the parametrized tests would not run at all)."""
     assert GOLDEN, f"no golden checkpoints under {GOLDEN_DIR}"
 
 

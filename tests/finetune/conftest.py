@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SFT_DATA
+from tests.conftest import REPO, SFT_DATA, fixture_file
 
 TINY_SHAPE = dict(hidden_size=64, n_layer=2, n_head=4, ffn_hidden_size=128, training_seqlen=512, seq_length=1024)
 
@@ -25,9 +25,8 @@ def official_sft() -> dict[str, Path]:
     """The official example files: ``single``, ``multi`` (training) and ``test`` (prompts only)."""
     files = {"single": SFT_DATA / "single_turn_example.jsonl", "multi": SFT_DATA / "multi_turn_example.jsonl",
              "test": SFT_DATA / "test.jsonl"}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        pytest.skip(f"official SFT examples not found: {missing}")
+    for path in files.values():
+        fixture_file(path)
     return files
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SFT_DATA
+from tests.conftest import SFT_DATA, fixture_file
 
 TRAIN_STEPS = 300
 SEQ_LEN = 128
@@ -23,10 +23,7 @@ CALIB_SAMPLES = 64
 
 @pytest.fixture(scope="session")
 def sft_file() -> Path:
-    path = SFT_DATA / "single_turn_example.jsonl"
-    if not path.is_file():
-        pytest.skip(f"official SFT examples not found at {path}")
-    return path
+    return fixture_file(SFT_DATA / "single_turn_example.jsonl")
 
 
 @pytest.fixture(scope="session")
