@@ -1,4 +1,4 @@
-"""The TeleChat chat format, defined once (SPEC.md §5): used by the API, SFT masking and GPTQ calibration.
+"""The TeleChat chat format, defined once (docs/chat-format.md): used by the API, SFT masking and GPTQ calibration.
 
 Ids of a conversation (no BOS, ever)::
 

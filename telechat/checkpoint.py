@@ -1,6 +1,6 @@
 """Checkpoint discovery, validation and loading with errors a person can act on.
 
-Official layouts (SPEC.md §2) and how they map onto our parameter names (= official 12B names):
+Official layouts (docs/model.md, checkpoint layouts) and how they map onto our parameter names (= official 12B names):
 
 | checkpoint key (7B release)            | model parameter                                   |
 |----------------------------------------|---------------------------------------------------|

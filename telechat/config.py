@@ -4,7 +4,7 @@ Reads the official ``config.json`` keys exactly as released (``n_head``, ``n_lay
 ``ffn_hidden_size``, ``training_seqlen``, ``embed_layernorm``, ...) for TeleChat v1 (7B, 12B,
 12B-V2) and TeleChat2 (``base_seqlen``, ``num_key_value_heads``).
 
-NTK base length rule (SPEC.md §3): v1 configs do not carry it; the official 7B modeling file
+NTK base length rule (docs/model.md, RoPE): v1 configs do not carry it; the official 7B modeling file
 hard-codes 4096 and the 12B file 8192. We take ``base_seqlen`` when the config has it, else
 infer it from the layout: a tied head (7B style, ``tie_word_embeddings`` absent or true) means
 4096, an untied head (12B style) means 8192.
@@ -140,7 +140,7 @@ PRESETS: dict[str, dict] = {
     "1B": dict(vocab_size=120000, hidden_size=2048, n_layer=16, n_head=32, ffn_hidden_size=5460,
                tie_word_embeddings=False),
 }
-"""Named shapes of the released models (SPEC.md §1, §10), for benchmarks and ``--from-scratch``."""
+"""Named shapes of the released models (docs/model.md, shapes), for benchmarks and ``--from-scratch``."""
 
 
 def preset(name: str, **overrides) -> TelechatConfig:

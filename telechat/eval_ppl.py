@@ -1,4 +1,4 @@
-"""``telechat eval-ppl``: perplexity per context length and RoPE scaling mode (issue 9, SPEC.md §3).
+"""``telechat eval-ppl``: perplexity per context length and RoPE scaling mode (issue 9, docs/model.md, RoPE).
 
 For every length ``L`` and mode (``none`` | ``ntk`` | ``ntk+scaling``) the evaluator scores ``K``
 non-overlapping windows of ``L`` tokens taken from the start of the data. A window has the

@@ -1,7 +1,7 @@
 """Native TeleChat model (v1 7B/12B/12B-V2 and TeleChat2) on current transformers.
 
 Reading order follows the paper: norm → rotary → attention → MLP → block → model → causal LM.
-Math per SPEC.md §3: weight-only RMSNorm, fused per-head interleaved ``key_value``, biases only on
+Math per docs/model.md (forward pass): weight-only RMSNorm, fused per-head interleaved ``key_value``, biases only on
 ``dense`` and ``down_proj``, NeoX rotary with NTK base and mscale on cos and sin.
 
 Parameter names equal the official 12B names (``transformer.h.N.self_attention.query.weight``,

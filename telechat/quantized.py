@@ -1,6 +1,6 @@
 """GPTQ checkpoints as :class:`~telechat.modeling.TelechatForCausalLM` with quantized Linears.
 
-Two layouts load (SPEC.md §8):
+Two layouts load (docs/fine-tune-and-quant.md, GPTQ):
 
 - ours (``telechat quantize``, GPTQModel): ``config.json`` with ``quantization_config``, a
   ``quantize_config.json``, ``model.safetensors`` (or shards) with ``transformer.``-prefixed keys;

@@ -4,7 +4,7 @@ GPTQ calibration and ``telechat eval-ppl``.
 A record file is jsonl (suffix ``.jsonl``/``.json``, or a first non-blank line that is a JSON
 object) with one record per line, blank lines skipped:
 
-- official SFT: ``{"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}`` (SPEC.md §7); without
+- official SFT: ``{"input": "<_user>q1<_bot>a1<_user>q2", "output": "a2"}`` (docs/fine-tune-and-quant.md); without
   ``output`` it is a prompt (e.g. the official ``test.jsonl``);
 - OpenAI: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``;
 - document: ``{"text": "..."}`` or ``{"data": "..."}`` (TeleChat-PTD).

@@ -1,4 +1,4 @@
-"""Rotary position embeddings with TeleChat's NTK-aware base and attention scaling (SPEC.md §3).
+"""Rotary position embeddings with TeleChat's NTK-aware base and attention scaling (docs/model.md, RoPE).
 
 For a forward chunk of length ``L`` the official model uses ``L_eff = max(L, training_seqlen)``,
 an NTK factor ``alpha = max(1, 2**ceil(log2(L_eff / base_seqlen) + 1) - 1)``, a rotary base
@@ -8,7 +8,7 @@ an NTK factor ``alpha = max(1, 2**ceil(log2(L_eff / base_seqlen) + 1) - 1)``, a 
 The official code re-derives these per chunk, which breaks cached decoding (every 1-token decode
 step falls back to ``training_seqlen``). Here the parameters are chosen once per sequence, from
 its prompt length at prefill, and kept for every later position: the KV cache stays consistent
-and decoding past ``training_seqlen`` is valid (DESIGN.md §3).
+and decoding past ``training_seqlen`` is valid (docs/model.md, RoPE).
 """
 
 from __future__ import annotations

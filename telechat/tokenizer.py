@@ -1,6 +1,6 @@
 """TeleChat tokenizers: SentencePiece (12B / 12B-V2) slow + fast, byte-level BPE (7B), registration.
 
-12B (SPEC.md §4): a SentencePiece BPE ``tokenizer.model`` (byte fallback, split digits, dummy prefix
+12B (docs/tokenizers.md): a SentencePiece BPE ``tokenizer.model`` (byte fallback, split digits, dummy prefix
 on, identity normalizer). ``TelechatTokenizer`` wraps it with the ``sentencepiece`` library;
 ``TelechatTokenizerFast`` is the same tokenizer converted to a ``tokenizers`` graph. Both give the
 same ids and the same decoded text.
@@ -11,7 +11,7 @@ Choices that differ from the official remote code, on purpose:
   tokens (``<_end>``, ``<_pad>``, ``<_start>``, the configured unk) are *special tokens* that always
   split the text (``single_word`` from the official config is dropped). Each text chunk between
   two of them is then encoded on its own, with its own SentencePiece dummy prefix, exactly as the
-  official ``chat()`` and SFT code build ids segment by segment (SPEC.md §5/§7). So
+  official ``chat()`` and SFT code build ids segment by segment (docs/chat-format.md). So
   ``tokenizer("<_user>你好<_bot>")`` == ``[20] + tokenizer("你好") + [21]``, which is what makes
   ``apply_chat_template`` agree with ``telechat.chat_format``. The official tokenizer would pass
   that whole string to SentencePiece and add a lone ``▁`` (id 111931) before ``<_user>``.

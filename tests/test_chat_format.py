@@ -1,4 +1,4 @@
-"""The TeleChat chat format (SPEC.md §5): ids, budget, SFT segments, template parity, official data."""
+"""The TeleChat chat format (docs/chat-format.md): ids, budget, SFT segments, template parity, official data."""
 
 from __future__ import annotations
 

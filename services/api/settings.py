@@ -1,4 +1,4 @@
-"""API settings: one pydantic-settings class; precedence CLI flag > environment > default (DESIGN.md §2)."""
+"""API settings: one pydantic-settings class; precedence CLI flag > environment > default (docs/conventions.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Web UI settings: one pydantic-settings model; flags (launch.py), env names and ``--help`` are derived
-from its fields (``services/settings_cli.py``), names from DESIGN.md §2. No ``.env`` file is read."""
+from its fields (``services/settings_cli.py``), names from docs/conventions.md (settings). No ``.env`` file is read."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def loop_model_dir(tmp_path_factory, tokenizer_12b_dir) -> Path:
         shutil.copy(f, out / f.name)
     ids = load_tokenizer(out).encode(LOOP_TEXT, add_special_tokens=False)
     assert len(set(ids)) == len(ids) < 63, "each token of the loop must be unique and fit the hidden size"
-    bot = 21  # <_bot> in the 12B vocabulary (SPEC.md §4)
+    bot = 21  # <_bot> in the 12B vocabulary (docs/tokenizers.md)
     config = TelechatConfig(vocab_size=120000, hidden_size=64, n_layer=1, n_head=2, ffn_hidden_size=128,
                             training_seqlen=2048, seq_length=2048, tie_word_embeddings=False,
                             architectures=["TelechatForCausalLM"])

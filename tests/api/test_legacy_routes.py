@@ -1,4 +1,4 @@
-"""Legacy TeleChat routes (SPEC.md §6): framing byte for byte, the official schema, ranges and codes."""
+"""Legacy TeleChat routes (docs/legacy-api.md): framing byte for byte, the official schema, ranges and codes."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Cached decoding past ``training_seqlen`` equals one forward pass with RoPE fixed at the prompt length.
 
 The official code crashes there (golden README: the decode table is only ``training_seqlen`` rows
-long); DESIGN.md §3 fixes the RoPE parameters per sequence at prefill instead.
+long); our rule (docs/model.md, RoPE) fixes the RoPE parameters per sequence at prefill instead.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The three RoPE scaling modes follow the official formulas (SPEC.md §3) and the golden logits."""
+"""The three RoPE scaling modes follow the official formulas (docs/model.md, RoPE) and the golden logits."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_params_cross_every_alpha_step_like_the_official_code(shape, mode):
 
 
 def test_released_7b_values_from_spec():
-    """SPEC.md §3 figures: 7B at 8K alpha 3 (base ≈ 30527.7), 16K alpha 7 / mscale 1.0693, 32K alpha 15 / 1.1386."""
+    """docs/model.md figures: 7B at 8K alpha 3 (base ≈ 30527.7), 16K alpha 7 / mscale 1.0693, 32K alpha 15 / 1.1386."""
     kw = dict(head_dim=128, training_seqlen=8192, base_seqlen=4096)
     assert rope_params(8192, **kw).base == pytest.approx(30527.7, abs=0.1)
     p16, p32 = rope_params(16384, **kw), rope_params(32768, **kw)

@@ -66,7 +66,7 @@ def test_load_model_generates_and_engine_matches(quantized, bits: int):
 
 
 def _write_official_layout(src: Path, dst: Path) -> None:
-    """Rewrite one of our int4 outputs as the official TeleChat-7B int4 release stores it (SPEC.md §8):
+    """Rewrite one of our int4 outputs as the official TeleChat-7B int4 release stores it (docs/fine-tune-and-quant.md):
     config.json without quantization_config, AutoGPTQ quantize_config.json, one torch.save
     ``gptq_model-4bit-128g.bin``, 7B keys (no ``transformer.``, no lm_head), a zero bias on every
     quantized Linear, fp16 embeddings."""

@@ -17,7 +17,7 @@ from tests.conftest import ServiceProcess, free_port, start_service
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / ".test-output"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-# What runs as root in a container: no sandbox, no GPU, nothing phoning home (PACKAGES.md §6).
+# What runs as root in a container: no sandbox, no GPU, nothing phoning home (docs/conventions.md, browser tests).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run"]
 

@@ -1,2 +1,2 @@
 """Request and response schemas: ``openai`` (OpenAI API field order, extras marked) and ``legacy``
-(the official TeleChat service, SPEC.md §6)."""
+(the official TeleChat service, docs/legacy-api.md)."""

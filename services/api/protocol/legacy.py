@@ -1,4 +1,4 @@
-"""Schemas of the official TeleChat service (SPEC.md §6), kept field for field.
+"""Schemas of the official TeleChat service (docs/legacy-api.md), kept field for field.
 
 Request: ``dialog`` (required, roles ``user`` at even and ``bot`` at odd positions, ending with the
 user's question) and optional sampling values with the official defaults and ranges, strictly

@@ -1,4 +1,4 @@
-"""Official TeleChat service routes (SPEC.md §6): ``/telechat/gptDialog/v2`` streams raw UTF-8 text,
+"""Official TeleChat service routes (docs/legacy-api.md): ``/telechat/gptDialog/v2`` streams raw UTF-8 text,
 ``/v4`` answers ``{"role": "bot", "content": reply}``."""
 
 from __future__ import annotations
