@@ -32,7 +32,7 @@ from telechat.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent
-ADAM_BETAS = (0.9, 0.95)  # the official TeleChat fine-tuning betas (SPEC.md §7)
+ADAM_BETAS = (0.9, 0.95)  # the official TeleChat fine-tuning betas (docs/fine-tune-and-quant.md)
 
 
 def deepspeed_config(args: FinetuneArguments) -> str | None:

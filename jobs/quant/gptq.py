@@ -5,7 +5,7 @@ quantizes only ``dense`` and the MLP. We subclass :class:`gptqmodel.models.base.
 instead and call its ``from_pretrained`` directly: nothing in the installed package is patched
 and its model registry is left alone.
 
-Sequential groups are the official ones (SPEC.md §8): [query, key_value] → [dense] →
+Sequential groups are the official ones (docs/fine-tune-and-quant.md, GPTQ): [query, key_value] → [dense] →
 [gate_proj, up_proj] → [down_proj]. Inside a group GPTQModel stops the layer forward right after
 the *last listed* module runs, so each group is listed in execution order (``project`` calls
 ``query`` before ``key_value``, the MLP ``gate_proj`` before ``up_proj``); listed the other way,
