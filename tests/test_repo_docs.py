@@ -4,6 +4,7 @@ design note the code cites is in docs/."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -27,3 +28,18 @@ def test_reference_fixtures_are_in_the_repo():
               *(REF / "configs" / name / "config.json" for name in ("7B", "12B", "12B-V2"))]
     assert [p for p in needed if not p.is_file()] == []
     assert sum(p.stat().st_size for p in REF.rglob("*") if p.is_file()) < 8 * 2**20
+
+
+def test_design_notes_cited_by_the_code_are_in_docs():
+    """No comment cites notes outside the repository (SPEC.md, DESIGN.md, PACKAGES.md); every
+    docs/*.md a file cites exists."""
+    sources = [p for ext in ("py", "md", "yaml", "sh", "toml") for p in REPO.glob(f"**/*.{ext}")
+               if not {".venv", ".venv-vllm", "build", "fixtures", ".git", "node_modules"} & set(p.parts)
+               and p.resolve() != Path(__file__).resolve()]
+    outside, missing = [], set()
+    for path in sources:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        outside += [f"{path.relative_to(REPO)}:{n}" for n, line in enumerate(text.splitlines(), 1)
+                    if re.search(r"\b(SPEC|DESIGN|PACKAGES)\.md\b", line)]
+        missing |= {m for m in re.findall(r"\bdocs/[\w.-]+\.md\b", text) if not (REPO / m).is_file()}
+    assert outside == [] and missing == set()
