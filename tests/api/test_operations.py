@@ -206,11 +206,11 @@ def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api
         for _ in streams:
             assert started.acquire(timeout=60)
         legacy = pool.submit(legacy_stream)
-        assert wait_for(lambda: metric(server, "telechat:num_requests_running") >= 7, 30)
+        assert wait_for(lambda: metric(server, "telechat:num_requests_running") >= 7, 90)
         # Two more wait in the queue (the batch is full): they end without any text.
         queued_chat = pool.submit(httpx.post, server.url + CHAT, json={**LONG, "stream": False}, timeout=60)
         queued_v2 = pool.submit(httpx.post, server.url + "/telechat/gptDialog/v2", json={"dialog": HELLO}, timeout=60)
-        assert wait_for(lambda: metric(server, "telechat:num_requests_waiting") >= 2, 30)
+        assert wait_for(lambda: metric(server, "telechat:num_requests_waiting") >= 2, 90)
         t0 = time.monotonic()
         server.proc.terminate()
         time.sleep(0.5)
@@ -228,7 +228,7 @@ def test_sigterm_ends_long_streams_with_error_event_and_done(demo_model_dir, api
     chat, v2 = queued_chat.result(), queued_v2.result()
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "shutting_down", chat.text
     assert v2.status_code == 503 and v2.json()["code"] == 10903 and "shutting down" in v2.json()["detail"], v2.text
-    assert 1.5 < ended < 15, ended
-    assert server.proc.wait(30) == 0
-    assert time.monotonic() - t0 < 20
+    assert 1.5 < ended < 30, ended  # the grace period, then one engine step (seconds on a busy CPU)
+    assert server.proc.wait(60) == 0
+    assert time.monotonic() - t0 < 45
     assert "Traceback" not in server.log() and "CancelledError" not in server.log()
