@@ -97,6 +97,12 @@ class TrainArguments:
     precision: str = field(default="auto", metadata={
         "help": "auto = bf16 on a GPU that has it (else fp16), fp32 on CPU.",
         "choices": ("auto", "bf16", "fp16", "fp32")})
+    backend: str = field(default="deepspeed", metadata={
+        "help": "Full SFT sharding: deepspeed = DeepSpeed ZeRO as --zero/--deepspeed-config choose (--zero 0: "
+                "plain data parallel; ZeRO-2/3 can --offload); fsdp = PyTorch FSDP2 (weights, grads and optimizer "
+                "state sharded per decoder block, fp32 master weights, bf16 compute; faster than ZeRO-3 at equal "
+                "batch; GPUs only, launch with torchrun; --method full only). See jobs/finetune/README.md.",
+        "choices": ("deepspeed", "fsdp")})
     zero: int = field(default=0, metadata={
         "help": "DeepSpeed ZeRO stage from the configs shipped in jobs/finetune/ (0 = no DeepSpeed).",
         "choices": (0, 2, 3)})
@@ -104,6 +110,15 @@ class TrainArguments:
         "help": "With --zero 2/3: keep optimizer states (and ZeRO-3 params) in CPU memory."})
     deepspeed_config: str | None = field(default=None, metadata={
         "help": "Use this DeepSpeed JSON instead of the shipped one chosen by --zero/--offload."})
+    compile: str = field(default="auto", metadata={
+        "help": "torch.compile each decoder block (fuses norms, RoPE, SwiGLU and the adds: the largest "
+                "speed-up measured on H200, see bench/RESULTS.md). auto = on when training on a GPU (off on CPU, and in one process over several GPUs, where on is "
+                "refused: use torchrun). The first steps take about a minute longer while it compiles.",
+        "choices": ("auto", "on", "off")})
+    loss_chunk_tokens: int = field(default=4096, metadata={
+        "help": "Compute the training loss this many tokens at a time, never holding the whole [tokens, vocab] "
+                "logits (GBs for TeleChat's 160k vocabulary; recomputed in backward, ~2%% more compute). "
+                "0 = off (plain full logits). Evaluation is unaffected."})
     seed: int = field(default=42, metadata={"help": "Seed for data sampling, shuffling, init and dropout."})
     save_steps: int = field(default=500, metadata={
         "help": "Write a resumable checkpoint-N every this many optimizer steps."})

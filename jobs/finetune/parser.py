@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import types
 import typing
@@ -170,8 +171,10 @@ def check_args(args: FinetuneArguments) -> None:
         raise ArgsError("set --epochs > 0 or --max-steps > 0")
     if t.warmup < 0:
         raise ArgsError("--warmup must be >= 0 (a fraction < 1 or a step count)")
+    if t.loss_chunk_tokens < 0:
+        raise ArgsError("--loss-chunk-tokens must be >= 0 (0 = off)")
     _check_parallelism(t)
-    _check_precision(t)
+    _check_device(t)
     if t.lr is None:
         t.lr = DEFAULT_LR[t.method]
     if t.lr <= 0:
@@ -205,6 +208,16 @@ def _check_sources(args: FinetuneArguments) -> None:
 
 
 def _check_parallelism(t) -> None:
+    if t.backend == "fsdp":
+        if t.method != "full":
+            raise ArgsError("--backend fsdp shards full SFT; LoRA trains a small adapter: drop --backend fsdp "
+                            "(one GPU, or plain data parallel under torchrun)")
+        if not _cuda():
+            raise ArgsError("--backend fsdp needs GPUs (accelerate runs FSDP on accelerators only, not on CPU "
+                            "processes): on CPU use --backend deepspeed")
+        if t.zero or t.deepspeed_config or t.offload:
+            raise ArgsError("--zero/--deepspeed-config/--offload are DeepSpeed options: drop them with --backend fsdp, "
+                            "or use --backend deepspeed")
     if t.offload and t.zero == 0 and t.deepspeed_config is None:
         raise ArgsError("--offload is a DeepSpeed ZeRO feature: add --zero 2 or --zero 3")
     if t.deepspeed_config is not None and not Path(t.deepspeed_config).is_file():
@@ -214,10 +227,27 @@ def _check_parallelism(t) -> None:
                         "(or run with --zero 0)")
 
 
-def _check_precision(t) -> None:
+def _cuda() -> bool:
     import torch
 
-    cuda = torch.cuda.is_available()
+    return torch.cuda.is_available()
+
+
+def _check_device(t) -> None:
+    """Settle ``--precision auto`` and ``--compile auto`` for the GPUs (or CPU) this process sees."""
+    import torch
+
+    cuda = _cuda()
+    # One process seeing several GPUs: the Trainer replicates the model with nn.DataParallel, whose
+    # replicas cannot run blocks compiled for the first GPU.
+    data_parallel = (cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ
+                     and not (t.zero or t.deepspeed_config) and t.backend != "fsdp")
+    if t.compile == "auto":
+        t.compile = "on" if cuda and not data_parallel else "off"
+    if t.compile == "on" and data_parallel:
+        raise ArgsError(f"--compile on cannot run in one process over {torch.cuda.device_count()} GPUs (the Trainer's "
+                        "DataParallel): launch with torchrun --nproc_per_node N, or make one GPU visible "
+                        "(CUDA_VISIBLE_DEVICES=0)")
     if t.precision == "auto":
         t.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if t.precision == "fp16" and not cuda:

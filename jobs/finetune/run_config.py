@@ -3,7 +3,8 @@
 ``--resume`` reads the file, so a resumed run is the same run: an option not given again comes
 from it, and a changed option that shapes the model or the data it sees is refused, by name.
 The options in :data:`MAY_CHANGE` (how long to train, how often to save, log and evaluate,
-activation memory, the merged export) may change. The file is also a valid ``--config``:
+activation memory, block compilation, the loss chunking, the merged export) may change;
+``--backend`` is fixed like ``--zero`` (the checkpoints differ). The file is also a valid ``--config``:
 ``--config OUT/run_config.yaml --output NEW`` starts a new run with the same settings.
 """
 
@@ -21,7 +22,7 @@ from jobs.finetune.hparams import GROUPS, FinetuneArguments, TrainArguments
 
 RUN_CONFIG = "run_config.yaml"
 MAY_CHANGE = frozenset({"epochs", "max_steps", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
-                        "gradient_checkpointing", "merge"})
+                        "gradient_checkpointing", "compile", "loss_chunk_tokens", "merge"})
 """Options a resumed run may change; every other one is fixed for the run."""
 NOT_SAVED = frozenset({"output", "resume", "overwrite"})
 """Where and how this invocation runs, not what the run is."""

@@ -8,7 +8,9 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from transformers import TrainingArguments, set_seed
@@ -19,7 +21,7 @@ from jobs.finetune.dataset import Collator, RowDataset, build_rows, encode_all
 from jobs.finetune.export import export_checkpoint
 from jobs.finetune.hparams import FinetuneArguments
 from jobs.finetune.merge import merge_lora
-from jobs.finetune.model_setup import build_model
+from jobs.finetune.model_setup import build_model, model_config
 from jobs.finetune.parser import ArgsError, last_checkpoint
 from jobs.finetune.run_config import save_run_config, training_done
 from jobs.finetune.trainer import SFTTrainer
@@ -32,6 +34,8 @@ from telechat.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent
+FSDP_SHARDS = "pytorch_model_fsdp_0"
+"""Where accelerate writes a sharded FSDP model inside ``checkpoint-N``."""
 ADAM_BETAS = (0.9, 0.95)  # the official TeleChat fine-tuning betas (docs/fine-tune-and-quant.md)
 
 
@@ -45,37 +49,59 @@ def deepspeed_config(args: FinetuneArguments) -> str | None:
     return str(CONFIG_DIR / f"ds_zero{t.zero}{'_offload' if t.offload else ''}.json")
 
 
-def init_deepspeed_distributed() -> None:
-    """Start DeepSpeed's process group before the model exists (ZeRO-3 partitions weights at init
-    and sizes its batch from DeepSpeed's own world size). Run without a launcher, give it a
-    one-process rendezvous instead of the MPI discovery it would otherwise attempt."""
-    import deepspeed
+def fsdp_config(args: FinetuneArguments) -> dict | None:
+    """The Trainer's ``fsdp_config`` for ``--backend fsdp`` (FSDP2 through accelerate); None otherwise.
 
+    The model comes already sharded (:func:`jobs.finetune.model_setup.shard_fsdp2`); the Trainer
+    and accelerate save and load its sharded checkpoints (each rank writes its part) and gather
+    the full state dict for the export.
+    """
+    if args.train.backend != "fsdp":
+        return None
+    return {"version": 2, "auto_wrap_policy": "NO_WRAP", "state_dict_type": "SHARDED_STATE_DICT"}
+
+
+def single_process_rendezvous() -> None:
+    """Run without a launcher: a one-process group (DeepSpeed would otherwise attempt MPI
+    discovery, and the Trainer runs FSDP only in a distributed setting)."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def init_deepspeed_distributed() -> None:
+    """Start DeepSpeed's process group before the model exists (ZeRO-3 partitions weights at init
+    and sizes its batch from DeepSpeed's own world size)."""
+    import deepspeed
+
+    single_process_rendezvous()
     deepspeed.init_distributed()
 
 
 def training_arguments(args: FinetuneArguments, ds_config: str | None, has_eval: bool) -> TrainingArguments:
     """Map our options onto ``transformers.TrainingArguments``."""
     t = args.train
-    return TrainingArguments(
+    fsdp = fsdp_config(args)
+    targs = TrainingArguments(
         output_dir=t.output, seed=t.seed, use_cpu=not torch.cuda.is_available(),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup if t.warmup < 1 else int(t.warmup),
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1],
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        deepspeed=ds_config, **_checkpointing(args.model.gradient_checkpointing),
+        deepspeed=ds_config, fsdp=fsdp is not None, fsdp_config=fsdp,
+        **_checkpointing(args.model.gradient_checkpointing),
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
         logging_steps=t.logging_steps, logging_first_step=True, report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_num_workers=0,
     )
+    if fsdp is not None:
+        targs.device  # noqa: B018  (starts the process group and picks this rank's GPU: sharding needs both)
+    return targs
 
 
 def _checkpointing(enabled: bool) -> dict:
@@ -103,7 +129,8 @@ def run_sft(args: FinetuneArguments) -> Path:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = chat.end_id  # the Trainer counts tokens != pad as real ones
     export = Export(args, companions=[p for p in (source, tok_dir) if p is not None],
-                    generation_ids=None if generation else _generation_ids(chat, tokenizer))
+                    generation_ids=None if generation else _generation_ids(chat, tokenizer),
+                    config=lambda: model_config(args, tokenizer))
     if t.resume and training_done(Path(t.resume), t):
         return export.finished_run(Path(t.resume))
 
@@ -119,6 +146,8 @@ def run_sft(args: FinetuneArguments) -> Path:
             log.info("DeepSpeed compiles its C++/CUDA ops on first use: up to ~2 min without output "
                      "(cached in %s)", os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions"))
         init_deepspeed_distributed()
+    elif t.backend == "fsdp":
+        single_process_rendezvous()
     # Created before the model: with ZeRO-3 it switches model creation to partitioned init.
     targs = training_arguments(args, ds_config, has_eval=eval_rows is not None)
     model = build_model(args, tokenizer, zero3=is_deepspeed_zero3_enabled())
@@ -164,8 +193,9 @@ def _gathered_state_dict(trainer: SFTTrainer) -> dict[str, torch.Tensor]:
 class Export:
     """The final folders of a run: ``adapter/`` (LoRA) and ``model/`` (full, or LoRA merged)."""
 
-    def __init__(self, args: FinetuneArguments, companions: list[Path], generation_ids: dict[str, int] | None):
-        self.args, self.companions, self.generation_ids = args, companions, generation_ids
+    def __init__(self, args: FinetuneArguments, companions: list[Path], generation_ids: dict[str, int] | None,
+                 config: Callable[[], Any]):
+        self.args, self.companions, self.generation_ids, self.config = args, companions, generation_ids, config
         self.output = Path(args.train.output)
         self.lora = args.train.method == "lora"
         self.merge = not self.lora or args.train.merge
@@ -194,6 +224,9 @@ class Export:
                     for name in ("adapter_config.json", "adapter_model.safetensors"):
                         shutil.copy2(checkpoint / name, tmp / name)
                 self._merge()
+            elif (checkpoint / FSDP_SHARDS).is_dir():
+                config = self.config()
+                self._full(load_fsdp_shards(checkpoint / FSDP_SHARDS, config), config)
             else:
                 model = load_model(checkpoint, device="cpu", dtype="float32")
                 self._full(model.state_dict(), model.config)
@@ -206,6 +239,20 @@ class Export:
     def _full(self, state: dict[str, torch.Tensor], config) -> None:
         export_checkpoint(state, config, self.output / "model", dtype=DTYPES[self.args.train.precision],
                           companions=self.companions, generation_ids=self.generation_ids)
+
+
+def load_fsdp_shards(folder: Path, config) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of an FSDP checkpoint's sharded weights (``checkpoint-N/pytorch_model_fsdp_0``,
+    torch.distributed.checkpoint as accelerate writes it), read in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = model.state_dict()
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": state}, checkpoint_id=str(folder))  # fills the tensors in place
+    return state
 
 
 def _generation_ids(chat: ChatFormat, tokenizer) -> dict[str, int]:
