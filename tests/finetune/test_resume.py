@@ -117,3 +117,18 @@ def test_resume_refuses_a_changed_model_or_data_option(reference: Path, common: 
     [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "a resumed run keeps the options that shape its model and data" in message and named in message
     assert "\n" not in message
+
+
+def test_resume_refuses_a_changed_backend(reference: Path, common: list[str], tmp_path: Path, caplog):
+    """--backend is fixed for a run (DeepSpeed and FSDP checkpoints differ): a run recorded as FSDP
+    resumed with --backend deepspeed is refused by name. (FSDP itself needs GPUs, so the recorded
+    run is edited here.)"""
+    out = tmp_path / "out"
+    shutil.copytree(reference / f"checkpoint-{STEPS}", out / f"checkpoint-{STEPS}")
+    saved = (reference / "run_config.yaml").read_text(encoding="utf-8")
+    assert "backend: deepspeed" in saved
+    (out / "run_config.yaml").write_text(saved.replace("backend: deepspeed", "backend: fsdp"), encoding="utf-8")
+    with caplog.at_level(logging.ERROR):
+        assert main(common + ["--output", str(out), "--resume", "--backend", "deepspeed"]) == EXIT_USAGE
+    [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "--backend deepspeed (this run: fsdp)" in message
