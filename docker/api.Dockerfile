@@ -6,6 +6,11 @@ FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 # CUDA flavour of the torch wheel; must match a CUDA version the host driver supports (cu126 needs driver >= 560).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 
+# A PyPI mirror for the build (compose passes PIP_INDEX_URL / PIP_TRUSTED_HOST from .env; unset or empty =
+# pip's default index). The torch line below uses TORCH_INDEX_URL instead; a plain-http one needs its host here.
+ARG PIP_INDEX_URL
+ARG PIP_TRUSTED_HOST
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -25,9 +30,10 @@ RUN apt-get update \
  && chown -R telechat:telechat /home/telechat/.cache
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # torch first (its own, largest layer): the CUDA build of exactly the version pinned in pyproject.toml.
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$(grep -o 'torch==[0-9][0-9.]*' pyproject.toml)"
+COPY README.md ./
 COPY telechat ./telechat
 COPY services ./services
 COPY jobs ./jobs
@@ -41,7 +47,5 @@ USER 1000:1000
 ENV API_HOST=0.0.0.0 \
     API_PORT=8070
 EXPOSE 8070
-# Healthy = model loaded (/ready). A 7B checkpoint can take minutes to load from a slow disk.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/ready' % os.environ.get('API_PORT', '8070'), timeout=4)"]
+# Healthcheck (/ready = model loaded): compose.yaml, the one place healthchecks are defined.
 CMD ["python", "-m", "services.api"]

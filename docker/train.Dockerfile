@@ -6,6 +6,11 @@ FROM nvidia/cuda:12.6.3-devel-ubuntu24.04
 # CUDA flavour of the torch wheel; keep it equal to the base image's CUDA version.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 
+# A PyPI mirror for the build (compose passes PIP_INDEX_URL / PIP_TRUSTED_HOST from .env; unset or empty =
+# pip's default index). The torch line below uses TORCH_INDEX_URL instead; a plain-http one needs its host here.
+ARG PIP_INDEX_URL
+ARG PIP_TRUSTED_HOST
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -24,8 +29,9 @@ RUN apt-get update \
  && useradd --create-home --uid 1000 telechat
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$(grep -o 'torch==[0-9][0-9.]*' pyproject.toml)"
+COPY README.md ./
 COPY telechat ./telechat
 COPY services ./services
 COPY jobs ./jobs
@@ -33,9 +39,11 @@ COPY jobs ./jobs
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[train,quant]"
 
+# compose's finetune/quant entrypoint: runs the job as the owner of /models (no chown needed) and finetune
+# under torchrun when NPROC_PER_NODE asks for more than one process.
+COPY docker/train-entrypoint.sh /usr/local/bin/train-entrypoint
+
 # Numeric (= telechat) so orchestrators can verify the image does not run as root.
 USER 1000:1000
 WORKDIR /models
-# A one-shot job has no service to probe.
-HEALTHCHECK NONE
 CMD ["python", "-m", "telechat.cli", "--help"]

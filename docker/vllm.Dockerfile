@@ -30,8 +30,7 @@ USER 1000:1000
 ENV API_HOST=0.0.0.0 \
     API_PORT=8070
 EXPOSE 8070
-# vLLM listens only once the model is loaded, so /health answering means ready.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
-  CMD ["python3", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('API_PORT', '8070'), timeout=4)"]
+# Healthcheck (/health; vLLM listens only once the model is loaded): compose.yaml, the one place
+# healthchecks are defined.
 ENTRYPOINT []
 CMD ["python3", "-m", "telechat.vllm_plugin.serve"]

@@ -2,6 +2,11 @@
 #   docker build -f docker/web.Dockerfile -t telechat-stack-web .        (from the repository root)
 FROM python:3.11.13-slim-bookworm
 
+# A PyPI mirror for the build (compose passes PIP_INDEX_URL / PIP_TRUSTED_HOST from .env; unset or empty =
+# pip's default index). The torch line below uses TORCH_INDEX_URL instead; a plain-http one needs its host here.
+ARG PIP_INDEX_URL
+ARG PIP_TRUSTED_HOST
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -24,7 +29,6 @@ ENV WEB_HOST=0.0.0.0 \
     WEB_PORT=8501 \
     API_URL=http://api:8070
 EXPOSE 8501
-HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/_stcore/health' % os.environ.get('WEB_PORT', '8501'), timeout=4)"]
+# Healthcheck (/_stcore/health): compose.yaml, the one place healthchecks are defined.
 # `python -m services.web`, not `telechat web`: the `telechat` package imports torch, absent here.
 CMD ["python", "-m", "services.web"]
