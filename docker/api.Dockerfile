@@ -1,4 +1,4 @@
-# TeleChat API: CUDA runtime + Python venv + torch (CUDA build) + the `serve` extra.
+# TeleChat API: CUDA runtime + Python venv + torch (CUDA build) + the `serve` and `quant` extras.
 #   docker build -f docker/api.Dockerfile -t telechat-stack-api .        (from the repository root)
 # Versions live only in pyproject.toml; torch comes from the PyTorch CUDA index with that same pin.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
@@ -39,8 +39,14 @@ COPY services ./services
 COPY jobs ./jobs
 # The pinned torch already satisfies `torch==X` (a +cuXXX local version matches), so pip keeps the CUDA build.
 # The project's own requirements: pinned in pyproject.toml (the one place for versions).
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[serve]"
+# `quant` too: the API serves the GPTQ checkpoints the quant job writes (loading them needs gptqmodel, whose
+# dependencies build C extensions: the compiler is installed for this step only and removed after it).
+# hadolint ignore=DL3008,DL3013
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential python3-dev \
+ && pip install --no-cache-dir ".[serve,quant]" \
+ && apt-get purge -y --auto-remove build-essential python3-dev \
+ && rm -rf /var/lib/apt/lists/*
 
 # Numeric (= telechat) so orchestrators can verify the image does not run as root.
 USER 1000:1000
