@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Container lane: the compose stack for real, CPU only, on an engine of its own.
-#   sudo bash tests/containers/run.sh          (root; .ci/run calls it; about 15 min cold, less with a cache)
+#   sudo bash tests/containers/run.sh          (root; .ci/run calls it; ~7 min cold on 2 cores, <3 warm)
 #
 # 1. Installs Docker Engine (Debian docker.io) and Chromium if missing, starts its own dockerd (data root
 #    $LANE_STATE/docker keeps images and the layer cache between runs; exec root and socket under
