@@ -16,9 +16,11 @@ COPY services ./services
 COPY jobs ./jobs
 # --no-deps: the image's vLLM already brings torch, transformers, sentencepiece and safetensors at the
 # versions it was built and tested with; we add only the telechat package and its vllm.general_plugins
-# entry point. The import check fails the build at once if the plugin cannot load in this image.
+# entry point, plus pydantic-settings at our pin (the launcher's settings model; vLLM does not bring it).
+# The import check fails the build at once if the plugin cannot load in this image.
 # hadolint ignore=DL3013
 RUN python3 -m pip install --no-cache-dir --no-deps . \
+ && python3 -m pip install --no-cache-dir "$(grep -o 'pydantic-settings[^"]*' pyproject.toml)" \
  && python3 -c "import telechat.vllm_plugin.model, telechat.vllm_plugin.serve" \
  && (userdel --remove ubuntu 2>/dev/null || true) \
  && useradd --create-home --uid 1000 telechat \

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -25,18 +26,35 @@ log = logging.getLogger(__name__)
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
+BASE_RECORD = "telechat_base.json"
+"""Beside ``adapter_config.json``: the base folder relative to the adapter, so the adapter finds its
+base wherever the pair is mounted (``./models`` on the host, ``/models`` in the containers)."""
+
+
+def record_base(folder: Path, base: Path, final: Path) -> None:
+    """Write :data:`BASE_RECORD` into ``folder`` (the staged adapter that becomes ``final``)."""
+    relative = os.path.relpath(base.resolve(), final.resolve())
+    (folder / BASE_RECORD).write_text(json.dumps({"relative_to_adapter": relative}) + "\n", encoding="utf-8")
+
+
 def adapter_base(adapter: Path) -> Path:
-    """The base model folder recorded in ``adapter_config.json``; one line naming ``--base`` when it is not here."""
+    """The base model folder of an adapter: the absolute path in ``adapter_config.json``, else the
+    path relative to the adapter in :data:`BASE_RECORD`; one line naming ``--base`` when neither is here."""
     file = adapter / "adapter_config.json"
     if not file.is_file():
         raise CheckpointError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
+    candidates = [Path(base)] if base else []
+    record = adapter / BASE_RECORD
+    if record.is_file():
+        candidates.append(adapter / json.loads(record.read_text(encoding="utf-8"))["relative_to_adapter"])
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    if not candidates:
         raise CheckpointError(f"{file} names no base model; pass --base FOLDER")
-    if not (Path(base) / "config.json").is_file():
-        raise CheckpointError(f"the base model {base} named in {file} is not found here; "
-                              "pass --base FOLDER (the checkpoint the adapter was trained on)")
-    return Path(base)
+    raise CheckpointError(f"the base model {base} named in {file} is not found here; "
+                          "pass --base FOLDER (the checkpoint the adapter was trained on)")
 
 
 def merge_lora(base: str | Path, adapter: str | Path, output: str | Path, dtype: str = "auto",

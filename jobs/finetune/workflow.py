@@ -20,7 +20,7 @@ from jobs.finetune.data import load_conversations
 from jobs.finetune.dataset import Collator, RowDataset, build_rows, encode_all
 from jobs.finetune.export import export_checkpoint
 from jobs.finetune.hparams import FinetuneArguments
-from jobs.finetune.merge import merge_lora
+from jobs.finetune.merge import merge_lora, record_base
 from jobs.finetune.model_setup import build_model, model_config
 from jobs.finetune.parser import ArgsError, last_checkpoint
 from jobs.finetune.run_config import save_run_config, training_done
@@ -206,6 +206,7 @@ class Export:
         if self.lora:
             with staged(self.output / "adapter") as tmp:
                 model.save_pretrained(tmp, state_dict=state)  # PEFT keeps the adapter's tensors
+                record_base(tmp, Path(self.args.model.model), self.output / "adapter")
             self._merge()
         else:
             self._full(state, model.config)
@@ -223,6 +224,7 @@ class Export:
                 with staged(self.output / "adapter") as tmp:
                     for name in ("adapter_config.json", "adapter_model.safetensors"):
                         shutil.copy2(checkpoint / name, tmp / name)
+                    record_base(tmp, Path(self.args.model.model), self.output / "adapter")
                 self._merge()
             elif (checkpoint / FSDP_SHARDS).is_dir():
                 config = self.config()

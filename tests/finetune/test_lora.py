@@ -150,3 +150,21 @@ def test_merge_lora_elsewhere_without_the_base_says_pass_base(lora_run: Path, tm
     [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "the base model base named in" in message and "pass --base FOLDER" in message and "\n" not in message
     assert not (tmp_path / "m").exists()
+
+
+def test_adapter_finds_its_base_where_the_pair_is_mounted(lora_run: Path, tiny_model_dir: Path, tmp_path: Path):
+    """Adapter and base moved together (host ./models vs /models in the containers): the recorded
+    absolute base is gone, the path relative to the adapter still finds it."""
+    relative = json.loads((lora_run / "adapter" / merge.BASE_RECORD).read_text())["relative_to_adapter"]
+    assert not Path(relative).is_absolute()
+    mount = tmp_path / "mnt"
+    adapter = mount / lora_run.relative_to(lora_run.anchor) / "adapter"  # deep enough for every '..'
+    shutil.copytree(lora_run / "adapter", adapter)
+    base = (adapter / relative).resolve()
+    assert base.is_relative_to(mount)
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/base"}))
+    assert merge.adapter_base(adapter) == base
+    assert merge.main(["--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
