@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 USER, BOT, END, SYSTEM = "<_user>", "<_bot>", "<_end>", "<_system>"
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "bot": "assistant"}
@@ -88,8 +88,8 @@ class ChatFormat:
 
     def __init__(self, tokenizer: Any, generation_config: Mapping[str, Any] | None = None,
                  content_markers: ContentMarkers = "text") -> None:
-        if content_markers not in ("text", "control"):
-            raise ValueError(f"content_markers must be 'text' or 'control', got {content_markers!r}")
+        if content_markers not in get_args(ContentMarkers):
+            raise ValueError(f"content_markers must be one of {get_args(ContentMarkers)}, got {content_markers!r}")
         gen = dict(generation_config or {})
         self.content_markers = content_markers
         self.tokenizer = tokenizer

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from telechat.chat_format import ContentMarkers
 from telechat.engine.async_engine import AsyncEngine
 from telechat.engine.engine import EngineConfig, LLMEngine
 from telechat.engine.sampling import SamplingParams
@@ -64,12 +65,11 @@ class Runtime:
     defaults: GenerationDefaults
     is_demo: bool = False
     loaded_at: float = field(default_factory=time.time)
-    max_token_bytes: int = 0
-    """UTF-8 bytes of the longest vocabulary entry (0 = measure it from the tokenizer)."""
+    max_token_bytes: int = field(init=False)
+    """UTF-8 bytes of the longest vocabulary entry, measured once from the tokenizer."""
 
     def __post_init__(self) -> None:
-        if not self.max_token_bytes:
-            self.max_token_bytes = longest_token_bytes(self.tokenizer)
+        self.max_token_bytes = longest_token_bytes(self.tokenizer)
 
     @classmethod
     def load(
@@ -81,7 +81,7 @@ class Runtime:
         dtype: str = "auto",
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
-        content_markers: str = "text",
+        content_markers: ContentMarkers = "text",
         **config_overrides,
     ) -> Runtime:
         """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine.

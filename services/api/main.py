@@ -181,13 +181,13 @@ def _describe(errors: list[dict]) -> str:
                          "come in pairs)" for e in unicode[:MAX_DESCRIBED])
     parts, seen = [], set()
     for e in errors:
-        if _where(e) in seen:  # one complaint per field (a union reports one per branch)
+        loc, ctx = _where(e), e.get("ctx") or {}
+        if loc in seen:  # one complaint per field (a union reports one per branch)
             continue
-        seen.add(_where(e))
+        seen.add(loc)
         if len(parts) == MAX_DESCRIBED:
             parts.append("and more")
             break
-        loc, ctx = _where(e), e.get("ctx") or {}
         if e["type"] == "json_invalid":
             parts.append(f"the body is not valid JSON ({ctx.get('error', e['msg'])})")
         elif loc == "body" and e["type"] in ("model_attributes_type", "dict_type", "model_type"):

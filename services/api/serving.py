@@ -160,9 +160,19 @@ async def collect(request: Request, deltas: AsyncIterator[StreamDelta]) -> tuple
     if work.cancelled():
         raise APIError(499, "the client disconnected", code="client_closed_request")
     text, last = work.result()
-    if last is None or last.finish_reason not in ("stop", "length"):
+    if not completed(last):
         raise failure(last)
     return text, last
+
+
+def completed(d: StreamDelta | None) -> bool:
+    """True for the final delta of a generation that finished (stop or length)."""
+    return d is not None and d.finish_reason in ("stop", "length")
+
+
+def ended_early(d: StreamDelta) -> bool:
+    """True for the final delta of a generation that did not finish (error, abort, shutdown)."""
+    return d.finish_reason is not None and not completed(d)
 
 
 def failure(last: StreamDelta | None) -> APIError:
@@ -200,7 +210,7 @@ def _sse_error(e: APIError) -> str:
 
 def _check(d: StreamDelta) -> bool:
     """True for the final delta of a successful generation; raises :class:`StreamFailed` for a failed one."""
-    if d.finish_reason and d.finish_reason not in ("stop", "length"):
+    if ended_early(d):
         raise StreamFailed(failure(d))
     return d.finish_reason is not None
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from telechat.chat_format import ContentMarkers
 from telechat.settings import ApiHost, ApiKey, ApiPort, ModelName, ModelSettings
 
 MAX_BODY_BYTES = 1 << 20
@@ -31,7 +32,7 @@ class Settings(ModelSettings):
     shutdown_grace_s: int = Field(10, ge=0, le=3600, description="on SIGTERM/SIGINT, seconds running requests "
                                   "may take to finish; then each ends with an error event (streams) or a 503",
                                   json_schema_extra={"flags": ["--shutdown-grace"]})
-    content_markers: Literal["text", "control"] = Field(
+    content_markers: ContentMarkers = Field(
         "text", description="marker strings (<_user>, <_bot>, <_end>, <_system>) typed inside message content: "
         "`text` = plain text (default), `control` = read as the markers, as the official service does")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")

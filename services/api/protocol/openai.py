@@ -18,7 +18,16 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from services.api.protocol.fields import NonEmptyText, Seed, Text
@@ -163,13 +172,6 @@ StopField = Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(max_len
 class _SamplingFields(_Request):
     """Sampling fields shared by chat and completions requests (each declares its own order)."""
 
-    @field_validator("temperature", check_fields=False)
-    @classmethod
-    def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v}")
-        return v
-
     def _sampling_overrides(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
@@ -194,7 +196,13 @@ _CHAT_EXAMPLE = {
     "stream_options": {"include_usage": True},
 }
 
-Temperature = Annotated[float | None, Field(ge=0, le=2), WithJsonSchema({
+def _zero_or_min_temperature(v: float | None) -> float | None:
+    if v is not None and 0 < v < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {v}")
+    return v
+
+
+Temperature = Annotated[float | None, Field(ge=0, le=2), AfterValidator(_zero_or_min_temperature), WithJsonSchema({
     "anyOf": [{"const": 0}, {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2}, {"type": "null"}],
     "description": f"0 = greedy; otherwise {MIN_TEMPERATURE} to 2."})]
 TopP = Annotated[float | None, Field(gt=0, le=1)]

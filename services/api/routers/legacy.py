@@ -67,7 +67,7 @@ async def dialog_stream(body: DialogRequest, rt: RuntimeDep, state: StateDep):
     prompt, params = await _prepare(body, rt)
     deltas = await serving.start(state, rt, prompt, params, new_id("dialog"))
     first = await anext(deltas, None)
-    if first is None or (first.finish_reason and first.finish_reason not in ("stop", "length")):
+    if first is None or serving.ended_early(first):
         await deltas.aclose()
         e = serving.failure(first)
         return JSONResponse(LegacyError(FAILED, e.message).body(), status_code=e.status)
@@ -78,7 +78,7 @@ async def dialog_stream(body: DialogRequest, rt: RuntimeDep, state: StateDep):
             while d is not None:
                 if d.text:
                     yield d.text.encode("utf-8")
-                if d.finish_reason and d.finish_reason not in ("stop", "length"):
+                if serving.ended_early(d):
                     yield _error_line(serving.failure(d))
                 d = await anext(deltas, None)
         except Exception as e:  # noqa: BLE001 - this stream only, ended with its error line
