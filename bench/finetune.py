@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from telechat.config import preset  # noqa: E402
-from telechat.modeling import TelechatBlock, TelechatForCausalLM  # noqa: E402
+from telechat.model.config import preset  # noqa: E402
+from telechat.model.modeling import TelechatBlock, TelechatForCausalLM  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 """Dense bf16 peak per GPU (no sparsity), by name fragment."""
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
                    "(default: what the Trainer's \"auto\" picks, hidden_size² and 0.9·hidden_size²)")
     p.add_argument("--gc", action="store_true", help="activation checkpointing (saves memory, costs ~1/3 more compute)")
     p.add_argument("--loss-chunk", type=int, help="chunked LM-head + cross-entropy, this many tokens at a time "
-                   "(telechat.losses: no full logits in memory)")
+                   "(telechat.model.losses: no full logits in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block (fuses norms, RoPE, SwiGLU)")
     p.add_argument("--profile", action="store_true", help="profile one step after the timed ones and print the "
                    "top GPU kernels and time per kernel family")

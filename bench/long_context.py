@@ -40,8 +40,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def build_random_model(preset_name: str, dtype: torch.dtype, device: str, **overrides):
     """A :class:`TelechatForCausalLM` of a released shape with random weights, built on ``device``."""
-    from telechat.config import preset
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import preset
+    from telechat.model.modeling import TelechatForCausalLM
 
     config = preset(preset_name, architectures=["TelechatForCausalLM"], **overrides)
     default = torch.get_default_dtype()
@@ -152,9 +152,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    from telechat.config import TelechatConfig
-    from telechat.eval_ppl import load_token_ids
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.tools.eval_ppl import load_token_ids
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)

@@ -55,8 +55,8 @@ def build_checkpoint(path: Path, preset_name: str, layers: int | None) -> None:
     """
     import torch
 
-    from telechat.config import preset
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import preset
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer
 
     cfg = preset(preset_name, **({"n_layer": layers} if layers else {}), architectures=["TelechatForCausalLM"])
@@ -132,8 +132,8 @@ def main() -> None:
         raise SystemExit("bench/quant.py needs a CUDA GPU (GPTQ int4 kernels and the timings are GPU figures)")
     from jobs.output import owned_temp_dir
     from jobs.quant.gptq import quantize
-    from telechat.checkpoint import load_model
-    from telechat.quantized import load_quantized
+    from telechat.model.loader import load_model
+    from telechat.model.quantized import load_quantized
 
     src, out = args.work_dir / f"{args.preset}-bf16", args.work_dir / f"{args.preset}-int{args.bits}"
     record("setup", card=torch.cuda.get_device_name(), torch=torch.__version__,

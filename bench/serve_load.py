@@ -61,8 +61,8 @@ def random_weights_model(preset_name: str, out: Path) -> Path:
     """
     import torch
 
-    from telechat.config import preset
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import preset
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     special = build_demo_tokenizer(out)

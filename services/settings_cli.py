@@ -29,11 +29,13 @@ from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from telechat.errors import UserError
+
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("settings_environ", default=None)
 """The environment the models read; None = ``os.environ`` (``load`` swaps in its own)."""
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A bad setting (flag, environment or file); the message is one line saying which and why."""
 
     exit_code = 2

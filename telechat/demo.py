@@ -68,8 +68,8 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, train_steps: int = D
     interrupted build never leaves a half-written model behind.
     """
     from telechat.chat_format import ChatFormat
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     out = Path(out_dir)

@@ -12,8 +12,8 @@ def register() -> None:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from telechat.config import Telechat2Config, TelechatConfig
-    from telechat.modeling import Telechat2ForCausalLM, TelechatForCausalLM
+    from telechat.model.config import Telechat2Config, TelechatConfig
+    from telechat.model.modeling import Telechat2ForCausalLM, TelechatForCausalLM
 
     for cfg, model in ((TelechatConfig, TelechatForCausalLM), (Telechat2Config, Telechat2ForCausalLM)):
         AutoConfig.register(cfg.model_type, cfg, exist_ok=True)

@@ -6,7 +6,6 @@ answers chat messages.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,10 +32,9 @@ class GenerationDefaults:
     do_sample: bool = False
 
     @classmethod
-    def from_folder(cls, path: Path) -> GenerationDefaults:
-        """Read the defaults, falling back to the official values when the file is absent."""
-        f = path / "generation_config.json"
-        raw = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    def from_config(cls, raw: dict | None) -> GenerationDefaults:
+        """The defaults of a ``generation_config.json`` (None: the official values)."""
+        raw = raw or {}
         return cls(**{k: raw[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample")
                       if k in raw})
 
@@ -89,21 +87,20 @@ class Runtime:
         ``content_markers``: how marker strings typed inside chat contents are read (see
         :class:`~telechat.chat_format.ChatFormat`)."""
         from telechat.chat_format import ChatFormat
-        from telechat.checkpoint import inspect_checkpoint, load_model
+        from telechat.model.checkpoint import inspect_checkpoint
+        from telechat.model.loader import load_model
         from telechat.tokenizer import load_tokenizer
 
         path = Path(path).expanduser().resolve()
-        info = inspect_checkpoint(path, need_tokenizer=True)
-        model = load_model(path, device=device, dtype=dtype, **config_overrides)
+        info = inspect_checkpoint(path, need_tokenizer=True)  # config + generation config, read once
+        model = load_model(info, device=device, dtype=dtype, **config_overrides)
         if lora:
             model = merge_adapter(model, lora)
         tokenizer = load_tokenizer(path)
-        gen_path = path / "generation_config.json"
-        generation = json.loads(gen_path.read_text(encoding="utf-8")) if gen_path.is_file() else None
-        chat = ChatFormat(tokenizer, generation, content_markers=content_markers)
+        chat = ChatFormat(tokenizer, info.generation, content_markers=content_markers)
         engine = AsyncEngine(LLMEngine(model, engine_config))
         return cls(name=name or path.name, path=path, model=model, tokenizer=tokenizer, chat=chat, engine=engine,
-                   defaults=GenerationDefaults.from_folder(path), is_demo=info.is_demo)
+                   defaults=GenerationDefaults.from_config(info.generation), is_demo=info.is_demo)
 
     @property
     def max_model_len(self) -> int:
@@ -164,8 +161,8 @@ def longest_token_bytes(tokenizer) -> int:
 
 
 def check_adapter(adapter: str | Path) -> Path:
-    """The LoRA adapter folder, or :class:`~telechat.checkpoint.CheckpointError` saying what is wrong."""
-    from telechat.checkpoint import CheckpointError
+    """The LoRA adapter folder, or :class:`~telechat.model.checkpoint.CheckpointError` saying what is wrong."""
+    from telechat.model.checkpoint import CheckpointError
 
     adapter = Path(adapter).expanduser()
     if not (adapter / "adapter_config.json").is_file():

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from services.settings_cli import CliSettings
-from telechat.config import ROPE_MODES, RopeMode
+from telechat.model.config import ROPE_MODES, RopeMode
 
 ModelPath = Annotated[str | None, Field(
     description="checkpoint folder; unset = the built-in demo model (built on first use)",

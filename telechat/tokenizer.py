@@ -388,7 +388,7 @@ def register_tokenizers() -> None:
     ``AutoTokenizer.register`` (slow name → fast class alias); idempotent."""
     from transformers import AutoTokenizer
 
-    from telechat.config import TelechatConfig
+    from telechat.model.config import TelechatConfig
 
     AutoTokenizer.register(
         TelechatConfig,

@@ -9,7 +9,7 @@ from jobs.finetune.data import read_jsonl
 from jobs.finetune.dataset import encode
 from jobs.quant.calib import calibration_records
 from telechat.chat_format import ChatFormat
-from telechat.eval_ppl import load_token_ids
+from telechat.tools.eval_ppl import load_token_ids
 
 RECORDS = [
     {"input": "<_user>你好", "output": "你好！"},

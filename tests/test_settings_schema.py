@@ -39,7 +39,7 @@ def _help(component: str, capsys) -> str:
     import deploy
     from services.api.main import parse_settings
     from services.web.launch import main as web_main
-    from telechat.chat_cli import generate_main
+    from telechat.tools.chat_cli import generate_main
     from telechat.vllm_plugin.serve import parse_args as vllm_parse
 
     entry = {"api": parse_settings, "web": web_main, "chat": generate_main, "vllm": vllm_parse,

@@ -18,7 +18,8 @@ import torch
 from jobs.finetune.export import export_checkpoint
 from jobs.output import check_output
 from jobs.quiet import import_gptqmodel_quietly, setup_logging
-from telechat.checkpoint import DTYPES, CheckpointError, first_line, load_model
+from telechat.model.checkpoint import DTYPES, CheckpointError, first_line
+from telechat.model.loader import load_model
 from telechat.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from torch import nn
 from jobs.finetune.hparams import FinetuneArguments, ModelArguments
 from jobs.finetune.parser import ArgsError
 from jobs.quiet import import_gptqmodel_quietly, rank
-from telechat.checkpoint import DTYPES, CheckpointError, inspect_checkpoint, load_model
-from telechat.config import PRESETS, TelechatConfig, preset
+from telechat.model.checkpoint import DTYPES, CheckpointError, inspect_checkpoint
+from telechat.model.loader import load_model
+from telechat.model.config import PRESETS, TelechatConfig, preset
 
 log = logging.getLogger(__name__)
 

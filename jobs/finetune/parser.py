@@ -22,8 +22,8 @@ import yaml
 from jobs.finetune.hparams import GROUPS, FinetuneArguments
 from jobs.finetune.run_config import RUN_CONFIG, changed_options
 from jobs.output import is_nonempty_dir
-from telechat.checkpoint import inspect_checkpoint
-from telechat.config import PRESETS
+from telechat.model.checkpoint import inspect_checkpoint
+from telechat.model.config import PRESETS
 from telechat.errors import UserError
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")

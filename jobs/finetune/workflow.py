@@ -28,7 +28,8 @@ from jobs.finetune.trainer import SFTTrainer
 from jobs.output import staged
 from jobs.quiet import rank
 from telechat.chat_format import ChatFormat
-from telechat.checkpoint import DTYPES, load_model
+from telechat.model.checkpoint import DTYPES
+from telechat.model.loader import load_model
 from telechat.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

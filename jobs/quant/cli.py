@@ -62,7 +62,7 @@ def build_parser(prog: str = "telechat quantize") -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Cross-field checks, before any model is loaded."""
-    from telechat.checkpoint import inspect_checkpoint
+    from telechat.model.checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(args.model)
     if info.quantized:
@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> Path:
     from jobs.quant.calib import load_calibration, load_eval_tokens
     from jobs.quant.report import QuantReport, evaluate, weights_mb
     from telechat.chat_format import ChatFormat
-    from telechat.checkpoint import DTYPES, load_model, resolve_device
-    from telechat.quantized import load_quantized
+    from telechat.model.checkpoint import DTYPES, resolve_device
+    from telechat.model.loader import load_model
+    from telechat.model.quantized import load_quantized
     from telechat.tokenizer import load_tokenizer
 
     _check_args(args)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from telechat.perplexity import perplexity
+from telechat.tools.perplexity import perplexity
 
 log = logging.getLogger(__name__)
 

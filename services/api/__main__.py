@@ -2,6 +2,7 @@
 
 import sys
 
-from telechat.cli import main
+from services.commands import SERVE
+from telechat.cli import run
 
-sys.exit(main(["serve", *sys.argv[1:]]))
+sys.exit(run(SERVE, "serve", sys.argv[1:]))

@@ -49,7 +49,7 @@ LEGACY_PREFIX = "/telechat/"
 
 def load_runtime(settings: Settings):
     """Load the configured model (the built-in demo when none is) and start its engine."""
-    from telechat.checkpoint import inspect_checkpoint
+    from telechat.model.checkpoint import inspect_checkpoint
     from telechat.engine.engine import EngineConfig
     from telechat.runtime import Runtime, resolve_model_path
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(list(argv or []))
     logging.getLogger().setLevel(settings.log_level.upper())
     if settings.model_path:  # fail fast, before binding the port, on a folder that cannot work
-        from telechat.checkpoint import inspect_checkpoint
+        from telechat.model.checkpoint import inspect_checkpoint
 
         inspect_checkpoint(Path(settings.model_path), need_tokenizer=True)
     if settings.lora_path:

@@ -169,7 +169,7 @@ class GenerationDefaults:
 
 
 DEMO_MODEL_ID = "telechat-demo"
-"""The id every backend gives the built-in demo model (``telechat.checkpoint.DEMO_MODEL_NAME``; the UI
+"""The id every backend gives the built-in demo model (``telechat.model.checkpoint.DEMO_MODEL_NAME``; the UI
 imports nothing of the runtime). Servers without our ``telechat_demo`` field (vLLM) are read by it."""
 
 

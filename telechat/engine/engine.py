@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from telechat.engine.kv_cache import BlockAllocator, PagedKVCache
 from telechat.engine.runner import ModelRunner, StepInput
 from telechat.engine.sampling import SamplingParams, sample
-from telechat.rope import RopeParams
+from telechat.model.rope import RopeParams
 
 log = logging.getLogger(__name__)
 

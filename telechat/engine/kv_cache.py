@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from telechat.attention import attention
+from telechat.model.attention import attention
 from telechat.engine.paged_attention import paged_decode_attention
-from telechat.kernels import rope_and_cache
-from telechat.rope import apply_rope
+from telechat.model.kernels import rope_and_cache
+from telechat.model.rope import apply_rope
 
 
 class BlockAllocator:
@@ -77,7 +77,7 @@ class PrefillChunk:
 class StepAttention:
     """Attention metadata for one engine step over a flat batch of tokens.
 
-    Passed to the model as its cache object: :class:`~telechat.modeling.TelechatAttention` calls
+    Passed to the model as its cache object: :class:`~telechat.model.modeling.TelechatAttention` calls
     :meth:`attend` with the step's q/k/v (``[T, heads, d]``, RoPE applied). The first
     ``decode_rows`` tokens are single-token decodes (one per sequence), the rest prefill chunks.
     """

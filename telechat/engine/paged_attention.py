@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from telechat.attention import attention
+from telechat.model.attention import attention
 
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton

@@ -23,7 +23,7 @@ import torch
 
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
 from telechat.engine.paged_attention import partition_size
-from telechat.rope import RopeParams, cos_sin, inv_freq
+from telechat.model.rope import RopeParams, cos_sin, inv_freq
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DecodeBuffers:
 
 
 class ModelRunner:
-    """Runs :class:`~telechat.modeling.TelechatForCausalLM` weights over the paged cache."""
+    """Runs :class:`~telechat.model.modeling.TelechatForCausalLM` weights over the paged cache."""
 
     def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int, max_rows: int,
                  cuda_graphs: bool | None = None, compile: bool = False):

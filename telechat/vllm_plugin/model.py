@@ -2,7 +2,7 @@
 
 Module names follow the official checkpoints (``transformer.h.{i}.self_attention.dense``, ...), so
 the 12B layout's keys load as they are and the 7B layout's (no ``transformer.`` prefix) go through
-:func:`telechat.checkpoint.canonical_key`. Per layer:
+:func:`telechat.model.checkpoint.canonical_key`. Per layer:
 
 | checkpoint tensor                     | vLLM parameter (tensor/pipeline parallel)                   |
 |---------------------------------------|-------------------------------------------------------------|
@@ -13,7 +13,7 @@ the 12B layout's keys load as they are and the 7B layout's (no ``transformer.`` 
 | ``mlp.down_proj.weight/bias``         | ``mlp.down_proj`` (RowParallelLinear, bias)                 |
 
 The head is ``lm_head`` (12B) or tied to ``word_embeddings`` (7B, ``tie_word_embeddings`` true).
-Math as :mod:`telechat.modeling`: pre-norm blocks, RMSNorm, SwiGLU, NeoX RoPE with the NTK base and
+Math as :mod:`telechat.model.modeling`: pre-norm blocks, RMSNorm, SwiGLU, NeoX RoPE with the NTK base and
 mscale of :mod:`telechat.vllm_plugin.rope`, causal MHA/GQA scaled by ``1/sqrt(head_dim)``.
 """
 
@@ -43,8 +43,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from telechat.checkpoint import canonical_key, split_key_value
-from telechat.config import TelechatConfig
+from telechat.model.checkpoint import canonical_key, split_key_value
+from telechat.model.config import TelechatConfig
 from telechat.vllm_plugin.rope import TelechatRotaryEmbedding, engine_rope_params
 
 STACKED = {  # checkpoint module → (fused vLLM module, shard id)

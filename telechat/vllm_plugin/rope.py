@@ -1,6 +1,6 @@
 """TeleChat's NTK-aware RoPE and attention scaling inside vLLM, under a per-engine policy.
 
-The rule itself is :func:`telechat.rope.rope_params` (docs/model.md, RoPE): for a sequence of length ``L``,
+The rule itself is :func:`telechat.model.rope.rope_params` (docs/model.md, RoPE): for a sequence of length ``L``,
 ``L_eff = max(L, training_seqlen)`` picks the NTK factor, the rotary base and ``mscale``. Our own
 engine fixes these per sequence at prefill. vLLM's rotary layer holds one cos/sin table per engine,
 so here they are fixed **per engine**, from the longest sequence it admits (``max_model_len``):
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
-from telechat.config import TelechatConfig
-from telechat.rope import RopeParams, inv_freq, rope_params
+from telechat.model.config import TelechatConfig
+from telechat.model.rope import RopeParams, inv_freq, rope_params
 
 
 def engine_rope_params(config: TelechatConfig, max_model_len: int) -> RopeParams:

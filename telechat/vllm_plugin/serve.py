@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         settings, extra = parse_args(sys.argv[1:] if argv is None else argv)
     except settings_cli.SettingsError as e:
         raise SystemExit(f"error: {e}") from None
-    from telechat.checkpoint import CheckpointError, inspect_checkpoint
+    from telechat.model.checkpoint import CheckpointError, inspect_checkpoint
     from telechat.demo import default_demo_dir, ensure_demo_model
 
     try:

@@ -31,8 +31,8 @@ def loop_model_dir(tmp_path_factory, tokenizer_12b_dir) -> Path:
     """
     import torch
 
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("loop-12b") / "loop-12b"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import torch
 
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.engine.engine import LLMEngine
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.text import TextStream

@@ -40,7 +40,7 @@ def _random_prompts(n: int, seed: int = 7) -> list[str]:
 @pytest.fixture(scope="module")
 def demo(demo_model_dir):
     from telechat.chat_format import ChatFormat
-    from telechat.checkpoint import load_model
+    from telechat.model.loader import load_model
     from telechat.tokenizer import load_tokenizer
 
     generation = json.loads((demo_model_dir / "generation_config.json").read_text(encoding="utf-8"))
@@ -85,7 +85,7 @@ def test_first_run_prompts_are_whole_characters(demo):
 def test_cli_and_server_build_the_same_demo(monkeypatch, tmp_path):
     """`telechat demo-model` trains as many steps as the server's ensure_demo_model."""
     import telechat.demo as demo_module
-    from telechat.chat_cli import demo_model_main
+    from telechat.tools.chat_cli import demo_model_main
 
     calls = []
     monkeypatch.setattr(demo_module, "build_demo_model", lambda out, **kw: calls.append(kw) or out)

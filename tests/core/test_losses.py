@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from telechat.config import TelechatConfig
-from telechat.modeling import TelechatForCausalLM
+from telechat.model.config import TelechatConfig
+from telechat.model.modeling import TelechatForCausalLM
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import telechat  # noqa: F401
-from telechat.checkpoint import CheckpointError, load_model
-from telechat.config import TelechatConfig
-from telechat.modeling import TelechatForCausalLM
+from telechat.model.checkpoint import CheckpointError
+from telechat.model.loader import load_model
+from telechat.model.config import TelechatConfig
+from telechat.model.modeling import TelechatForCausalLM
 
 
 def tiny(**kw) -> TelechatConfig:

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from telechat.config import TelechatConfig
+from telechat.model.config import TelechatConfig
 from telechat.engine.engine import EngineConfig, LLMEngine
 from telechat.engine.paged_attention import _gather_decode, paged_decode_attention, partition_size
 from telechat.engine.runner import StepInput
 from telechat.engine.sampling import SamplingParams
-from telechat.modeling import TelechatForCausalLM
+from telechat.model.modeling import TelechatForCausalLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from telechat.config import TelechatConfig
+from telechat.model.config import TelechatConfig
 from telechat.engine.async_engine import AsyncEngine
 from telechat.engine.engine import EngineConfig, LLMEngine
 from telechat.engine.sampling import SamplingParams
-from telechat.modeling import TelechatForCausalLM
+from telechat.model.modeling import TelechatForCausalLM
 
 VOCAB = 400
 GREEDY = SamplingParams(max_tokens=24, temperature=0)

@@ -35,8 +35,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-init tiny TeleChat checkpoint folder with tokenizer and generation_config.json."""
     import torch
 
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     out = tmp_path_factory.mktemp("finetune") / "tiny"

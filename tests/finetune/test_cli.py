@@ -13,7 +13,7 @@ import torch
 
 from jobs.finetune.cli import main
 from telechat.chat_format import ChatFormat
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.tokenizer import load_tokenizer
 from tests.conftest import REPO
 from tests.finetune.conftest import child_env, official_subset, run_cli

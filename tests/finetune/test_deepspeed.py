@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from tests.conftest import free_port
 from tests.finetune.conftest import log_history, official_subset, run_cli, step_losses
 from tests.finetune.test_lora import tensor_names

@@ -53,7 +53,7 @@ def test_fsdp_two_gpus(tmp_path: Path, tiny_model_dir: Path):
     assert tensor_names(out / "model") == tensor_names(tiny_model_dir)
     assert len(tensor_names(out / "model")) == 22
     assert json.loads((out / "model" / "config.json").read_text())["use_cache"] is True
-    from telechat.checkpoint import load_model
+    from telechat.model.loader import load_model
 
     model, base = load_model(out / "model", device="cpu"), load_model(tiny_model_dir, device="cpu")
     ids = torch.tensor([[4, 10, 20, 30, 5]])

@@ -15,7 +15,7 @@ from jobs.finetune import merge
 from jobs.finetune.cli import main
 from jobs.finetune.dataset import encode
 from telechat.chat_format import ChatFormat
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.tokenizer import load_tokenizer
 from tests.finetune.conftest import log_history, step_losses
 

@@ -9,7 +9,7 @@ import torch
 from jobs.finetune.data import read_jsonl
 from jobs.finetune.dataset import Collator, build_rows, encode
 from telechat.chat_format import ChatFormat
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.tokenizer import load_tokenizer
 
 

@@ -108,7 +108,7 @@ def test_fsdp_shards_load_as_the_full_state_dict(tmp_path: Path, tiny_model_dir:
     import torch.distributed.checkpoint as dcp
 
     from jobs.finetune.workflow import load_fsdp_shards
-    from telechat.checkpoint import load_model
+    from telechat.model.loader import load_model
 
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
     with torch.no_grad():

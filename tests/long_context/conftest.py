@@ -30,8 +30,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     scaling, change the logits noticeably.
     """
     import telechat  # noqa: F401  (registers the Auto classes)
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     out = tmp_path_factory.mktemp("long-context") / "tiny"
@@ -53,6 +53,6 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     """The tiny checkpoint loaded in float32 on CPU."""
-    from telechat.checkpoint import load_model
+    from telechat.model.loader import load_model
 
     return load_model(tiny_ckpt, device="cpu", dtype="float32")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.engine.engine import EngineConfig, LLMEngine
 from telechat.engine.sampling import SamplingParams
 from tests.long_context.conftest import GOLDEN_7B

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from telechat import cli
-from telechat.checkpoint import load_model
+from telechat.model.loader import load_model
 from telechat.errors import UserError
-from telechat.eval_ppl import (
+from telechat.tools.eval_ppl import (
     evaluate,
     load_token_ids,
     main,
@@ -20,7 +20,7 @@ from telechat.eval_ppl import (
     parse_lengths,
     rope_mode,
 )
-from telechat.perplexity import perplexity, window_nll
+from telechat.tools.perplexity import perplexity, window_nll
 from telechat.tokenizer import load_tokenizer
 from tests.long_context.conftest import TINY_TRAINING_SEQLEN
 
@@ -71,7 +71,7 @@ def test_evaluate_chunked_equals_unchunked_and_modes_split_past_training(tiny_mo
 
 
 def test_agrees_with_shared_perplexity_tool(tiny_model, stream):
-    """Non-overlapping windows score the same tokens as telechat.perplexity (the GPTQ report's tool)."""
+    """Non-overlapping windows score the same tokens as telechat.tools.perplexity (the GPTQ report's tool)."""
     result = evaluate(tiny_model, stream, [100], ["ntk+scaling"], windows=3, prefill_chunk=30, progress=False)[0]
     assert result.ppl == pytest.approx(perplexity(tiny_model, stream[:300], seq_len=100), rel=1e-5)
 
@@ -88,7 +88,7 @@ def test_mode_switch_restores_the_loaded_mode(tiny_ckpt, stream):
 
 def test_markdown_table_shape():
     """Rows = modes, columns = lengths, as the seed's long-context table."""
-    from telechat.eval_ppl import PplResult
+    from telechat.tools.eval_ppl import PplResult
 
     rows = [PplResult(m, L, p, math.log(p), 10, 1, 1.0, 1e4, 1.0)
             for m, p0 in (("none", 4.8), ("ntk+scaling", 4.0)) for L, p in ((2048, p0), (98304, p0 * 100))]

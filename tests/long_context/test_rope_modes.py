@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from telechat.checkpoint import CheckpointError, load_model
-from telechat.config import TelechatConfig
-from telechat.modeling import TelechatRotary
-from telechat.rope import rope_params
+from telechat.model.checkpoint import CheckpointError
+from telechat.model.loader import load_model
+from telechat.model.config import TelechatConfig
+from telechat.model.modeling import TelechatRotary
+from telechat.model.rope import rope_params
 from tests.long_context.conftest import GOLDEN_7B
 
 GOLDEN_LENGTHS = (7, 50, 200, 5000, 9000)

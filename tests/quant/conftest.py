@@ -30,8 +30,8 @@ def sft_file() -> Path:
 def trained_model(tmp_path_factory, sft_file: Path) -> Path:
     """A checkpoint folder (7B layout, demo BPE tokenizer) trained for a few hundred steps."""
     from telechat.chat_format import ChatFormat, messages_from_official
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     out = tmp_path_factory.mktemp("quant") / "small"

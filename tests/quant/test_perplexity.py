@@ -1,4 +1,4 @@
-"""telechat.perplexity: chunked loss == the model's own loss; windows and strides count each token once."""
+"""telechat.tools.perplexity: chunked loss == the model's own loss; windows and strides count each token once."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from telechat.perplexity import perplexity, window_nll
+from telechat.tools.perplexity import perplexity, window_nll
 
 
 def _tiny_model():
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
 
     torch.manual_seed(0)
     cfg = TelechatConfig(vocab_size=97, hidden_size=32, n_layer=2, n_head=2, ffn_hidden_size=64,

@@ -47,9 +47,9 @@ def test_output_layout(quantized, trained_model: Path):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_load_model_generates_and_engine_matches(quantized, bits: int):
-    """telechat.checkpoint.load_model returns quantized Linears (lm_head dense); greedy decoding
+    """telechat.model.checkpoint.load_model returns quantized Linears (lm_head dense); greedy decoding
     through generate() and through the serving engine give the same tokens."""
-    from telechat.checkpoint import load_model
+    from telechat.model.loader import load_model
     from telechat.engine.engine import LLMEngine
     from telechat.engine.sampling import SamplingParams
 
@@ -94,7 +94,8 @@ def _write_official_layout(src: Path, dst: Path) -> None:
 
 def test_official_autogptq_layout_loads_and_generates(quantized, tmp_path: Path):
     """The official layout gives the same logits as our layout (after the fp16 embedding cast) and generates."""
-    from telechat.checkpoint import inspect_checkpoint, load_model
+    from telechat.model.checkpoint import inspect_checkpoint
+    from telechat.model.loader import load_model
     from telechat.engine.engine import LLMEngine
     from telechat.engine.sampling import SamplingParams
 

@@ -43,8 +43,8 @@ def _write_tiny(out: Path, official_config: str, tokenizer_dir: Path | None, lay
     """A tiny checkpoint with the official config keys of ``official_config`` (shapes shrunk)."""
     from safetensors.torch import save_file
 
-    from telechat.config import TelechatConfig
-    from telechat.modeling import TelechatForCausalLM
+    from telechat.model.config import TelechatConfig
+    from telechat.model.modeling import TelechatForCausalLM
     from telechat.tokenizer import build_demo_tokenizer, load_tokenizer
 
     out.mkdir(parents=True)
@@ -112,7 +112,7 @@ class Native:
     """Our own model on the same folder: the reference for logits and greedy decoding."""
 
     def __init__(self, model: Path) -> None:
-        from telechat.checkpoint import load_model
+        from telechat.model.loader import load_model
         from telechat.tokenizer import load_tokenizer
 
         self.model = load_model(model, device="cpu", dtype="float32")

@@ -32,7 +32,7 @@ def test_web_client_sees_a_ready_server_and_its_demo_model(server):
     """No /ready route on vLLM: the web client still reports READY; the demo model has our API's id
     (a drop-in for clients) and the UI labels it a demo."""
     from services.web.client import APIClient, Health
-    from telechat.checkpoint import DEMO_MODEL_NAME
+    from telechat.model.checkpoint import DEMO_MODEL_NAME
 
     client = APIClient(server.url)
     assert client.health() is Health.READY
@@ -46,7 +46,7 @@ def test_streamed_chinese_chat_uses_our_chat_format_and_matches_native_greedy(se
     ``<_user>…<_bot>`` format (same token count), and the greedy reply equals our native model's."""
     from services.web.client import APIClient, ChatParams
     from telechat.chat_format import ChatFormat
-    from telechat.checkpoint import DEMO_MODEL_NAME
+    from telechat.model.checkpoint import DEMO_MODEL_NAME
 
     client = APIClient(server.url, read_timeout=120)
     params = ChatParams(temperature=0.7, top_p=1.0, top_k=0, max_tokens=MAX_TOKENS, repetition_penalty=1.0,

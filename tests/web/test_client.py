@@ -181,6 +181,6 @@ def test_health_with_and_without_a_ready_route(statuses: dict[str, int], expecte
 
 def test_demo_model_id_is_the_runtime_name() -> None:
     """The UI's copy of the demo id (it imports nothing of the runtime) is the name every backend serves."""
-    from telechat.checkpoint import DEMO_MODEL_NAME
+    from telechat.model.checkpoint import DEMO_MODEL_NAME
 
     assert DEMO_MODEL_ID == DEMO_MODEL_NAME

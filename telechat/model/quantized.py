@@ -1,4 +1,4 @@
-"""GPTQ checkpoints as :class:`~telechat.modeling.TelechatForCausalLM` with quantized Linears.
+"""GPTQ checkpoints as :class:`~telechat.model.modeling.TelechatForCausalLM` with quantized Linears.
 
 Two layouts load (docs/fine-tune-and-quant.md, GPTQ):
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from telechat.checkpoint import (
+from telechat.model.checkpoint import (
     CheckpointError,
+    CheckpointInfo,
     canonical_key,
     first_line,
     inspect_checkpoint,
@@ -90,7 +91,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_quantized(
-    path: str | Path,
+    path: str | Path | CheckpointInfo,
     device: str = "auto",
     dtype: str | torch.dtype = "auto",
     *,
@@ -110,7 +111,7 @@ def load_quantized(
 
     import telechat  # noqa: F401  (registers the Auto classes)
 
-    info = inspect_checkpoint(path)
+    info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
     device = resolve_device(device)
     # GPTQ scales are stored in fp16 and the kernels run in the activation dtype: bf16 would round
     # every scale to 8 mantissa bits, so "auto" means fp16 on CUDA here.

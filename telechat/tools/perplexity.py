@@ -76,7 +76,7 @@ def perplexity(
     stride: int | None = None,
     chunk: int | None = None,
 ) -> float:
-    """``exp(mean NLL)`` of ``token_ids`` under ``model`` (a :class:`~telechat.modeling.TelechatForCausalLM`).
+    """``exp(mean NLL)`` of ``token_ids`` under ``model`` (a :class:`~telechat.model.modeling.TelechatForCausalLM`).
 
     Windows of ``seq_len`` tokens start every ``stride`` tokens (default ``seq_len``: non-overlapping).
     With ``stride < seq_len`` each window scores only the tokens the previous one did not, using the

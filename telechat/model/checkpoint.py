@@ -1,4 +1,4 @@
-"""Checkpoint discovery, validation and loading with errors a person can act on.
+"""Checkpoint discovery and validation with errors a person can act on (loading: :mod:`telechat.model.loader`).
 
 Official layouts (docs/model.md, checkpoint layouts) and how they map onto our parameter names (= official 12B names):
 
@@ -73,6 +73,8 @@ class CheckpointInfo:
     weight_files: tuple[Path, ...]
     quantized: bool
     is_demo: bool
+    generation: dict | None = None
+    """``generation_config.json`` as read with the config (None when the folder has none)."""
 
     def served_name(self, override: str | None = None) -> str:
         """The model id clients use: ``override``, else :data:`DEMO_MODEL_NAME` for the demo model,
@@ -96,7 +98,7 @@ def inspect_checkpoint(path: str | Path, *, need_tokenizer: bool = False) -> Che
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); restore it from the original release") from e
     archs = config.get("architectures") or []
-    from telechat.config import ARCHITECTURES
+    from telechat.model.config import ARCHITECTURES
 
     if config.get("model_type") not in ("telechat", "telechat2") or any(a not in ARCHITECTURES for a in archs):
         raise CheckpointError(
@@ -107,7 +109,17 @@ def inspect_checkpoint(path: str | Path, *, need_tokenizer: bool = False) -> Che
     if need_tokenizer and not any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raise CheckpointError(f"{path} has no tokenizer.model or tokenizer.json; copy the tokenizer files of the "
                               "release into the folder")
-    return CheckpointInfo(path, config, files, quantized, bool(config.get("telechat_demo")))
+    return CheckpointInfo(path, config, files, quantized, bool(config.get("telechat_demo")),
+                          _read_generation(path / "generation_config.json"))
+
+
+def _read_generation(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or delete it") from e
 
 
 def _weight_files(path: Path, quantized: bool) -> tuple[Path, ...]:
@@ -159,55 +171,6 @@ def resolve_device(device: str = "auto") -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} requested but no CUDA GPU is visible; use --device cpu")
     return device
-
-
-def load_model(
-    path: str | Path,
-    *,
-    device: str = "auto",
-    dtype: str | torch.dtype = "auto",
-    device_map: str | dict | None = None,
-    **config_overrides,
-):
-    """Load a TeleChat checkpoint (any official layout) as :class:`TelechatForCausalLM`, in eval mode.
-
-    Weights stream shard by shard onto a meta-initialised model (no second full copy in RAM), with
-    transformers' progress bar. ``config_overrides`` (e.g. ``rope_mode``, ``training_seqlen``,
-    ``base_seqlen``) replace config values for this load only.
-    """
-    import telechat  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    info = inspect_checkpoint(path)
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    if info.quantized:
-        from telechat.quantized import load_quantized
-
-        return load_quantized(info.path, device=device, dtype=dtype, **config_overrides)
-    overrides = {k: v for k, v in config_overrides.items() if v is not None}
-    try:
-        config = AutoConfig.from_pretrained(info.path, **overrides)
-        config.validate_telechat()  # overrides are applied after __init__'s own validation
-    except ValueError as e:
-        raise CheckpointError(f"{info.path / 'config.json'}: {first_line(e)}") from e
-    try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
-            output_loading_info=True,
-        )
-    except torch.OutOfMemoryError as e:
-        raise CheckpointError(f"out of memory loading {info.path} on {device} as {torch_dtype}; use a GPU with more "
-                              "memory, --device-map auto, a lower precision or a quantized checkpoint") from e
-    except Exception as e:  # noqa: BLE001 - safetensors/pickle/zip errors have no common base
-        raise CheckpointError(f"could not read the weights in {info.path} ({first_line(e)}); "
-                              "the files may be corrupt or incomplete: re-download them") from e
-    missing = [k for k in loading.get("missing_keys", ()) if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing:
-        raise CheckpointError(f"{info.path} lacks {len(missing)} tensors (first: {sorted(missing)[0]}); "
-                              "the checkpoint is incomplete or not a TeleChat checkpoint")
-    model.eval()
-    return model
 
 
 def first_line(e: BaseException) -> str:

@@ -6,7 +6,7 @@ Math per docs/model.md (forward pass): weight-only RMSNorm, fused per-head inter
 
 Parameter names equal the official 12B names (``transformer.h.N.self_attention.query.weight``,
 ``lm_head.weight``), so ``save_pretrained`` writes checkpoints the official code loads. The 7B
-layout (no ``transformer.`` prefix, tied head) is mapped on load by :mod:`telechat.checkpoint`.
+layout (no ``transformer.`` prefix, tied head) is mapped on load by :mod:`telechat.model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from telechat.attention import attention
-from telechat.config import Telechat2Config, TelechatConfig
-from telechat.kernels import rms_norm, silu_mul
-from telechat.losses import chunked_causal_lm_loss
-from telechat.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
+from telechat.model.attention import attention
+from telechat.model.config import Telechat2Config, TelechatConfig
+from telechat.model.kernels import rms_norm, silu_mul
+from telechat.model.losses import chunked_causal_lm_loss
+from telechat.model.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
 
 # transformers renamed the cache argument/output field `past_key_values` -> `cache` (5.2x); accept both.
 CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
@@ -290,7 +290,7 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     loss_chunk_tokens: int | None = None
     """When set, training forwards with ``labels`` compute the loss this many tokens at a time
-    without materialising the logits (:mod:`telechat.losses`) and return no logits."""
+    without materialising the logits (:mod:`telechat.model.losses`) and return no logits."""
 
     def __init__(self, config: TelechatConfig):
         super().__init__(config)
@@ -333,7 +333,7 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         new_cache = getattr(out, CACHE_FIELD)
         hidden = out.last_hidden_state
         if labels is not None and self.training and self.loss_chunk_tokens:
-            # Training: the loss without full logits (telechat.losses); no logits are returned.
+            # Training: the loss without full logits (telechat.model.losses); no logits are returned.
             loss = chunked_causal_lm_loss(self.lm_head, hidden, labels, self.loss_chunk_tokens,
                                           kwargs.get("num_items_in_batch"))
             return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: new_cache})

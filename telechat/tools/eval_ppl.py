@@ -6,7 +6,7 @@ official single-pass semantics: its RoPE parameters are those of a length-``L`` 
 position sees the whole window prefix. Memory stays bounded at any ``L``: the window goes through
 the model ``--chunk`` tokens at a time with a KV cache (``rope_length=L`` keeps all chunks on the
 same rotary base), and logits exist for ``DEFAULT_CHUNK`` positions at a time only (both in
-:func:`telechat.perplexity.window_nll`). So 7B at 96K
+:func:`telechat.tools.perplexity.window_nll`). So 7B at 96K
 needs the weights (14.4 GB) plus the window's KV cache (96K × 30 layers × 2 × 4096 × 2 B ≈ 47 GB).
 
 The result is printed as a Markdown table shaped like the seed's (rows = modes, columns =
@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from telechat.chat_format import ChatFormat
-from telechat.config import ROPE_MODES
+from telechat.model.config import ROPE_MODES
 from telechat.errors import UserError
-from telechat.perplexity import window_nll
+from telechat.tools.perplexity import window_nll
 from telechat.records import token_pieces
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--windows must be >= 1 and --chunk >= 0")
     data = Path(args.data)
 
-    from telechat.checkpoint import inspect_checkpoint, load_model
+    from telechat.model.checkpoint import inspect_checkpoint
+    from telechat.model.loader import load_model
     from telechat.tokenizer import load_tokenizer
 
     # Data problems surface before the (possibly 14 GB) weights are loaded.

@@ -124,7 +124,7 @@ if triton is not None:
 def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tensor:
     """Decode helper: rotate q and k (``[T, heads, d]``) by ``cos/sin [T, d]``, store the rotated k
     and v at ``slots`` of the caches (``[slots, n_kv, d]``), return the rotated q."""
-    from telechat.rope import apply_rope
+    from telechat.model.rope import apply_rope
 
     if not _use_triton(q) or q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1:
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from telechat.config import ROPE_MODES
+from telechat.model.config import ROPE_MODES
 
 
 @dataclass(frozen=True)

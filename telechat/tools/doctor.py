@@ -49,14 +49,14 @@ def main(argv: list[str]) -> int:
         print("cuda          no GPU visible (CPU only)")
     if not args.model:
         return 0
-    from telechat.checkpoint import CheckpointError, inspect_checkpoint
+    from telechat.model.checkpoint import CheckpointError, inspect_checkpoint
 
     try:
         info = inspect_checkpoint(args.model, need_tokenizer=True)
     except CheckpointError as e:
         print(f"model         INVALID: {e}")
         return 1
-    from telechat.config import TelechatConfig
+    from telechat.model.config import TelechatConfig
 
     cfg = TelechatConfig.from_pretrained(info.path)
     layout = "7B-style (tied head)" if cfg.tie_word_embeddings else "12B-style (untied lm_head)"
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     print(f"rope          training_seqlen {cfg.training_seqlen}, NTK base length {cfg.base_seqlen}, "
           f"mode {cfg.rope_mode}")
     if args.load:
-        from telechat.checkpoint import load_model
+        from telechat.model.loader import load_model
 
         try:
             model = load_model(info.path)

@@ -1,0 +1,1 @@
+"""Tools built on the model and the engine: chat/generate CLI, doctor, perplexity evaluation."""
