@@ -1,0 +1,89 @@
+"""One request's state inside the engine, and what the engine reports back per step.
+
+Shared vocabulary of the scheduler (:mod:`telechat.engine.scheduler`), the model runner
+(:mod:`telechat.engine.runner`) and the engine core (:mod:`telechat.engine.core`). Token counts
+follow one rule: ``num_computed_tokens`` counts positions whose KV is written *or scheduled to be
+written* by a step already handed to the runner; ``num_tokens`` counts prompt + known output +
+placeholders (tokens sampled on the device that the host has not read yet, see docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from telechat.engine.sampling import SamplingParams
+from telechat.model.rope import RopeParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is: queued (new or preempted), admitted, or gone."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """New tokens of one request after a step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (OpenAI ``usage.prompt_tokens_details.cached_tokens``)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """A request as the engine tracks it (identity equality: two requests are never equal)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_len: int
+    """Most tokens (prompt + output) this request may reach: min(context, prompt + max_tokens)."""
+    rope: RopeParams | None = None
+    """RoPE base and mscale, fixed by the prompt length (NTK scaling) when the request is added."""
+    cache_salt: tuple = ()
+    """Extra key of its first KV block's hash: everything besides the tokens that changes the cached KV
+    (the RoPE base and mscale fixed by the prompt length; later an adapter name)."""
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_placeholders: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at the first admission."""
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    row: int | None = None
+    """Stable per-request row of the runner's state (block table, penalties, generator); held from the
+    first admission to the end, also while preempted."""
+    aborted: bool = False
+    abort_error: str | None = None
+    """Why it was aborted when the server did it (shutdown); None when the client gave up."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + known output + placeholders."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_placeholders
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + output tokens the host knows."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def known_ids(self, start: int, end: int) -> list[int]:
+        """Known token ids at positions ``[start, end)`` (``end`` ≤ :attr:`num_known_tokens`)."""
+        plen = len(self.prompt_ids)
+        if end <= plen:
+            return self.prompt_ids[start:end]
+        if start >= plen:
+            return self.output_ids[start - plen : end - plen]
+        return self.prompt_ids[start:] + self.output_ids[: end - plen]
