@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from telechat.chat_format import ContentMarkers
-from telechat.engine.async_engine import AsyncEngine
-from telechat.engine.engine import EngineConfig, LLMEngine
+from telechat.engine.async_engine import EngineFront
+from telechat.engine.engine import EngineConfig
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.text import TextStream
 
@@ -48,18 +48,20 @@ class StreamDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
 
 
 @dataclass
 class Runtime:
-    """Everything needed to answer requests for one model."""
+    """Everything needed to answer requests for one model. The model itself lives with the engine
+    (in the engine core process when the API serves), never here."""
 
     name: str
     path: Path
-    model: object
     tokenizer: object
     chat: object
-    engine: AsyncEngine
+    engine: EngineFront
     defaults: GenerationDefaults
     is_demo: bool = False
     loaded_at: float = field(default_factory=time.time)
@@ -80,32 +82,50 @@ class Runtime:
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
         content_markers: ContentMarkers = "text",
+        engine_process: bool = True,
         **config_overrides,
     ) -> Runtime:
         """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine.
 
+        ``engine_process``: run the engine core in a process of its own, which loads the weights
+        while this one loads the tokenizer (:class:`~telechat.engine.core_client.EngineClient`), or
+        in a thread of this process (:class:`~telechat.engine.async_engine.AsyncEngine`).
         ``content_markers``: how marker strings typed inside chat contents are read (see
         :class:`~telechat.chat_format.ChatFormat`)."""
         from telechat.chat_format import ChatFormat
+        from telechat.engine.async_engine import AsyncEngine
+        from telechat.engine.core_client import EngineClient
+        from telechat.engine.core_process import EngineSpec, build_engine
         from telechat.model.checkpoint import inspect_checkpoint
-        from telechat.model.loader import load_model
         from telechat.tokenizer import load_tokenizer
 
         path = Path(path).expanduser().resolve()
         info = inspect_checkpoint(path, need_tokenizer=True)  # config + generation config, read once
-        model = load_model(info, device=device, dtype=dtype, **config_overrides)
         if lora:
-            model = merge_adapter(model, lora)
-        tokenizer = load_tokenizer(path)
-        chat = ChatFormat(tokenizer, info.generation, content_markers=content_markers)
-        engine = AsyncEngine(LLMEngine(model, engine_config))
-        return cls(name=name or path.name, path=path, model=model, tokenizer=tokenizer, chat=chat, engine=engine,
+            lora = check_adapter(lora)
+        spec = EngineSpec(str(path), device=device, dtype=dtype, engine_config=engine_config,
+                          lora=str(lora) if lora else None, config_overrides=config_overrides,
+                          log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        engine = EngineClient(spec) if engine_process else AsyncEngine(build_engine(spec))
+        try:
+            tokenizer = load_tokenizer(path)
+            chat = ChatFormat(tokenizer, info.generation, content_markers=content_markers)
+            engine.wait_ready()
+        except BaseException:
+            engine.shutdown(0)
+            raise
+        return cls(name=name or path.name, path=path, tokenizer=tokenizer, chat=chat, engine=engine,
                    defaults=GenerationDefaults.from_config(info.generation), is_demo=info.is_demo)
 
     @property
     def max_model_len(self) -> int:
         """Longest prompt + reply this runtime accepts."""
-        return self.engine.engine.max_model_len
+        return self.engine.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: ``[0, vocab_size)``."""
+        return self.engine.info.vocab_size
 
     @property
     def max_prompt_bytes(self) -> int:
@@ -135,21 +155,22 @@ class Runtime:
         text = TextStream(self.tokenizer, params.stop, skip_token_ids=params.stop_token_ids,
                           prompt_ids=prompt_ids if continuation else None)
         prompt_tokens = len(prompt_ids)
-        completion = 0
+        completion = cached = 0
         agen = self.engine.generate(prompt_ids, params, request_id)
         try:
             async for out in agen:
-                completion = out.num_output_tokens
+                completion = out.num_output_tokens or completion  # an engine that stopped reports no counts
+                cached = max(cached, out.num_cached_tokens)
                 delta = text.feed(out.new_token_ids, finished=out.finished)
                 if text.stopped and not out.finished:
-                    yield StreamDelta(delta, "stop", prompt_tokens, completion)
+                    yield StreamDelta(delta, "stop", prompt_tokens, completion, cached_tokens=cached)
                     return
                 if out.finished:
                     reason = "stop" if text.stopped else out.finish_reason
-                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error)
+                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error, cached)
                     return
                 if delta:
-                    yield StreamDelta(delta, None, prompt_tokens, completion)
+                    yield StreamDelta(delta, None, prompt_tokens, completion, cached_tokens=cached)
         finally:
             await agen.aclose()
 

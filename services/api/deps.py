@@ -93,8 +93,8 @@ def get_runtime(state: StateDep) -> Runtime:
         raise APIError(503, detail, type="service_unavailable_error", code="model_not_ready",
                        headers={"Retry-After": "5"})
     if not state.runtime.engine.alive:
-        raise APIError(503, "the engine has stopped; restart the server", type="service_unavailable_error",
-                       code="engine_dead")
+        raise APIError(503, state.runtime.engine.stopped_reason or "the engine has stopped; restart the server",
+                       type="service_unavailable_error", code="engine_dead")
     return state.runtime
 
 

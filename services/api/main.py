@@ -39,6 +39,7 @@ from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
 from services.api.routers import docs, health, legacy, openai
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
+from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
 
 log = logging.getLogger("services.api")
@@ -68,8 +69,8 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
     try:
         state.runtime = load_runtime(state.settings)
     except Exception as e:  # noqa: BLE001 - reported by /ready and the exit code
-        if isinstance(e, UserError):  # a folder or setting to fix: one line, no traceback
-            log.error("loading the model failed: %s", e)
+        if isinstance(e, (UserError, EngineStartError)):  # one line: a folder or setting to fix, or the
+            log.error("loading the model failed: %s", e)  # engine process already logged its traceback
         else:
             log.exception("loading the model failed")
         state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -78,7 +79,7 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
         return
     rt = state.runtime
     log.info("model %r ready in %.1fs: context %d tokens, KV capacity %d tokens%s", rt.name,
-             time.perf_counter() - t0, rt.max_model_len, rt.engine.stats()["kv_capacity_tokens"],
+             time.perf_counter() - t0, rt.max_model_len, rt.engine.info.kv_capacity_tokens,
              " (DEMO model: not TeleChat)" if rt.is_demo else "")
 
 

@@ -1,8 +1,10 @@
 """Prometheus metrics, named in the spirit of vLLM's ``vllm:*`` (``telechat:*``).
 
-Engine figures (running, waiting, KV cache, generated tokens) are read from ``AsyncEngine.stats()``
-at scrape time; request figures (latencies, prompt tokens, outcomes, HTTP statuses) are recorded
-by the API as requests go. Each app has its own registry, so several apps can live in one process.
+Engine figures (running, waiting, KV cache, generated tokens, prefix-cache queries and hits) are
+read from the engine's ``stats()`` at scrape time (the engine core sends them with every step, so
+reading them waits for nothing); request figures (latencies, prompt tokens, outcomes, HTTP statuses)
+are recorded by the API as requests go. Each app has its own registry, so several apps can live in
+one process.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class _EngineCollector:
                                   value=s.get("tokens_generated", 0))
         yield CounterMetricFamily("telechat:num_preemptions", "Sequences preempted because the KV cache was full.",
                                   value=s.get("preemptions", 0))
+        # In tokens, as vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits: hits / queries is the hit rate.
+        yield CounterMetricFamily("telechat:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=s.get("prefix_cache_queries", 0))
+        yield CounterMetricFamily("telechat:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=s.get("prefix_cache_hits", 0))
 
 
 class Metrics:

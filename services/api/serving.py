@@ -254,7 +254,7 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
             if final:
                 yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=d.finish_reason)])
                 if include_usage:
-                    yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
+                    yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens, d.cached_tokens))
 
     async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
         async for event in events:
@@ -277,7 +277,7 @@ async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDe
             if d.text or final:
                 yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason if final else None)])
             if final and include_usage:
-                yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens))
+                yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens, d.cached_tokens))
 
     async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
         async for event in events:

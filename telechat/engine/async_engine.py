@@ -1,5 +1,13 @@
-"""Asyncio front of the engine: a background thread steps :class:`LLMEngine` while coroutines
-submit requests, stream their outputs and abort them (client disconnects)."""
+"""The asyncio face of the engine, which the API and the CLI code against: ``generate`` (an async
+iterator of :class:`~telechat.engine.request.RequestOutput`), ``abort``, ``abort_all``, ``stats``,
+``shutdown``, ``alive``, ``info``.
+
+Two engines offer it (:class:`EngineFront`): :class:`AsyncEngine` steps the engine in a thread of
+this process; :class:`~telechat.engine.core_client.EngineClient` talks to the engine core in a
+process of its own (docs/engine.md, "Processes"). Both run the same
+:class:`~telechat.engine.core_process.CoreLoop` and deliver its output batches here, from a thread,
+to the per-request queues of the coroutines that consume them.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,20 @@ import itertools
 import logging
 import queue
 import threading
-import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 
-from telechat.engine.engine import LLMEngine, RequestOutput
+from telechat.engine.core_messages import (
+    AbortAll,
+    AbortRequests,
+    AddRequest,
+    ClientMessage,
+    EngineInfo,
+    OutputBatch,
+    Shutdown,
+)
+from telechat.engine.core_process import CoreLoop, engine_info
+from telechat.engine.request import RequestOutput
 from telechat.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -25,37 +43,59 @@ def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     tokens = [t for out in outputs for t in out.new_token_ids]
     return RequestOutput(last.request_id, tokens, finished=last.finished, finish_reason=last.finish_reason,
                          num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
-                         error=last.error)
+                         error=last.error, num_cached_tokens=max(out.num_cached_tokens for out in outputs))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
+    """The engine stopped; no request can be served."""
 
 
-class AsyncEngine:
-    """Thread-driven engine usable from asyncio: ``generate`` / ``abort`` / ``stats``."""
+class EngineFront:
+    """Streams of requests over an engine that runs elsewhere (a thread or a process).
 
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+    Subclasses give the transport: :meth:`_send` a message to the engine's :class:`CoreLoop`, and call
+    :meth:`_deliver` (from any thread) with each batch it produces, and :meth:`_end_streams` if it stops.
+    """
+
+    def __init__(self) -> None:
+        self.info: EngineInfo | None = None
+        """Context length, KV capacity and vocabulary size of the engine (set once it is ready)."""
+        self._stats: dict = {}
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._pending = 0  # requests submitted but not yet seen by the engine thread
         self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="telechat-engine", daemon=True)
-        self._thread.start()
+
+    # ------------------------------------------------------------------ transport (subclasses)
 
     @property
     def alive(self) -> bool:
-        """True while the engine thread runs."""
-        return self._thread.is_alive()
+        """True while the engine serves requests."""
+        raise NotImplementedError
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the engine no longer serves (one line for the user); None while it is alive."""
+        raise NotImplementedError
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Let running requests finish for up to ``grace_s`` seconds, abort the rest, stop the engine."""
+        raise NotImplementedError
+
+    def wait_ready(self) -> None:
+        """Block until the engine serves requests (or raise why it cannot)."""
+
+    def _send(self, msg: ClientMessage) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ requests
 
     def stats(self) -> dict:
-        """Engine figures plus requests not yet admitted to the engine."""
-        s = dict(self.engine.stats())
-        s["waiting"] += self._pending
-        return s
+        """The engine's figures after its latest step (cheap: nothing waits for the engine)."""
+        return dict(self._stats)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -63,24 +103,27 @@ class AsyncEngine:
         """Stream a request's outputs; leaving the loop early (or cancellation) aborts it.
 
         Outputs that queued up while the consumer was busy arrive merged into one (several tokens),
-        so a slow client or a busy event loop costs one update per wake-up, not one per token.
+        so a slow client or a busy event loop costs one update per wake-up, not one per token. A
+        request the engine refuses raises ``ValueError``; if the engine stops, the stream ends with
+        finish reason ``error`` and the reason.
         """
         if not self.alive:
-            raise EngineDeadError("the engine has stopped")
+            raise EngineDeadError(self.stopped_reason or "the engine has stopped")
         rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), stream)
-        self._pending += 1
-        self._commands.put(("add", rid, list(prompt_ids), params))
-        self._wake.set()
         finished = False
         try:
+            self._send(AddRequest(rid, list(prompt_ids), params))
             while True:
                 items = [await stream.get()]
                 while not stream.empty():  # a consumer that fell behind gets one merged update
                     items.append(stream.get_nowait())
                 for item in items:
                     if isinstance(item, BaseException):
+                        finished = True  # refused: it never started
                         raise item
                 item = _merge(items)
                 finished = item.finished
@@ -94,71 +137,84 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Abort a request at the next step boundary."""
-        self._commands.put(("abort", request_id))
-        self._wake.set()
+        self._send(AbortRequests([request_id]))
 
     def abort_all(self, error: str) -> None:
         """Abort every request submitted so far at the next step boundary; each stream then ends
         with finish reason ``abort`` and ``error`` (e.g. "the server is shutting down")."""
-        self._commands.put(("abort_all", error))
-        self._wake.set()
+        self._send(AbortAll(error))
+
+    # ------------------------------------------------------------------ delivery (any thread)
+
+    def _deliver(self, batch: OutputBatch) -> None:
+        """Hand a batch's outputs to their streams, one callback per event loop."""
+        self._stats = batch.stats
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for rid, item in [(out.request_id, out) for out in batch.outputs] + \
+                [(rid, ValueError(why)) for rid, why in batch.rejected.items()]:
+            target = self._streams.get(rid)
+            if target is not None:
+                by_loop[target[0]].append((target[1], item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody reads these streams any more
+                self._send(AbortRequests([item.request_id for _, item in items if isinstance(item, RequestOutput)]))
+
+    def _end_streams(self, reason: str) -> None:
+        """End every open stream with finish reason ``error`` and ``reason`` (the engine stopped)."""
+        ends = [RequestOutput(rid, [], finished=True, finish_reason="error", error=reason)
+                for rid in list(self._streams)]
+        self._deliver(OutputBatch(ends, {}, self._stats))
+
+
+class AsyncEngine(EngineFront):
+    """The engine stepped by a thread of this process (tests, the CLI): same loop as the core process, no IPC."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+        self.info, self._stats = engine_info(engine), engine.stats()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="telechat-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the engine no longer serves; None while it is alive."""
+        if self.alive:
+            return None
+        return "the engine was shut down" if self._stopping else "the engine thread stopped; restart the server"
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Let running requests finish for up to ``grace_s`` seconds, abort the rest, stop the thread."""
-        deadline = time.monotonic() + grace_s
-        while self.engine.has_unfinished() and time.monotonic() < deadline and self.alive:
-            time.sleep(0.05)
-        for rid in list(self.engine.requests):
-            self.abort(rid)
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
+        self._stopping = True
+        self._send(Shutdown(grace_s))
+        self._thread.join(timeout=grace_s + 10)
 
-    # ------------------------------------------------------------------ engine thread
+    def _send(self, msg: ClientMessage) -> None:
+        self._inbox.put(msg)
 
-    def _deliver(self, rid: str, item) -> None:
-        target = self._streams.get(rid)
-        if target is not None:
-            loop, stream = target
-            try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
-            except RuntimeError:  # the client's event loop is closed
-                self.engine.abort(rid)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                _, rid, prompt, params = cmd
-                self._pending -= 1
-                if rid not in self._streams:  # cancelled before it reached the engine
-                    continue
-                try:
-                    self.engine.add_request(prompt, params, rid)
-                except ValueError as e:
-                    self._deliver(rid, e)
-            elif cmd[0] == "abort_all":
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid, cmd[1])
-            else:
-                self.engine.abort(cmd[1])
+    def _receive(self, timeout_s: float) -> list[ClientMessage]:
+        messages = []
+        try:
+            messages.append(self._inbox.get(timeout=timeout_s) if timeout_s else self._inbox.get_nowait())
+            while True:
+                messages.append(self._inbox.get_nowait())
+        except queue.Empty:
+            return messages
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain_commands()
-            if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception:  # noqa: BLE001 - keep serving; fail what was in flight
-                log.exception("engine step failed")
-                outputs = [self.engine._finish(s, "error", error="internal engine error")
-                           for s in list(self.engine.requests.values())]
-            for out in outputs:
-                self._deliver(out.request_id, out)
-        log.info("engine thread stopped")
+        try:
+            CoreLoop(self.engine).run(self._receive, self._deliver)
+            log.info("engine thread stopped")
+        except Exception:  # noqa: BLE001 - logged; the streams end below and alive turns false
+            log.exception("the engine failed")
+        finally:
+            self._end_streams("the engine stopped")

@@ -29,19 +29,22 @@ class ReadyStatus(BaseModel):
 @router.get("/health", response_model=HealthStatus,
             responses={503: {"model": HealthStatus, "description": "the engine stopped"}})
 async def health(state: StateDep) -> JSONResponse:
-    """200 while the process serves HTTP (also while the model loads); 503 once the engine thread died."""
+    """200 while the process serves HTTP (also while the model loads); 503 once the engine stopped."""
     if state.runtime is not None and not state.runtime.engine.alive:
         return JSONResponse({"status": "engine_dead"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready", response_model=ReadyStatus, response_model_exclude_none=True,
-            responses={503: {"model": ReadyStatus, "description": "loading, failed to load, or shutting down"}})
+            responses={503: {"model": ReadyStatus,
+                             "description": "loading, failed to load, engine stopped, or shutting down"}})
 async def ready(state: StateDep) -> JSONResponse:
-    """200 with the model id once the model is loaded; 503 while loading, after a failed load, and
-    once shutdown has begun (load balancers stop sending new requests)."""
+    """200 with the model id once the model is loaded; 503 while loading, after a failed load, once
+    the engine has stopped, and once shutdown has begun (load balancers stop sending new requests)."""
     if state.draining:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
+    if state.runtime is not None and not state.runtime.engine.alive:
+        return JSONResponse({"status": "failed", "error": state.runtime.engine.stopped_reason}, status_code=503)
     if state.runtime is not None:
         return JSONResponse({"status": "ready", "model": state.runtime.name})
     if state.load_error:

@@ -63,7 +63,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     return ChatCompletionResponse(
         id=rid, model=rt.name, choices=[ChatChoice(message=ResponseMessage(content=text),
                                                    finish_reason=last.finish_reason)],
-        usage=Usage.of(last.prompt_tokens, last.completion_tokens))
+        usage=Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={200: STREAM})
@@ -76,7 +76,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
         serving.check_prompt_size(rt, [text], "prompt")
         prompt = await serving.encode(lambda: rt.tokenizer(text, add_special_tokens=False)["input_ids"], "prompt")
     else:
-        prompt, vocab = list(text), rt.model.config.vocab_size
+        prompt, vocab = list(text), rt.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
@@ -89,4 +89,4 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
     text, last = await serving.collect(request, deltas)
     return CompletionResponse(id=rid, model=rt.name,
                               choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-                              usage=Usage.of(last.prompt_tokens, last.completion_tokens))
+                              usage=Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens))

@@ -1,0 +1,219 @@
+"""The API process's side of the engine core process (docs/engine.md, "Processes").
+
+:class:`EngineClient` starts :func:`~telechat.engine.core_process.run_engine_core` in a fresh
+interpreter (multiprocessing ``spawn``: CUDA-safe), sends it add / abort / shutdown messages and
+reads its output batches; it offers :class:`~telechat.engine.async_engine.AsyncEngine`'s interface,
+so the API does not care which of the two it has.
+
+One thread per client (``telechat-engine-client``) starts the process, reads its outputs and fans
+them out to the request streams, and watches the process: when it dies, every open stream ends
+with finish reason ``error`` and :attr:`EngineClient.stopped_reason`, and ``alive`` turns false.
+That thread lives exactly as long as the process, because Linux's parent-death signal, which the
+core asks for, follows the *thread* that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from telechat.engine.async_engine import EngineFront
+from telechat.engine.core_messages import ClientMessage, CoreMessage, OutputBatch, Ready, Shutdown, StartFailed
+from telechat.engine.core_process import EngineSpec, run_engine_core
+from telechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""How long the core may take to stop after a shutdown's grace period before it is terminated (then killed)."""
+LAST_OUTPUT_WAIT_MS = 200
+"""After the process is gone, how long to wait for outputs it sent just before (still in the socket)."""
+MAX_SOCKET_PATH = 100
+"""Longest ipc:// socket path (the kernel's limit for a Unix socket is 107 bytes)."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine core could not start for a reason other than the user's input (its log has the details)."""
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit code 1`` / ``exit code -9, SIGKILL`` (multiprocessing reports death by signal N as -N)."""
+    if code is not None and code < 0:
+        try:
+            return f"exit code {code}, {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def _socket_dir() -> Path:
+    """A private (0700) folder for the two sockets, short enough for Unix socket paths."""
+    folder = Path(tempfile.mkdtemp(prefix="telechat-engine-"))
+    if len(str(folder / "outputs")) > MAX_SOCKET_PATH:  # a long TMPDIR
+        folder.rmdir()
+        folder = Path(tempfile.mkdtemp(prefix="telechat-engine-", dir="/tmp"))
+    return folder
+
+
+class EngineClient(EngineFront):
+    """The engine in a process of its own, behind the asyncio engine interface.
+
+    The constructor starts the process and returns at once (the caller can load the tokenizer
+    meanwhile); :meth:`wait_ready` blocks until the model is loaded, or raises why it could not be.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        super().__init__()
+        self._dir = _socket_dir()
+        self._ctx = zmq.Context()
+        self._input = self._ctx.socket(zmq.PUSH)
+        self._input.setsockopt(zmq.SNDHWM, 0)  # never drop a message; they are small and few
+        self._input.bind(f"ipc://{self._dir / 'input'}")
+        self._output = self._ctx.socket(zmq.PULL)
+        self._output.setsockopt(zmq.RCVHWM, 0)
+        self._output.bind(f"ipc://{self._dir / 'outputs'}")
+        self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(CoreMessage)
+        self._lock = threading.Lock()  # the input socket is used from the event loop and from shutdown()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._spawned, self._ready, self._exited = threading.Event(), threading.Event(), threading.Event()
+        self._start_error: StartFailed | None = None
+        self._exit_code: int | None = None
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, args=(spec,), name="telechat-engine-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def pid(self) -> int | None:
+        """The core process's pid (None until it is started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def wait_ready(self) -> None:
+        """Block until the core has loaded the model. If it cannot, stop everything and raise
+        :class:`~telechat.errors.UserError` (a checkpoint or setting to fix; one line) or
+        :class:`EngineStartError`."""
+        self._ready.wait()
+        if self.info is not None:
+            return
+        self.shutdown(0)
+        if self._start_error is not None:
+            kind = UserError if self._start_error.user_error else EngineStartError
+            raise kind(self._start_error.error)
+        raise EngineStartError(f"the engine process stopped while loading the model ({describe_exit(self._exit_code)}); "
+                               "see the log above")
+
+    @property
+    def alive(self) -> bool:
+        """True while the core process serves requests."""
+        return self.info is not None and not self._exited.is_set() and not self._stopping
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the engine no longer serves (one line for the user); None while it is alive."""
+        if self.alive:
+            return None
+        if self._stopping:
+            return "the engine was shut down"
+        return f"the engine process stopped ({describe_exit(self._exit_code)}); restart the server"
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Let running requests finish for up to ``grace_s`` seconds, abort the rest, stop the core
+        process (terminated, then killed, if it does not stop by itself)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = self._stopping = True
+        self._spawned.wait()
+        self._send(Shutdown(grace_s))
+        if not self._exited.wait(grace_s + STOP_TIMEOUT_S) and self._proc is not None:
+            log.warning("the engine core did not stop; terminating it")
+            self._proc.terminate()
+            if not self._exited.wait(5):
+                self._proc.kill()
+        self._thread.join()
+        with self._lock:
+            self._input.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _send(self, msg: ClientMessage) -> None:
+        data = self._encoder.encode(msg)
+        with self._lock:
+            if self._input.closed:
+                return
+            try:
+                self._input.send(data, zmq.NOBLOCK)
+            except zmq.Again:  # no core connected (it is gone): nothing is listening any more
+                pass
+
+    # ------------------------------------------------------------------ the client thread
+
+    def _run(self, spec: EngineSpec) -> None:
+        """Start the process, then deliver its messages until it is gone."""
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            self._proc = ctx.Process(target=run_engine_core, name="telechat-engine-core", daemon=True,
+                                     args=(spec, self._input.LAST_ENDPOINT.decode(),
+                                           self._output.LAST_ENDPOINT.decode(), os.getpid()))
+            self._proc.start()
+            log.info("engine core process started (pid %d)", self._proc.pid)
+        except Exception as e:  # noqa: BLE001 - reported by wait_ready
+            self._start_error = StartFailed(f"starting the engine process failed: {e}", False)
+            self._output.close(linger=0)
+            self._proc = None
+            self._exited.set()
+            self._ready.set()
+            return
+        finally:
+            self._spawned.set()
+        try:
+            poller = zmq.Poller()
+            poller.register(self._output, zmq.POLLIN)
+            poller.register(self._proc.sentinel, zmq.POLLIN)
+            while True:
+                events = dict(poller.poll())
+                if self._output in events:
+                    self._receive()
+                if self._proc.sentinel in events:
+                    break
+            while self._output.poll(LAST_OUTPUT_WAIT_MS):
+                self._receive()
+        except BaseException:
+            log.exception("the engine client thread failed; stopping the engine core")
+            self._proc.kill()
+        finally:
+            self._proc.join()
+            self._exit_code = self._proc.exitcode
+            self._output.close(linger=0)
+            self._exited.set()
+            self._ready.set()
+            if self.info is not None and not self._stopping:
+                log.error("the engine core process stopped (%s)", describe_exit(self._exit_code))
+            self._end_streams(self.stopped_reason or "the engine stopped")
+
+    def _receive(self) -> None:
+        """Handle every message waiting in the output socket."""
+        while True:
+            try:
+                msg = self._decoder.decode(self._output.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if isinstance(msg, OutputBatch):
+                self._deliver(msg)
+            elif isinstance(msg, Ready):
+                self._stats = msg.stats
+                self.info = msg.info
+                self._ready.set()
+            else:
+                self._start_error = msg
