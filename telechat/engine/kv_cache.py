@@ -1,5 +1,5 @@
 """Paged KV cache: fixed-size blocks pre-allocated from a memory budget, a free list, and the
-attention context that reads/writes it during one engine step.
+attention backend that reads/writes it during one engine step.
 
 Layout per layer: ``k[layer], v[layer]: [num_blocks * block_size, n_kv, head_dim]`` (a flat slot
 array; slot = block * block_size + offset). A sequence owns a list of blocks (its block table).
@@ -7,6 +7,7 @@ array; slot = block * block_size + offset). A sequence owns a list of blocks (it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,46 +57,45 @@ class PagedKVCache:
         """K + V bytes one token occupies across all layers."""
         return 2 * num_layers * n_kv * head_dim * torch.tensor([], dtype=dtype).element_size()
 
-    def slots(self, blocks: list[int], start: int, end: int, device: torch.device | str) -> torch.Tensor:
-        """Flat slot indices of token positions ``[start, end)`` of a sequence with these blocks."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(blocks, dtype=torch.long)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(device)
-
 
 @dataclass
 class PrefillChunk:
-    """Tokens ``[start, end)`` of one sequence computed in this step, at rows ``[row, row+end-start)``."""
+    """Positions ``[start, end)`` of one sequence, at rows ``[row, row + end - start)`` of the step's flat batch."""
 
     row: int
     start: int
     end: int
-    context_slots: torch.Tensor  # slots of positions [0, end)
+    context_slots: torch.Tensor | None = None
+    """Slots of positions ``[0, end)`` when ``start > 0``: the chunk attends to context read from the cache
+    (earlier chunks, or blocks shared through the prefix cache)."""
 
 
 @dataclass
 class StepAttention:
-    """Attention metadata for one engine step over a flat batch of tokens.
+    """The paged-cache attention backend of one engine step (``ForwardBatch.attention``).
 
-    Passed to the model as its cache object: :class:`~telechat.model.modeling.TelechatAttention` calls
-    :meth:`attend` with the step's q/k/v (``[T, heads, d]``, RoPE applied). The first
-    ``decode_rows`` tokens are single-token decodes (one per sequence), the rest prefill chunks.
+    The step's flat tokens are ``decode_rows`` single-token decodes (one per sequence) followed by
+    prefill chunks. :meth:`attend` rotates q and k, writes k and v at ``write_slots`` of the layer's
+    cache, and attends every token to its own sequence's past.
     """
 
     cache: PagedKVCache
-    write_slots: torch.Tensor  # [T] slot of every token of the step
+    write_slots: torch.Tensor
+    """``[T]`` int64: cache slot of every token of the step."""
     decode_rows: int
-    block_tables: torch.Tensor | None  # [S, max_blocks] int32, decoding sequences
-    seq_lens: torch.Tensor | None  # [S] int32, context length including the new token
+    block_tables: torch.Tensor | None
+    """``[decode_rows, max_blocks]`` int32: block tables of the decoding sequences."""
+    seq_lens: torch.Tensor | None
+    """``[decode_rows]`` int32: context length of each decode, its new token included."""
     partition: int
-    prefills: list[PrefillChunk]
+    """Tokens per partition of the decode kernel (:func:`~telechat.engine.paged_attention.partition_size`)."""
+    prefills: Sequence[PrefillChunk] = ()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate q/k (``[T, heads, d]``), store k/v in the paged cache, attend each token to its
-        sequence's past."""
+        """Attention output ``[T, Hq, d]`` for unrotated ``q [T, Hq, d]``, ``k, v [T, Hkv, d]``."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.decode_rows and not self.prefills:
+        if not self.prefills:
             q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots)
             return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
                                           self.partition)
@@ -105,20 +105,19 @@ class StepAttention:
         vc[self.write_slots] = v
         out = torch.empty_like(q)
         if self.decode_rows:
-            s = self.decode_rows
-            out[:s] = paged_decode_attention(q[:s], kc, vc, self.block_tables, self.seq_lens,
-                                             self.cache.block_size, self.partition)
-        for c in self.prefills:
-            rows = slice(c.row, c.row + c.end - c.start)
-            qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, N, C, d)
-            if c.start == 0:
-                kk, vv = k[rows], v[rows]
-                o = attention(qc, kk.transpose(0, 1).unsqueeze(0), vv.transpose(0, 1).unsqueeze(0), causal=True)
+            n = self.decode_rows
+            out[:n] = paged_decode_attention(q[:n], kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
+                                             self.partition)
+        for chunk in self.prefills:
+            rows = slice(chunk.row, chunk.row + chunk.end - chunk.start)
+            qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, C, d)
+            if chunk.context_slots is None:  # a fresh sequence: its own keys, causal
+                kk, vv = (t[rows].transpose(0, 1).unsqueeze(0) for t in (k, v))
+                o = attention(qc, kk, vv, causal=True)
             else:
-                kk = kc[c.context_slots].transpose(0, 1).unsqueeze(0)  # (1, n_kv, end, d)
-                vv = vc[c.context_slots].transpose(0, 1).unsqueeze(0)
-                qpos = torch.arange(c.start, c.end, device=q.device)
-                mask = (torch.arange(c.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
+                kk, vv = (t[chunk.context_slots].transpose(0, 1).unsqueeze(0) for t in (kc, vc))  # (1, Hkv, end, d)
+                qpos = torch.arange(chunk.start, chunk.end, device=q.device)
+                mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
                 o = attention(qc, kk, vv, mask=mask)
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out

@@ -1,16 +1,19 @@
-"""Model runner: forward passes over the paged KV cache.
+"""Model runner: one engine step on the device (docs/engine.md, One step and Overlap of host and device).
 
-Two kinds of pass per engine step:
+:meth:`ModelRunner.execute` turns a :class:`~telechat.engine.scheduler_output.SchedulerOutput` into
+one flat batch — decodes first (one token each), then prefill chunks — runs the model's
+``forward_batch`` over the paged KV cache, samples on the device and returns a :class:`StepResult`
+at once; the host reads the tokens one step later. What the host sends per step is one int64
+copy (input ids, positions, state rows, new block-table entries); everything else a sequence needs
+lives on the device in its *row* (block table, RoPE row and ``mscale``, penalty presence mask),
+set when the scheduler admits it.
 
-* **decode** — one token for each of B sequences. Metadata is a handful of fixed-shape tensors
-  (tokens, positions, cache slots, block tables, lengths, RoPE rows), so on CUDA the whole pass is
-  captured once per batch-size bucket in a CUDA graph and replayed (no per-layer launch cost);
-  attention reads only each sequence's live KV (Triton paged kernel; gather + SDPA on CPU).
-* **prefill** — chunks of prompts, run eagerly: linear layers see all tokens at once (``[T, H]``),
-  attention is per sequence (SDPA/flash causal for a fresh prompt, masked over the gathered
-  context for later chunks).
-
-Each sequence carries its own RoPE parameters, fixed when it was first prefilled.
+* **decode-only steps** replay a CUDA graph captured per batch-size bucket; its inputs are
+  fixed-address buffers filled by device copies, padding entries write to scratch block 0.
+* **steps with prefill chunks** run eagerly: a fresh chunk attends causally to itself, a chunk
+  that starts later (chunked prefill, prefix-cache hit) to its context read from the cache.
+* A decode whose input the host has not seen yet (``from_previous``) takes it from the previous
+  step's sampled ids on the device; a failed id (-1) is fed as 0, its request ends at the update.
 """
 
 from __future__ import annotations
@@ -23,30 +26,24 @@ import torch
 
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
 from telechat.engine.paged_attention import partition_size
-from telechat.model.rope import RopeParams, cos_sin, inv_freq
+from telechat.engine.request import Request
+from telechat.engine.sampling import sample_on_device, to_device
+from telechat.engine.scheduler_output import SchedulerOutput
+from telechat.model.forward_batch import ForwardBatch
+from telechat.model.kernels import GEMV_MAX_M, tune_gemv
+from telechat.model.rope import inv_freq
 
 log = logging.getLogger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
-SCRATCH_SLOT = 0  # block 0 is never allocated: padded graph rows write their KV there
-
-
-@dataclass
-class StepInput:
-    """What one sequence contributes to a step: tokens at positions ``[start, start+len(tokens))``."""
-
-    tokens: list[int]
-    start: int
-    blocks: list[int]
-    rope: RopeParams
-    row: int = 0
-    """The sequence's stable row (0 ≤ row < max_rows): its block table lives there between steps."""
+FAILED = -1
+"""Sampled id of a row whose sampling failed."""
 
 
 class RopeTable:
     """Rotary inverse frequencies of every base in use, one row each, on the model's device.
 
-    Decode passes index it by row, so a captured graph serves sequences with any NTK factor.
+    Tokens index it through their sequence's row, so a captured graph serves any NTK factor.
     """
 
     def __init__(self, head_dim: int, device: torch.device, rows: int = 64):
@@ -61,93 +58,86 @@ class RopeTable:
             idx = len(self._rows)
             if idx >= self.table.shape[0]:
                 raise RuntimeError("too many distinct RoPE bases in flight")
-            self.table[idx] = inv_freq(base, self.head_dim, self.table.device)
+            self.table[idx] = to_device(inv_freq(base, self.head_dim), torch.float32, self.table.device)
             self._rows[base] = idx
         return idx
 
 
-class DecodeBuffers:
-    """Fixed-address inputs of the decode pass (the first ``b`` entries serve a batch of b).
+@dataclass
+class StepResult:
+    """What one :meth:`ModelRunner.execute` sampled, on its way to the host."""
 
-    Per-token metadata travels in one int64 host→device copy from a pinned staging buffer
-    (tokens, positions, slots, seq_lens, rope_rows, table rows). Block tables stay on the device
-    between steps, one row per sequence; only blocks appended since the last step are copied.
-    """
+    host_ids: torch.Tensor
+    """``[S]`` int64 (pinned on CUDA), filled when ``ready`` has passed; -1 = failed."""
+    ready: torch.cuda.Event | None = None
+    logits: torch.Tensor | None = None
+    """``[S, V]`` float32 logits of the sampled rows, before penalties (valid until the next execute)."""
 
-    FIELDS = ("tokens", "positions", "slots", "seq_lens", "rope_rows", "table_rows")
-
-    def __init__(self, max_batch: int, max_rows: int, max_blocks: int, device: torch.device):
-        pin = device.type == "cuda"
-        self.meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, device=device)
-        self.mscale = torch.ones(max_batch, dtype=torch.float32, device=device)
-        self.host_meta = torch.zeros(len(self.FIELDS), max_batch, dtype=torch.long, pin_memory=pin)
-        self.host_mscale = torch.ones(max_batch, dtype=torch.float32, pin_memory=pin)
-        # Row `max_rows` stays all zeros: padding entries of a bucket point at it (scratch block 0).
-        self.tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.int32, device=device)
-        self.host_tables = torch.zeros(max_rows + 1, max_blocks, dtype=torch.int32, pin_memory=pin)
-        self.scratch_row = max_rows
-        self.synced = [0] * max_rows  # blocks of each row already on the device
-
-    def view(self, b: int) -> dict[str, torch.Tensor]:
-        """Device views of the first ``b`` entries, by field name."""
-        return {**{name: self.meta[i, :b] for i, name in enumerate(self.FIELDS)}, "mscale": self.mscale[:b]}
-
-    def sync_blocks(self, row: int, blocks: list[int]) -> None:
-        """Stage and copy the blocks of ``row`` that the device does not have yet."""
-        done = self.synced[row]
-        if done < len(blocks):
-            self.host_tables[row, done : len(blocks)] = torch.tensor(blocks[done:], dtype=torch.int32)
-            self.tables[row, done : len(blocks)].copy_(self.host_tables[row, done : len(blocks)], non_blocking=True)
-            self.synced[row] = len(blocks)
-
-    def upload(self, b: int) -> None:
-        """Copy the staged entries ``[:b]`` to the device (asynchronous, ordered before the pass)."""
-        self.meta[:, :b].copy_(self.host_meta[:, :b], non_blocking=True)
-        self.mscale[:b].copy_(self.host_mscale[:b], non_blocking=True)
+    def tokens(self) -> list[int | None]:
+        """One entry per ``sched.sampled`` chunk: the token, or None where that row's sampling failed.
+        Waits for the step's device work."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [None if t == FAILED else t for t in self.host_ids.tolist()]
 
 
 class ModelRunner:
-    """Runs :class:`~telechat.model.modeling.TelechatForCausalLM` weights over the paged cache."""
+    """Runs :class:`~telechat.model.modeling.TelechatForCausalLM` over the paged cache, one step at a time.
 
-    def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int, max_rows: int,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+    ``num_rows`` is how many request rows the scheduler hands out (``Request.row``); ``seed`` seeds
+    the generator shared by requests without their own seed. The model's projections are fused
+    (:meth:`~telechat.model.modeling.TelechatForCausalLM.fuse_projections`) on construction.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int, num_rows: int,
+                 seed: int = 0, cuda_graphs: bool | None = None, compile: bool = False):
+        model.fuse_projections()
         self.model = model
         self.cache = cache
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.head_dim = model.config.head_dim
+        param = next(model.parameters())
+        self.device = param.device
+        self.vocab_size = model.config.vocab_size
         self.block_size = cache.block_size
         self.max_blocks = math.ceil(max_model_len / cache.block_size)
         self.partition = partition_size(max_model_len)
-        self.rope = RopeTable(self.head_dim, self.device)
+        self.num_rows = num_rows
+        self.scratch_row = num_rows
+        """All-zero block table (scratch block 0), default RoPE: what padded graph entries point at."""
+        dev = self.device
+        self.tables = torch.zeros(num_rows + 1, self.max_blocks, dtype=torch.int32, device=dev)
+        self.rope = RopeTable(model.config.head_dim, dev)
+        self.rope.row(model.rope_params(1).base)  # row 0: the base of short prompts
+        self.row_rope = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
+        self.row_mscale = torch.ones(num_rows + 1, dtype=torch.float32, device=dev)
+        self.presence: torch.Tensor | None = None
+        """``[num_rows, V]`` tokens seen per row, for repetition penalties (allocated on first use)."""
+        self.generator = torch.Generator(device=dev).manual_seed(seed)
+        self._synced = [0] * num_rows  # leading blocks of each row's table already on the device
+        self._generators: dict[int, torch.Generator] = {}
+        self._block_offsets = torch.arange(cache.block_size, device=dev)
+        self._prev_ids = torch.empty(0, dtype=torch.long, device=dev)
+        self._prev_index: dict[Request, int] = {}
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.buffers = DecodeBuffers(self.buckets[-1], max_rows, self.max_blocks, self.device)
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        use_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if use_graphs else None
-        self._pool = None
+        # Fixed-address inputs of decode-only steps: input ids, positions, rows; padding = scratch row.
+        self._inputs = torch.zeros(3, self.buckets[-1], dtype=torch.long, device=dev)
+        self._inputs[2] = self.scratch_row
         # Optional: torch.compile with dynamic batch sizes took ~4 min to start the 7B on an H100 and was
         # slower at batch 64 than the fused-kernel eager pass (bench/RESULTS.md), so it is opt-in.
         self.compile = compile
-        self._decode_fn = torch.compile(self._decode_pass, dynamic=True) if self.compile else self._decode_pass
+        self._decode_fn = torch.compile(self._decode_pass, dynamic=True) if compile else self._decode_pass
 
-    # ------------------------------------------------------------------ public
-
-    @torch.inference_mode()
-    def forward(self, decodes: list[StepInput], prefills: list[StepInput]) -> torch.Tensor:
-        """Logits ``[len(decodes) + len(prefills), V]`` at the last token of each input, decodes first."""
-        parts = []
-        if decodes:
-            parts.append(self._decode(decodes))
-        if prefills:
-            parts.append(self._prefill(prefills))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    # ------------------------------------------------------------------ start-up
 
     def capture_graphs(self) -> None:
-        """Capture the decode pass for every batch bucket (CUDA only; done once at start)."""
+        """On CUDA: pick cuBLAS or the Triton GEMV per decode shape (timed), then capture the decode pass
+        of every batch bucket in a CUDA graph. Done once, before serving."""
+        if self.device.type == "cuda":
+            for row in tune_gemv(self.model, [b for b in self.buckets if b <= GEMV_MAX_M]):
+                log.debug("GEMV %s", row)
         if self.graphs is None:
             return
-        self.rope.row(self.model.transformer.rotary.params(1).base)
-        self._pool = torch.cuda.graph_pool_handle()
         if self.compile:
             try:
                 with torch.inference_mode():
@@ -155,93 +145,195 @@ class ModelRunner:
             except Exception:  # noqa: BLE001 - a compiler failure must not stop serving
                 log.exception("torch.compile of the decode pass failed; capturing the eager pass instead")
                 self.compile, self._decode_fn = False, self._decode_pass
+        pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(self.buckets):
                 for _ in range(2):  # warm-up: compiles kernels, creates cuBLAS handles
                     self._decode_body(b)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
+                with torch.cuda.graph(graph, pool=pool):
                     out = self._decode_body(b)
                 self.graphs[b] = (graph, out)
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
-    # ------------------------------------------------------------------ decode
+    # ------------------------------------------------------------------ one step
 
-    def forget_row(self, row: int) -> None:
-        """The sequence that held ``row`` released its blocks; the next one starts from none."""
-        self.buffers.synced[row] = 0
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Queue step ``sched`` on the device and return without waiting for it (see the module doc)."""
+        self._update_rows(sched)
+        chunks = sched.chunks
+        sampled = [c for c in chunks if c.sample]
+        if not chunks:
+            return StepResult(torch.empty(0, dtype=torch.long))
+        num_decodes = len(sched.decodes)
+        bucket = None
+        if not sched.prefills and self.graphs is not None and num_decodes <= self.buckets[-1]:
+            bucket = next(b for b in self.buckets if b >= num_decodes)
 
-    def _decode(self, decodes: list[StepInput]) -> torch.Tensor:
-        n = len(decodes)
-        b = next((x for x in self.buckets if x >= n), n) if self.graphs is not None else n
+        # Host: every per-token number of the step in one list, copied to the device at once.
+        ids, positions, rows, prev_dst, prev_src, logit_rows = [], [], [], [], [], []
+        table_rows, table_cols, table_blocks = [], [], []
+        prefills: list[tuple[int, int, int, int]] = []  # (first token, start, end, row)
+        t = 0
+        for i, c in enumerate(chunks):
+            req = c.request
+            self._sync_blocks(req, table_rows, table_cols, table_blocks)
+            if c.from_previous:
+                if c.num_tokens != 1 or req not in self._prev_index:
+                    raise RuntimeError(f"request {req.request_id}: a from_previous decode needs a token sampled "
+                                       "in the previous step")
+                prev_dst.append(t)
+                prev_src.append(self._prev_index[req])
+                ids.append(0)
+            elif len(c.token_ids) != c.num_tokens:
+                raise ValueError(f"request {req.request_id}: chunk of {c.num_tokens} tokens has {len(c.token_ids)} ids")
+            else:
+                ids.extend(c.token_ids)
+            positions.extend(range(c.start, c.end))
+            rows.extend([req.row] * c.num_tokens)
+            if c.sample:
+                logit_rows.append(t + c.num_tokens - 1)
+            if i >= num_decodes:
+                prefills.append((t, c.start, c.end, req.row))
+            t += c.num_tokens
+        pad = (bucket or t) - t
+        ids += [0] * pad
+        positions += [0] * pad
+        rows += [self.scratch_row] * pad
+        n, p, u = len(ids), len(prev_dst), len(table_rows)
+        packed = to_device(ids + positions + rows + prev_dst + prev_src + table_rows + table_cols + table_blocks
+                           + logit_rows, torch.long, self.device)
+        inputs = packed[: 3 * n].view(3, n)
+        dst, src = packed[3 * n : 3 * n + p], packed[3 * n + p : 3 * n + 2 * p]
+        table_update = packed[3 * n + 2 * p : 3 * n + 2 * p + 3 * u].view(3, u)
+        wanted = packed[3 * n + 2 * p + 3 * u :]
+
+        # Device: block tables, inputs, forward.
+        if u:
+            self.tables[table_update[0], table_update[1]] = table_update[2].to(torch.int32)
+        if bucket is not None:
+            inputs = self._inputs[:, :bucket]
+            inputs.copy_(packed[: 3 * n].view(3, n))
+        if p:  # the previous step's tokens, still on the device; a failed one (-1) is fed as 0
+            inputs[0].index_copy_(0, dst, self._prev_ids.index_select(0, src).clamp(min=0))
+        if bucket is not None:
+            if bucket in self.graphs:
+                graph, out = self.graphs[bucket]
+                graph.replay()
+            else:
+                out = self._decode_fn(*inputs)
+            logits = out[:num_decodes] if logit_rows == list(range(num_decodes)) else out[wanted]
+        elif not sched.prefills:
+            logits = self._decode_fn(*inputs)[wanted]
+        else:
+            logits = self._pass(*inputs, num_decodes, self._prefill_chunks(prefills), wanted)
+        return self._sample(sampled, logits)
+
+    # ------------------------------------------------------------------ rows
+
+    def _update_rows(self, sched: SchedulerOutput) -> None:
+        for row in sched.freed_rows:
+            self._synced[row] = 0
+            self._generators.pop(row, None)
+        for row in sched.reset_rows:
+            self._synced[row] = 0
+        if not sched.new_rows:
+            return
+        rows, rope_rows, mscales = [], [], []
+        for req in sched.new_rows:
+            rope = req.rope or self.model.rope_params(len(req.prompt_ids))
+            rows.append(req.row)
+            rope_rows.append(self.rope.row(rope.base))
+            mscales.append(rope.mscale)
+            self._synced[req.row] = 0
+            if req.params.seed is not None:
+                self._generators[req.row] = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            else:
+                self._generators.pop(req.row, None)
+            if req.params.repetition_penalty != 1.0:
+                if self.presence is None:
+                    self.presence = torch.zeros(self.num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
+                self.presence[req.row] = False
+                seen = to_device(req.known_ids(0, req.num_known_tokens), torch.long, self.device)
+                self.presence[req.row, seen] = True
+        idx = to_device(rows, torch.long, self.device)
+        self.row_rope[idx] = to_device(rope_rows, torch.long, self.device)
+        self.row_mscale[idx] = to_device(mscales, torch.float32, self.device)
+
+    def _sync_blocks(self, req: Request, rows: list[int], cols: list[int], blocks: list[int]) -> None:
+        """Stage the blocks of ``req``'s table that the device does not have yet (tables only grow
+        between ``reset_rows``)."""
+        done, ids = self._synced[req.row], req.block_ids
+        if len(ids) > self.max_blocks:
+            raise ValueError(f"request {req.request_id} holds {len(ids)} blocks; the runner's tables hold "
+                             f"{self.max_blocks} (max_model_len)")
+        if done < len(ids):
+            rows.extend([req.row] * (len(ids) - done))
+            cols.extend(range(done, len(ids)))
+            blocks.extend(ids[done:])
+            self._synced[req.row] = len(ids)
+
+    # ------------------------------------------------------------------ forward
+
+    def _prefill_chunks(self, prefills: list[tuple[int, int, int, int]]) -> list[PrefillChunk]:
         bs = self.block_size
-        buf = self.buffers
-        cols: list[list[int]] = [[] for _ in buf.FIELDS]
-        mscale = []
-        for d in decodes:
-            p = d.start
-            buf.sync_blocks(d.row, d.blocks)
-            for col, value in zip(cols, (d.tokens[0], p, d.blocks[p // bs] * bs + p % bs, p + 1,
-                                         self.rope.row(d.rope.base), d.row)):
-                col.append(value)
-            mscale.append(d.rope.mscale)
-        pad = b - n
-        # Padding entries read one token of the scratch block through the all-zero scratch row.
-        for col, fill in zip(cols, (0, 0, SCRATCH_SLOT, 1, 0, buf.scratch_row)):
-            col.extend([fill] * pad)
-        buf.host_meta[:, :b] = torch.tensor(cols)
-        buf.host_mscale[:b] = torch.tensor(mscale + [1.0] * pad)
-        buf.upload(b)
-        if self.graphs is not None and b in self.graphs:
-            graph, out = self.graphs[b]
-            graph.replay()
-            return out[:n]
-        return self._decode_body(b)[:n]
+        chunks = []
+        for first, start, end, row in prefills:
+            ctx = None
+            if start > 0:  # context from the cache: slots of positions [0, end) through the row's table
+                blocks = self.tables[row, : math.ceil(end / bs)].long()
+                ctx = (blocks.unsqueeze(1) * bs + self._block_offsets).flatten()[:end]
+            chunks.append(PrefillChunk(row=first, start=start, end=end, context_slots=ctx))
+        return chunks
+
+    def _pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, num_decodes: int,
+              prefills: list[PrefillChunk], logits_rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits of one flat batch: tokens ``ids`` at ``positions`` of the sequences in ``rows``."""
+        bs = self.block_size
+        slots = self.tables[rows, positions // bs].long() * bs + positions % bs
+        decoding = rows[:num_decodes]
+        attention = StepAttention(
+            cache=self.cache, write_slots=slots, decode_rows=num_decodes,
+            block_tables=self.tables[decoding] if num_decodes else None,
+            seq_lens=(positions[:num_decodes] + 1).to(torch.int32) if num_decodes else None,
+            partition=self.partition, prefills=prefills,
+        )
+        batch = ForwardBatch(positions=positions, inv_freq=self.rope.table[self.row_rope[rows]],
+                             mscale=self.row_mscale[rows], attention=attention, logits_rows=logits_rows)
+        return self.model.forward_batch(ids, batch)
+
+    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self._pass(ids, positions, rows, ids.shape[0], [], None)
 
     def _decode_body(self, b: int) -> torch.Tensor:
-        v = self.buffers.view(b)
-        return self._decode_fn(v["tokens"], v["positions"], v["slots"], self.buffers.tables[v["table_rows"]],
-                               v["seq_lens"].to(torch.int32), v["rope_rows"], v["mscale"])
+        return self._decode_fn(*self._inputs[:, :b])
 
-    def _decode_pass(self, tokens, positions, slots, block_tables, seq_lens, rope_rows, mscale) -> torch.Tensor:
-        step = StepAttention(cache=self.cache, write_slots=slots, decode_rows=tokens.shape[0],
-                             block_tables=block_tables, seq_lens=seq_lens, partition=self.partition, prefills=[])
-        return self._body(tokens, positions, self.rope.table[rope_rows], mscale, step)
+    # ------------------------------------------------------------------ sampling
 
-    # ------------------------------------------------------------------ prefill
-
-    def _prefill(self, prefills: list[StepInput]) -> torch.Tensor:
+    def _sample(self, sampled: list, logits: torch.Tensor) -> StepResult:
+        """Sample the step's ``sampled`` chunks from ``logits`` (one row each), update the presence masks,
+        start the copy to the host."""
         dev = self.device
-        tokens, positions, slots, freqs, mscales, last_rows = [], [], [], [], [], []
-        chunks: list[PrefillChunk] = []
-        row = 0
-        for inp in prefills:
-            n, end = len(inp.tokens), inp.start + len(inp.tokens)
-            tokens.extend(inp.tokens)
-            positions.append(torch.arange(inp.start, end))
-            slots.append(self.cache.slots(inp.blocks, inp.start, end, "cpu"))
-            freqs.append(inv_freq(inp.rope.base, self.head_dim).expand(n, -1))
-            mscales.append(torch.full((n,), inp.rope.mscale))
-            ctx = self.cache.slots(inp.blocks, 0, end, dev) if inp.start else None
-            chunks.append(PrefillChunk(row=row, start=inp.start, end=end, context_slots=ctx))
-            row += n
-            last_rows.append(row - 1)
-        step = StepAttention(cache=self.cache, write_slots=torch.cat(slots).to(dev), decode_rows=0,
-                             block_tables=None, seq_lens=None, partition=self.partition, prefills=chunks)
-        return self._body(torch.tensor(tokens, device=dev), torch.cat(positions).to(dev), torch.cat(freqs).to(dev),
-                          torch.cat(mscales).to(dev), step, torch.tensor(last_rows, device=dev))
-
-    # ------------------------------------------------------------------ shared body
-
-    def _body(self, tokens, positions, freqs, mscale, step: StepAttention, last_rows=None) -> torch.Tensor:
-        cos, sin = cos_sin(positions, freqs, mscale, self.dtype)
-        t = self.model.transformer
-        x = t.word_embeddings(tokens)
-        if t.word_embeddings_layernorm is not None:
-            x = t.word_embeddings_layernorm(x)
-        for block in t.h:
-            x = block(x, cos, sin, None, step)
-        if last_rows is not None:
-            x = x[last_rows]
-        return self.model.lm_head(t.ln_f(x)).float()
+        if not sampled:
+            self._prev_ids, self._prev_index = self._prev_ids[:0], {}
+            return StepResult(torch.empty(0, dtype=torch.long), logits=logits)
+        params = [c.request.params for c in sampled]
+        state_rows = [c.request.row for c in sampled]
+        penalised = self.presence is not None and any(p.repetition_penalty != 1.0 for p in params)
+        rows = to_device(state_rows, torch.long, dev) if penalised else None
+        tokens, failed = sample_on_device(logits, params, [self._generators.get(r) for r in state_rows],
+                                          self.presence[rows] if penalised else None, self.generator)
+        if penalised:
+            self.presence[rows, tokens] = self.presence[rows, tokens] | ~failed
+        ids = torch.where(failed, FAILED, tokens)
+        self._prev_ids = ids
+        self._prev_index = {c.request: i for i, c in enumerate(sampled)}
+        host = torch.empty(len(sampled), dtype=torch.long, pin_memory=dev.type == "cuda")
+        host.copy_(ids, non_blocking=True)
+        ready = None
+        if dev.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return StepResult(host, ready, logits)

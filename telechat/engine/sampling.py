@@ -1,16 +1,21 @@
-"""Per-request sampling parameters and batched sampling (greedy, temperature, top-k, top-p,
-repetition penalty, seeds) for rows that each follow their own parameters.
+"""Per-request sampling parameters and batched sampling on the device (greedy, temperature, top-k,
+top-p, repetition penalty, seeds) for rows that each follow their own parameters.
 
 A row whose numbers go bad (NaN or infinite logits, no probability mass left) fails on its own:
-:func:`sample` reports it as ``None`` and draws the other rows as if it were not there.
+:func:`sample_on_device` flags it and draws the other rows as if it were not there. Nothing here
+waits for the device: the engine reads the tokens one step later (docs/engine.md, Overlap of
+host and device).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +66,15 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``data`` (numbers or a CPU tensor) as a tensor on ``device``, without waiting for the device's
+    queued work: a plain copy from pageable memory would (pinned staging, non-blocking copy)."""
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
     """Divide positive / multiply negative logits of tokens already seen (``presence [S, V]``)."""
     p = penalties.unsqueeze(1)
@@ -68,58 +82,93 @@ def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penal
     return torch.where(presence, penalised, logits)
 
 
-def sample(
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs [S, V]`` drawn by its probabilities: ``argmax(p / Exp(1))``.
+
+    This is what ``torch.multinomial(probs, 1)`` computes (same random numbers, same result), minus
+    its validity checks, which copy to the host and so wait for the device; the caller keeps bad rows
+    out instead.
+    """
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div(q).argmax(dim=-1)
+
+
+def sample_on_device(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     presence: torch.Tensor | None = None,
     default_generator: torch.Generator | None = None,
-) -> list[int | None]:
-    """Pick one token per row of ``logits [S, V]`` following each row's parameters.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of ``logits [S, V]`` following each row's parameters, on the device.
 
-    ``presence [S, V]`` marks each row's prompt + output tokens (needed when a row has a
-    repetition penalty); ``generators`` are per-row generators (None = ``default_generator``).
-    Rows sharing the default generator are drawn in one batched call; the result crosses to
-    the host once. A row whose logits or probabilities are not finite gets ``None`` (its request
-    has failed); it never changes what the other rows draw from, and never reaches
-    ``torch.multinomial`` (which would raise, or assert on CUDA, for the whole batch).
+    Returns ``(tokens [S] int64, failed [S] bool)`` without waiting for the device. ``presence [S, V]``
+    marks each row's prompt + output tokens (needed when a row has a repetition penalty);
+    ``generators`` are per-row generators (None = ``default_generator``). Rows sharing the default
+    generator are drawn in one batched call, seeded rows one by one from their own generator, so a
+    seeded row draws the same whatever its batch-mates. A row whose logits or probabilities are not
+    finite is ``failed`` (its request has failed); it draws from a harmless one-hot instead and never
+    changes what the other rows draw. Should the batched computation still raise, the rows are
+    sampled one by one and only those that raise fail.
     """
+    try:
+        return _sample(logits, params, generators, presence, default_generator)
+    except RuntimeError:
+        log.exception("batched sampling failed; sampling the %d rows one by one", len(params))
+    tokens, failed = [], []
+    for i in range(len(params)):
+        try:
+            t, f = _sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1],
+                           None if presence is None else presence[i : i + 1], default_generator)
+        except RuntimeError:
+            log.exception("sampling failed for one row")
+            t = torch.zeros(1, dtype=torch.long, device=logits.device)
+            f = torch.ones(1, dtype=torch.bool, device=logits.device)
+        tokens.append(t)
+        failed.append(f)
+    return torch.cat(tokens), torch.cat(failed)
+
+
+def _sample(logits, params, generators, presence, default_generator) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
     dev = logits.device
-    if presence is not None and any(p.repetition_penalty != 1.0 for p in params):
-        pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        logits = apply_repetition_penalty(logits, presence, pen)
+    penalties = [p.repetition_penalty for p in params]
+    if presence is not None and any(p != 1.0 for p in penalties):
+        logits = apply_repetition_penalty(logits, presence, to_device(penalties, torch.float32, dev))
     # NaN from the model, or +inf from a penalty (-inf only rules a token out)
     bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
     choice = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        idx = torch.tensor(rows, device=dev)
-        vocab = logits.shape[-1]
-        sub = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=dev).unsqueeze(1)
-        sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-        top_k = torch.tensor([min(params[i].top_k, vocab) or vocab for i in rows], device=dev).unsqueeze(1)
-        drop = ranks >= top_k
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=dev).unsqueeze(1)
-        # Drop a token when the mass before it already reaches top_p; the most likely token always
-        # stays (a top_p that rounds to 0 in float32 would otherwise drop every token).
-        drop |= (probs.cumsum(-1) - probs) >= top_p
-        drop[:, 0] = False
-        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        row_bad = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
-        bad[idx] |= row_bad
-        # A failed row draws from a harmless one-hot instead, so the batched draw cannot fail.
-        probs = torch.where(row_bad.unsqueeze(1), ranks.eq(0).float(), probs)
+    if not rows:
+        return choice, bad
+    vocab = logits.shape[-1]
+    idx = to_device(rows, torch.long, dev)
+    # float32 like the logits: a temperature or penalty that underflows to 0 makes the row non-finite (failed)
+    temperature, top_k, top_p = to_device(
+        [[params[i].temperature for i in rows], [min(params[i].top_k, vocab) or vocab for i in rows],
+         [params[i].top_p for i in rows]], torch.float32, dev).unsqueeze(-1)
+    sorted_logits, sorted_ids = (logits[idx] / temperature).sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+    drop = ranks >= top_k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # Drop a token when the mass before it already reaches top_p; the most likely token always
+    # stays (a top_p that rounds to 0 in float32 would otherwise drop every token).
+    drop |= (probs.cumsum(-1) - probs) >= top_p
+    drop[:, 0] = False
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    row_bad = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)
+    bad[idx] = bad[idx] | row_bad
+    probs = torch.where(row_bad.unsqueeze(1), ranks.eq(0).float(), probs)
+    shared = [j for j, i in enumerate(rows) if generators[i] is None]
+    if len(shared) == len(rows):
+        picked = draw(probs, default_generator)
+    else:
         picked = torch.empty(len(rows), dtype=torch.long, device=dev)
-        shared = [j for j, i in enumerate(rows) if generators[i] is None]
         if shared:
-            sel = torch.tensor(shared, device=dev)
-            picked[sel] = torch.multinomial(probs[sel], 1, generator=default_generator).squeeze(1)
+            sel = to_device(shared, torch.long, dev)
+            picked[sel] = draw(probs[sel], default_generator)
         for j, i in enumerate(rows):
             if generators[i] is not None:
-                picked[j] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
-        choice[idx] = sorted_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
-    tokens, failed = torch.stack([choice, bad.long()]).tolist()
-    return [None if f else t for t, f in zip(tokens, failed)]
+                picked[j : j + 1] = draw(probs[j : j + 1], generators[i])
+    choice[idx] = sorted_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+    return choice, bad

@@ -1,21 +1,34 @@
-"""Fused inference kernels for the decode hot path (Triton on CUDA, PyTorch elsewhere).
+"""Fused inference kernels for the serving hot path (Triton on CUDA, PyTorch elsewhere).
 
 A decode step of the 7B model ran ~40 small kernels per layer in eager PyTorch (norms,
 rotary, activation, cache writes), which cost as much as the weight reads at batch 1. Each
 function here does one of those groups in one launch on CUDA, and falls back to the reference
 PyTorch ops on CPU, under autograd, or without Triton — same numerics (fp32 inside, one
 rounding to the input dtype as in the reference).
+
+The last section is a GEMV for decode batches of 1-8 rows: cuBLAS reads the weights of such
+products at ~82 % of copy bandwidth on an H200; :func:`tune_gemv` times both per shape when the
+engine starts and :func:`linear` uses whichever won (bench/gemv.py measures them).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU installs
     triton = None
+
+log = logging.getLogger(__name__)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -58,28 +71,95 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view_as(x)
 
 
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (rounded to the input dtype) and ``rms_norm(h)``: returns ``(normed, h)``.
+
+    The pre-norm block's residual add and the next norm in one launch for inference on CUDA; the
+    same numerics as the reference ops (an add in the input dtype, then :func:`rms_norm_reference`).
+    """
+    if not _use_triton(x) or x.dtype != weight.dtype or residual.dtype != x.dtype:
+        h = x + residual
+        return rms_norm_reference(h, weight, eps), h
+    return _launch_add_rms_norm(x, residual, weight, eps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, stride_x, stride_r, n_cols, eps,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream keeps the model dtype, as in eager
+        tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / n_cols
+        normed = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, (w * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_add_rms_norm(x, residual, weight, eps):
+    n = x.shape[-1]
+    x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(out)
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, x2.stride(0), r2.stride(0), n, eps,
+                                         BLOCK=triton.next_power_of_2(n))
+    return out.view(x.shape), h.view(x.shape)
+
+
 # ---------------------------------------------------------------------------- SwiGLU
 
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0)
-        act = (g * tl.sigmoid(g)).to(u.dtype)
-        tl.store(out_ptr + offs, act * u, mask=mask)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_cols
+        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        # silu rounded to the model dtype, then the product rounded once: torch's eager numerics
+        act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``; one Triton launch for inference on CUDA."""
     if not _use_triton(gate):
-        return torch.nn.functional.silu(gate) * up
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 1024),)](gate, up, out, n, BLOCK=1024)
+        return F.silu(gate) * up
+    f = gate.shape[-1]
+    return _launch_silu_mul(gate.reshape(-1, f).contiguous(), up.reshape(-1, f).contiguous(), f).view(gate.shape)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` for ``gate_up = [a | b]`` split in halves along the last dim (the fused
+    ``gate_up`` projection's output); one Triton launch for inference on CUDA."""
+    f = gate_up.shape[-1] // 2
+    if not _use_triton(gate_up):
+        gate, up = gate_up.split(f, dim=-1)
+        return F.silu(gate) * up
+    x2 = gate_up.reshape(-1, 2 * f)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return _launch_silu_mul(x2, x2[:, f:], f).view(*gate_up.shape[:-1], f)
+
+
+def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tensor:
+    """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
+    out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
+    block = 1024
+    _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
+                                                              BLOCK=block)
     return out
 
 
@@ -89,7 +169,8 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, q_out_ptr,
-                           stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_cs, stride_ch,
+                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                           stride_ct, stride_cs, stride_ch,
                            n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr):
         t = tl.program_id(0)
         head = tl.program_id(1)
@@ -103,7 +184,7 @@ if triton is not None:
             base = q_ptr + t * stride_qt + head * stride_qh
             x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            dst = q_out_ptr + t * stride_qt + head * stride_qh
+            dst = q_out_ptr + t * stride_ot + head * stride_oh
             tl.store(dst + offs, (x1 * cos1 - x2 * sin1).to(q_out_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, (x2 * cos2 + x1 * sin2).to(q_out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -115,28 +196,255 @@ if triton is not None:
             dst = kc_ptr + slot * stride_cs + h * stride_ch
             tl.store(dst + offs, (x1 * cos1 - x2 * sin1).to(kc_ptr.dtype.element_ty), mask=mask)
             tl.store(dst + HALF + offs, (x2 * cos2 + x1 * sin2).to(kc_ptr.dtype.element_ty), mask=mask)
-            vbase = v_ptr + t * stride_kt + h * stride_kh
+            vbase = v_ptr + t * stride_vt + h * stride_vh
             vdst = vc_ptr + slot * stride_cs + h * stride_ch
             tl.store(vdst + offs, tl.load(vbase + offs, mask=mask), mask=mask)
             tl.store(vdst + HALF + offs, tl.load(vbase + HALF + offs, mask=mask), mask=mask)
 
 
 def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tensor:
-    """Decode helper: rotate q and k (``[T, heads, d]``) by ``cos/sin [T, d]``, store the rotated k
-    and v at ``slots`` of the caches (``[slots, n_kv, d]``), return the rotated q."""
+    """Rotate q and k (``[T, heads, d]``, any row and head strides) by ``cos/sin [T, d]``, store the
+    rotated k and v at ``slots`` of the caches (``[slots, n_kv, d]``), return the rotated q."""
     from telechat.model.rope import apply_rope
 
-    if not _use_triton(q) or q.stride(-1) != 1 or k.stride() != v.stride() or k.stride(-1) != 1:
+    if not _use_triton(q) or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or cos.stride() != sin.stride():
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
         k_cache[slots] = apply_rope(k, c, s)
         v_cache[slots] = v
         return apply_rope(q, c, s)
+    return _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
+def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
     t, n_q, d = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _rope_cache_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, slots, k_cache, v_cache, q_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
+        q_out.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
         n_q, n_kv, HALF=d // 2, H_PAD=triton.next_power_of_2(d // 2),
     )
     return q_out
+
+
+# ---------------------------------------------------------------------------- GEMV for decode batches
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One tiling of the Triton GEMV ``y[M, N] = x[M, K] @ W[N, K]^T``."""
+
+    block_n: int
+    """Weight rows (outputs) per program."""
+    block_k: int
+    """Weight columns read per loop iteration."""
+    split_k: int = 1
+    """Programs sharing one row block, each over a slice of K (fp32 partials, then a reduce launch);
+    more programs in flight for shapes with few output rows."""
+    dot: bool = False
+    """Tensor-core ``tl.dot`` on x padded to 16 rows (any M ≤ 8); else FMA reductions (M ≤ 2)."""
+    num_warps: int = 4
+    num_stages: int = 4
+
+    @property
+    def max_m(self) -> int:
+        """Most rows of x this tiling takes."""
+        return GEMV_MAX_M if self.dot else 2
+
+
+GEMV_MAX_M = 8
+"""Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets)."""
+GEMV_BUCKETS = (1, 2, 4, 8)
+"""Row counts tuned; other counts up to 8 use the next bucket's choice."""
+GEMV_CONFIGS = (
+    GemvConfig(16, 256),
+    GemvConfig(32, 128),
+    GemvConfig(8, 512),
+    GemvConfig(16, 256, split_k=4),
+    GemvConfig(16, 256, dot=True),
+    GemvConfig(32, 256, dot=True),
+    GemvConfig(64, 128, dot=True, num_warps=8),
+    GemvConfig(16, 512, dot=True, num_warps=8, num_stages=3),
+    GemvConfig(16, 256, split_k=2, dot=True),
+    GemvConfig(16, 256, split_k=4, dot=True),
+)
+"""Tilings timed by :func:`tune_gemv` (each compiles once per bias/no-bias and row padding)."""
+GEMV_MIN_GAIN = 0.03
+"""A tiling replaces cuBLAS only when it is at least this much faster (timing noise)."""
+
+_gemv_plan: dict[tuple, GemvConfig] = {}
+"""(N, K, row bucket, dtype, has bias) → the tiling that beat cuBLAS; absent = cuBLAS."""
+
+
+def gemv_bucket(m: int) -> int:
+    """The tuned row count serving ``m`` rows (``m ≤`` :data:`GEMV_MAX_M`)."""
+    return next(b for b in GEMV_BUCKETS if b >= m)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
+                     stride_os, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, M_PAD)
+        n_mask = offs_n < N
+        m_mask = offs_m < M
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                k_mask = offs_k < k_hi
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT:
+                acc += tl.dot(x, tl.trans(w))
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if PARTIAL:
+            tl.store(out, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, N, stride_ws, stride_wm, stride_om,
+                              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + s * stride_ws + m * stride_wm + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig = GEMV_CONFIGS[4]) -> torch.Tensor:
+    """``x @ weight.T + bias`` for ``x [..., K]`` of at most ``config.max_m`` rows and ``weight [N, K]``
+    (same dtype, unit column stride) with the Triton kernel: fp32 accumulation, one rounding."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > config.max_m or weight.stride(-1) != 1 or x.dtype != weight.dtype:
+        raise ValueError(f"gemv takes ≤ {config.max_m} rows and a weight of the input's dtype with unit column "
+                         f"stride, got {m} rows, {x.dtype} input, {weight.dtype} weight")
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    common = dict(HAS_BIAS=bias is not None, M_PAD=16 if config.dot else triton.next_power_of_2(m),
+                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT=config.dot, EVEN_K=k % k_per_split == 0,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    b = bias if bias is not None else weight  # never read without HAS_BIAS
+    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    if config.split_k == 1:
+        _gemv_kernel[grid](x2, weight, b, out, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
+                           out.stride(0), 0, PARTIAL=False, **common)
+    else:
+        ws = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
+        _gemv_kernel[grid](x2, weight, b, ws, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
+                           ws.stride(1), ws.stride(0), PARTIAL=True, **common)
+        _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, n, ws.stride(0), ws.stride(1), out.stride(0),
+                                                         HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
+                                                         BLOCK=1024)
+    return out.view(*x.shape[:-1], n)
+
+
+def _plan_key(weight: torch.Tensor, has_bias: bool, m: int) -> tuple:
+    return weight.shape[0], weight.shape[1], gemv_bucket(m), weight.dtype, has_bias
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """``layer(x)``; a dense Linear with few rows goes through the Triton GEMV where :func:`tune_gemv`
+    found it faster for this shape (CUDA inference only)."""
+    if _gemv_plan and type(layer) is nn.Linear and _use_triton(x):
+        m = x.numel() // x.shape[-1]
+        if m <= GEMV_MAX_M:
+            config = _gemv_plan.get(_plan_key(layer.weight, layer.bias is not None, m))
+            if config is not None:
+                return gemv(x, layer.weight, layer.bias, config)
+    return layer(x)
+
+
+def time_per_call(fn, calls: int, reps: int = 7) -> float:
+    """Median seconds per call of ``fn`` (which makes ``calls`` calls), by CUDA events after one warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) -> list[dict]:
+    """Time cuBLAS and every Triton tiling on each dense bf16/fp16 Linear shape of ``model`` at each row
+    bucket up to ``max(batch_sizes)``, and let :func:`linear` use the winners.
+
+    Each shape is timed over all of the model's layers of that shape in turn, so the weights come
+    from HBM as in a real forward, not from L2. A tiling whose result differs from cuBLAS is
+    skipped. Returns one row per (shape, rows): times in µs and the choice. CUDA only; no-op elsewhere.
+    """
+    if triton is None or not torch.cuda.is_available():
+        return []
+    groups: dict[tuple, list[nn.Linear]] = defaultdict(list)
+    for module in model.modules():
+        w = module.weight if type(module) is nn.Linear else None
+        if w is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and w.stride(-1) == 1:
+            groups[(w.shape[0], w.shape[1], w.dtype, module.bias is not None)].append(module)
+    buckets = sorted({gemv_bucket(b) for b in batch_sizes if b <= GEMV_MAX_M})
+    t0 = time.perf_counter()
+    rows = []
+    for (n, k, dtype, has_bias), layers in groups.items():
+        for m in buckets:
+            x = torch.randn(m, k, dtype=dtype, device=layers[0].weight.device)
+            ref = F.linear(x, layers[0].weight, layers[0].bias).float()
+            cublas = time_per_call(lambda: [F.linear(x, lyr.weight, lyr.bias) for lyr in layers], len(layers))
+            best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
+            for config in configs:
+                if m > config.max_m:
+                    continue
+                try:
+                    out = gemv(x, layers[0].weight, layers[0].bias, config).float()
+                    if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                        log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)
+                        continue
+                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config) for lyr in layers], len(layers))
+                except Exception:  # noqa: BLE001 - a tiling that does not compile here is not a choice
+                    log.warning("GEMV tiling %s failed for %dx%d", config, n, k, exc_info=True)
+                    continue
+                if t < best_t:
+                    best, best_t = config, t
+            key = (n, k, m, dtype, has_bias)
+            if best is None:
+                _gemv_plan.pop(key, None)
+            else:
+                _gemv_plan[key] = best
+            rows.append({"n": n, "k": k, "m": m, "cublas_us": cublas * 1e6,
+                         "triton_us": best_t * 1e6 if best else None, "config": best})
+    log.info("GEMV tuned in %.1f s: Triton for %d of %d (shape, rows) cases", time.perf_counter() - t0,
+             sum(r["config"] is not None for r in rows), len(rows))
+    return rows

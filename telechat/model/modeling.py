@@ -7,6 +7,12 @@ Math per docs/model.md (forward pass): weight-only RMSNorm, fused per-head inter
 Parameter names equal the official 12B names (``transformer.h.N.self_attention.query.weight``,
 ``lm_head.weight``), so ``save_pretrained`` writes checkpoints the official code loads. The 7B
 layout (no ``transformer.`` prefix, tied head) is mapped on load by :mod:`telechat.model.checkpoint`.
+
+Two entry points: ``forward`` (transformers: ``generate()``, training, ``Cache``) and
+``forward_batch`` (the serving engine: flat tokens of many sequences, docs/engine.md, The model
+seam). For serving, :meth:`TelechatForCausalLM.fuse_projections` merges ``query`` + ``key_value``
+into one ``qkv`` Linear and ``gate_proj`` + ``up_proj`` into ``gate_up``; both entry points run
+either layout, but only the unfused one has the official parameter names.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from telechat.model.attention import attention
+from telechat.model.checkpoint import split_key_value
 from telechat.model.config import Telechat2Config, TelechatConfig
-from telechat.model.kernels import rms_norm, silu_mul
+from telechat.model.forward_batch import AttentionBackend, ForwardBatch
+from telechat.model.kernels import fused_add_rms_norm, linear, rms_norm, silu_mul, swiglu
 from telechat.model.losses import chunked_causal_lm_loss
 from telechat.model.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
 
@@ -42,6 +50,12 @@ class TelechatRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``, the add fused into the norm; ``residual=None``: ``(norm(x), x)``."""
+        if residual is None:
+            return self(x), x
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class TelechatRotary:
@@ -64,6 +78,24 @@ class TelechatRotary:
         return cos_sin(positions, inv_freq(p.base, self.config.head_dim, positions.device), p.mscale, dtype)
 
 
+def _fused_linear(weights: list[torch.Tensor]) -> nn.Linear:
+    """A bias-free Linear whose weight rows are ``weights`` stacked in order."""
+    w = torch.cat(weights)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(w, requires_grad=weights[0].requires_grad)
+    return fused
+
+
+def _plain_linears(*layers: nn.Module) -> bool:
+    """True when every layer is exactly a bias-free ``nn.Linear`` (not GPTQ, not a LoRA wrapper) of one dtype."""
+    return (all(type(m) is nn.Linear and m.bias is None for m in layers)
+            and len({m.weight.dtype for m in layers}) == 1 and len({m.weight.device for m in layers}) == 1)
+
+
+def _call(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    return layer(x)
+
+
 class TelechatAttention(nn.Module):
     """Multi-head (or grouped-query, TeleChat2 115B) self-attention with fused ``key_value``."""
 
@@ -78,24 +110,45 @@ class TelechatAttention(nn.Module):
         self.query = nn.Linear(h, self.n_head * self.head_dim, bias=False)
         self.key_value = nn.Linear(h, 2 * self.n_kv * self.head_dim, bias=False)
         self.dense = nn.Linear(self.n_head * self.head_dim, h, bias=True)
+        self.qkv: nn.Linear | None = None
+        """Serving only (:meth:`fuse`): rows of every q head, then K of every kv head, then V of every kv head."""
+
+    def fuse(self) -> None:
+        """Replace ``query`` + ``key_value`` by one ``qkv`` Linear (plain bias-free Linears only; idempotent)."""
+        if self.qkv is not None or not _plain_linears(self.query, self.key_value):
+            return
+        k, v = split_key_value(self.key_value.weight.data, self.n_kv, self.head_dim)
+        self.qkv = _fused_linear([self.query.weight.data, k, v])
+        del self.query, self.key_value
 
     def project(
-        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, lin=_call
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v for ``x [..., T, H]``: ``[..., T, heads, d]`` each, rotated when ``cos/sin [..., T, d]``
-        are given.
+        are given; ``lin(x, layer)`` applies a projection (the serving path passes :func:`linear`).
 
-        The fused ``key_value`` rows are interleaved per head: rows ``[2d·h, 2d·h+d)`` are K of
+        The official ``key_value`` rows are interleaved per head: rows ``[2d·h, 2d·h+d)`` are K of
         head h and ``[2d·h+d, 2d·h+2d)`` its V.
         """
         lead = x.shape[:-1]
-        q = self.query(x).view(*lead, self.n_head, self.head_dim)
-        kv = self.key_value(x).view(*lead, self.n_kv, 2 * self.head_dim)
-        k, v = kv[..., : self.head_dim], kv[..., self.head_dim :]
+        if self.qkv is not None:
+            nq, nkv = self.n_head * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = lin(x, self.qkv).split([nq, nkv, nkv], dim=-1)
+            q, k, v = (t.view(*lead, -1, self.head_dim) for t in (q, k, v))
+        else:
+            q = lin(x, self.query).view(*lead, self.n_head, self.head_dim)
+            kv = lin(x, self.key_value).view(*lead, self.n_kv, 2 * self.head_dim)
+            k, v = kv[..., : self.head_dim], kv[..., self.head_dim :]
         if cos is None:
             return q, k, v
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      attention: AttentionBackend) -> torch.Tensor:
+        """Attention output ``[T, H]`` for flat tokens ``x [T, H]``; ``attention`` rotates, caches and attends."""
+        q, k, v = self.project(x, lin=linear)
+        return linear(attention.attend(self.layer_idx, q, k, v, cos, sin).reshape(x.shape[0], -1), self.dense)
 
     def forward(
         self,
@@ -105,13 +158,7 @@ class TelechatAttention(nn.Module):
         mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
     ) -> torch.Tensor:
-        """Attention output for ``x [B, T, H]`` (transformers cache) or ``[T, H]`` (engine step)."""
-        attend = getattr(past_key_values, "attend", None)
-        if attend is not None:
-            # The serving engine's paged cache: flat tokens [T, heads, d] of many sequences; it
-            # applies RoPE itself (fused with the cache write on CUDA).
-            q, k, v = self.project(x)
-            return self.dense(attend(self.layer_idx, q, k, v, cos, sin).reshape(*x.shape[:-1], -1))
+        """Attention output for ``x [B, T, H]`` with an optional transformers cache."""
         q, k, v = self.project(x, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
         if past_key_values is not None:
@@ -131,9 +178,21 @@ class TelechatMLP(nn.Module):
         self.gate_proj = nn.Linear(h, f, bias=False)
         self.up_proj = nn.Linear(h, f, bias=False)
         self.down_proj = nn.Linear(f, h, bias=True)
+        self.gate_up: nn.Linear | None = None
+        """Serving only (:meth:`fuse`): ``gate_proj`` rows, then ``up_proj`` rows."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    def fuse(self) -> None:
+        """Replace ``gate_proj`` + ``up_proj`` by one ``gate_up`` Linear (plain bias-free Linears only; idempotent)."""
+        if self.gate_up is not None or not _plain_linears(self.gate_proj, self.up_proj):
+            return
+        self.gate_up = _fused_linear([self.gate_proj.weight.data, self.up_proj.weight.data])
+        del self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, lin=_call) -> torch.Tensor:
+        """``lin(x, layer)`` applies a projection (the serving path passes :func:`linear`)."""
+        if self.gate_up is not None:
+            return lin(swiglu(lin(x, self.gate_up)), self.down_proj)
+        return lin(silu_mul(lin(x, self.gate_proj), lin(x, self.up_proj)), self.down_proj)
 
 
 class TelechatBlock(GradientCheckpointingLayer):
@@ -163,6 +222,20 @@ class TelechatBlock(GradientCheckpointingLayer):
         normed = self.post_attention_layernorm(h)
         out = self.mlp(normed)
         return (normed if self.post_ln_residual else h) + F.dropout(out, self.hidden_dropout, self.training)
+
+    def forward_batch(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Serving form of :meth:`forward` (inference, flat tokens): the block's input is ``x + residual``
+        (``residual=None``: ``x``) and it returns ``(mlp_out, residual)`` whose sum is its output, so
+        each residual add runs fused into the next norm."""
+        normed, residual = self.input_layernorm.add_forward(x, residual)
+        if self.post_ln_residual:
+            residual = normed
+        attn = self.self_attention.forward_batch(normed, cos, sin, attention)
+        normed, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        if self.post_ln_residual:
+            residual = normed
+        return self.mlp(normed, linear), residual
 
 
 class TelechatPreTrainedModel(PreTrainedModel):
@@ -282,6 +355,19 @@ class TelechatModel(TelechatPreTrainedModel):
             x = block(x, cos, sin, mask, past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(x), **{CACHE_FIELD: past_key_values})
 
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Final hidden states ``[R, H]`` of the rows ``batch.logits_rows`` of flat tokens ``input_ids [T]``."""
+        x = self.word_embeddings(input_ids)
+        if self.word_embeddings_layernorm is not None:
+            x = self.word_embeddings_layernorm(x)
+        cos, sin = batch.rope_tables(x.dtype)
+        residual = None
+        for block in self.h:
+            x, residual = block.forward_batch(x, residual, cos, sin, batch.attention)
+        if batch.logits_rows is not None:  # the last norm and the head only where logits are wanted
+            x, residual = x[batch.logits_rows], residual[batch.logits_rows]
+        return self.ln_f.add_forward(x, residual)[0]
+
 
 class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
     """TeleChat with its LM head; works with ``generate()`` and the transformers ``Cache`` API."""
@@ -306,6 +392,25 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def rope_params(self, length: int) -> RopeParams:
+        """RoPE base and ``mscale`` of a sequence whose prompt has ``length`` tokens (fixed for its life)."""
+        return self.transformer.rotary.params(length)
+
+    def fuse_projections(self) -> None:
+        """Serving only: merge each layer's ``query`` + ``key_value`` into ``qkv`` and ``gate_proj`` +
+        ``up_proj`` into ``gate_up`` (one GEMM each instead of two). Only plain ``nn.Linear`` modules
+        fuse (GPTQ-quantized ones stay as they are); idempotent; outputs are unchanged. The fused model
+        no longer has the official parameter names, so train and save unfused models only."""
+        for block in self.transformer.h:
+            block.self_attention.fuse()
+            block.mlp.fuse()
+
+    def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Serving forward (docs/engine.md, The model seam): float32 logits ``[R, V]`` of the rows
+        ``batch.logits_rows`` (every row when None) of flat tokens ``input_ids [T]`` from any number of
+        sequences. Inference only: call it under ``torch.inference_mode()``."""
+        return linear(self.transformer.forward_batch(input_ids, batch), self.lm_head).float()
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
