@@ -1,0 +1,133 @@
+"""The serving benchmarks' CPU paths (tiny random-weight model, a few tokens), so the scripts cannot rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.random_checkpoint import DONE, write_random_checkpoint
+from bench.serve_load import cached_fraction, multi_turn_rows
+from bench.serving_suite import TINY, expected_keys, size_tag, targets
+from tests.conftest import REPO
+
+PROVENANCE = ("date", "command", "commit", "device", "torch")
+
+
+def run_script(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def result(start: float, stamps: list[float], tokens: int, prompt: int | None = None, cached: int | None = None,
+           turn: int | None = None) -> dict:
+    """A request as chat_stream returns it (times in seconds)."""
+    return {"start": start, "stamps": stamps, "tokens": tokens, "prompt_tokens": prompt, "cached_tokens": cached,
+            "turn": turn}
+
+
+# ---------------------------------------------------------------------------------------------- pure summaries
+
+def test_prefix_ttft_ratio_compares_later_turns_with_fresh_prompts():
+    """Turn 1 (history not cached yet) stays out of the ratio; turns >= 2 are divided by the fresh prompts' TTFT."""
+    turns = [result(0, [0.5, 0.6], 2, 4000, 0, turn=1), result(0, [0.03, 0.04], 2, 4100, 4000, turn=2),
+             result(0, [0.03, 0.05], 2, 4200, 4100, turn=3)]
+    fresh = [result(0, [0.02, 0.03], 2, 128, 0), result(0, [0.02, 0.04], 2, 128, 0)]
+    per_turn, summary = multi_turn_rows(1, turns, 1.0, fresh, 1.0)
+    assert [r["turn"] for r in per_turn] == [1, 2, 3]
+    assert summary["first_turn_ttft_p50_ms"] == 500.0
+    assert summary["cached_ttft_p50_ms"] == 30.0 and summary["fresh_ttft_p50_ms"] == 20.0
+    assert summary["prefix_ttft_ratio"] == 1.5
+    assert summary["cached_fraction"] == round(8100 / 8300, 4)
+    assert summary["first_turn_prompt_tokens"] == 4000 and summary["last_turn_prompt_tokens"] == 4200
+
+
+def test_cached_fraction_is_none_when_the_server_does_not_report_it():
+    """A server without usage.prompt_tokens_details gives no cached share, not a share of 0."""
+    assert cached_fraction([result(0, [1], 1, 100, None), result(0, [1], 1, 100, 50)]) is None
+    assert cached_fraction([result(0, [1], 1, 100, 25), result(0, [1], 1, 100, 75)]) == 0.5
+
+
+def test_suite_key_names_follow_the_workload():
+    """Figure names carry the sizes actually measured (c64, 1k, 32k for the H200 run)."""
+    assert size_tag(1024) == "1k" and size_tag(32768) == "32k" and size_tag(48) == "48"
+    keys = expected_keys(TINY)
+    assert f"engine_c{TINY.concurrency}_tok_s" in keys and "engine_c64_tok_s" not in keys
+
+
+def test_targets_judge_present_figures_and_leave_missing_ones_open():
+    """A figure a failed part never measured is neither met nor missed."""
+    from bench.serving_suite import FULL
+
+    rows = {t["measure"]: t for t in targets({"engine_bs1_tok_s": 90, "roofline_bs1_tok_s": 100,
+                                              "prefix_ttft_ratio": 1.6}, FULL)}
+    assert rows["engine bs1 / copy roofline"]["met"] is True
+    assert rows["cached-history turn TTFT / fresh"]["met"] is False
+    assert rows["TTFT 1k prompt idle (ms)"]["met"] is None
+
+
+def test_suite_keeps_figures_of_a_failed_part(tmp_path):
+    """A part that fails is named under errors, and the summary on disk keeps the rows it wrote before."""
+    from types import SimpleNamespace
+
+    from bench.serving_suite import Suite, engine_figures
+
+    args = SimpleNamespace(out=tmp_path / "suite.json", work_dir=tmp_path, preset="tiny")
+    suite = Suite(args, TINY)
+    part_json = tmp_path / "parts" / "engine.json"
+    script = ("import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True); "
+              "p.write_text(json.dumps({'device': 'cpu', 'torch': 'x', 'results': "
+              "[{'measure': 'hf_generate_bs1', 'tok_s': 12.5}]})); sys.exit(3)")
+    assert not suite.run("engine", [sys.executable, "-c", script, str(part_json)], engine_figures)
+    s = json.loads(args.out.read_text())
+    assert s["errors"] == {"engine": "exited with 3"}
+    assert s["hf_bs1_tok_s"] == 12.5 and s["engine_bs1_tok_s"] is None and s["gpu"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- scripts on CPU
+
+def test_random_checkpoint_is_reused(tmp_path):
+    """A folder that already holds the shape is not rewritten (the suite writes the 7B once)."""
+    out = write_random_checkpoint("tiny", tmp_path / "tiny")
+    weights = next(out.glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    assert write_random_checkpoint("tiny", out) == out
+    assert weights.stat().st_mtime_ns == stamp and (out / DONE).is_file()
+
+
+def test_serve_load_writes_api_and_engine_rows(tmp_path):
+    """The completions load test and its in-process engine baseline both report, with provenance in --json."""
+    path = tmp_path / "load.json"
+    proc = run_script("bench/serve_load.py", "--random-weights", "tiny", "--concurrency", "2", "--requests", "2",
+                      "--prompt-len", "8", "--output-len", "4", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(path.read_text())
+    assert all(data[k] for k in PROVENANCE)
+    rows = {r["mode"]: r for r in data["results"]}
+    assert set(rows) == {"api", "engine"}
+    assert rows["api"]["output_tok_s"] > 0 and rows["engine"]["output_tok_s"] > 0
+
+
+def test_serving_suite_tiny_reports_every_figure(tmp_path):
+    """The one-go suite runs every part on CPU and fills every figure; parts keep their rows and provenance."""
+    out = tmp_path / "suite.json"
+    proc = run_script("bench/serving_suite.py", "--preset", "tiny", "--work-dir", str(tmp_path / "work"),
+                      "--out", str(out), "--commit", "abc1234")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["errors"] == {} and s["commit"] == "abc1234"
+    missing = [k for k in expected_keys(TINY) if s[k] is None and not k.startswith("cached_fraction")]
+    assert missing == []
+    assert set(s["parts"]) == {"engine", "http", "multi_turn"}
+    for part in s["parts"].values():
+        assert all(part[k] for k in PROVENANCE) and part["commit"] == "abc1234"
+    summaries = [r for r in s["parts"]["multi_turn"]["results"] if r["mode"] == "multi_turn"]
+    assert [r["sessions"] for r in summaries] == [TINY.sessions, 1]
+    for r in summaries:
+        # Every turn resends the history and adds a reply and a user message.
+        assert r["last_turn_prompt_tokens"] > r["first_turn_prompt_tokens"] >= TINY.history_tokens * 0.75
+        assert r["fresh_prompt_tokens"] == pytest.approx(TINY.fresh_tokens, rel=0.25)
