@@ -75,6 +75,9 @@ class CheckpointInfo:
     is_demo: bool
     generation: dict | None = None
     """``generation_config.json`` as read with the config (None when the folder has none)."""
+    quant_method: str | None = None
+    """``quant_method`` of a quantized checkpoint: ``gptq`` (also the official releases, which have only
+    ``quantize_config.json``) or ``compressed-tensors`` (FP8, :mod:`telechat.model.fp8`); None when dense."""
 
     def served_name(self, override: str | None = None) -> str:
         """The model id clients use: ``override``, else :data:`DEMO_MODEL_NAME` for the demo model,
@@ -104,13 +107,22 @@ def inspect_checkpoint(path: str | Path, *, need_tokenizer: bool = False) -> Che
         raise CheckpointError(
             f"{cfg_file} declares model_type={config.get('model_type')!r}, architectures={archs}; "
             f"this runtime loads TeleChat checkpoints ({', '.join(ARCHITECTURES)})")
-    quantized = "quantization_config" in config or (path / "quantize_config.json").is_file()
+    quant_method = _quant_method(config, path)
+    quantized = quant_method is not None
     files = _weight_files(path, quantized)
     if need_tokenizer and not any((path / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
         raise CheckpointError(f"{path} has no tokenizer.model or tokenizer.json; copy the tokenizer files of the "
                               "release into the folder")
     return CheckpointInfo(path, config, files, quantized, bool(config.get("telechat_demo")),
-                          _read_generation(path / "generation_config.json"))
+                          _read_generation(path / "generation_config.json"), quant_method)
+
+
+def _quant_method(config: dict, path: Path) -> str | None:
+    """The checkpoint's ``quant_method`` (lower case; ``gptq`` when unnamed), None for a dense checkpoint."""
+    qcfg = config.get("quantization_config")
+    if qcfg is not None:
+        return str(qcfg.get("quant_method", "gptq")).lower() if isinstance(qcfg, dict) else "gptq"
+    return "gptq" if (path / "quantize_config.json").is_file() else None
 
 
 def _read_generation(path: Path) -> dict | None:

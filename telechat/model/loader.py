@@ -1,4 +1,4 @@
-"""Loading a checkpoint folder as :class:`~telechat.model.modeling.TelechatForCausalLM` (dense or GPTQ)."""
+"""Loading a checkpoint folder as :class:`~telechat.model.modeling.TelechatForCausalLM` (dense, GPTQ or FP8)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from telechat.model.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
+from telechat.model.fp8 import QUANT_METHOD as FP8_QUANT_METHOD
+from telechat.model.fp8 import load_fp8
 from telechat.model.quantized import load_quantized
 
 
@@ -37,6 +39,8 @@ def load_model(
     info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if info.quant_method == FP8_QUANT_METHOD:
+        return load_fp8(info, device=device, dtype=dtype, **config_overrides)
     if info.quantized:
         return load_quantized(info, device=device, dtype=dtype, **config_overrides)
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
