@@ -377,7 +377,7 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     found it faster for this shape (CUDA inference only)."""
     if _gemv_plan and type(layer) is nn.Linear and _use_triton(x):
         m = x.numel() // x.shape[-1]
-        if m <= GEMV_MAX_M:
+        if 0 < m <= GEMV_MAX_M:
             config = _gemv_plan.get(_plan_key(layer.weight, layer.bias is not None, m))
             if config is not None:
                 return gemv(x, layer.weight, layer.bias, config)

@@ -1,4 +1,5 @@
-"""CUDA fast path checks (Triton paged attention, CUDA graphs). Skipped without a GPU."""
+"""CUDA fast path checks (Triton kernels, the decode GEMV and its tuning, CUDA-graph decode steps).
+Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from telechat.model.config import TelechatConfig
-from telechat.engine.engine import EngineConfig, LLMEngine
 from telechat.engine.paged_attention import _gather_decode, paged_decode_attention, partition_size
-from telechat.engine.runner import StepInput
-from telechat.engine.sampling import SamplingParams
+from telechat.engine.scheduler_output import SchedulerOutput
+from telechat.model import kernels
+from telechat.model.config import TelechatConfig
+from telechat.model.kernels import (GEMV_CONFIGS, fused_add_rms_norm, gemv, rms_norm_reference, rope_and_cache,
+                                    silu_mul, swiglu)
 from telechat.model.modeling import TelechatForCausalLM
+from telechat.model.rope import apply_rope
+from tests.engine.test_runner import Steps, hf_generate, prompt
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -33,39 +38,107 @@ def test_triton_paged_attention_matches_gather(n_kv, d):
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
-def _model(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, bias", [(384, 512, False), (200, 4096, True), (4096, 1000, False)])
+def test_triton_gemv_matches_matmul(dtype, n, k, bias):
+    """Every GEMV tiling equals torch matmul within bf16/fp16 tolerance for 1..8 rows (uneven N and K included)."""
     torch.manual_seed(0)
-    cfg = TelechatConfig(vocab_size=512, hidden_size=256, n_layer=2, n_head=4, ffn_hidden_size=512,
-                         training_seqlen=64, seq_length=1024, initializer_range=0.1)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.05
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    for m in range(1, 9):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+        for config in GEMV_CONFIGS:
+            if m <= config.max_m:
+                out = gemv(x, w, b, config).float()
+                assert (out - ref).norm() / ref.norm() < 1e-2, (config, m)
+
+
+def test_fused_kernels_match_reference_ops():
+    """Triton add+RMSNorm, SwiGLU on halves and rope+cache write (on strided qkv views) equal the eager ops."""
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    x, r, w = (torch.randn(*shape, device="cuda", dtype=dt) for shape in ((7, 4096), (7, 4096), (4096,)))
+    with torch.inference_mode():
+        normed, h = fused_add_rms_norm(x, r, w, 1e-5)
+        assert torch.equal(h, x + r)
+        torch.testing.assert_close(normed, rms_norm_reference(x + r, w, 1e-5), rtol=2e-2, atol=2e-2)
+        gate_up = torch.randn(7, 2 * 1000, device="cuda", dtype=dt)
+        torch.testing.assert_close(swiglu(gate_up), F.silu(gate_up[:, :1000]) * gate_up[:, 1000:], rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(silu_mul(gate_up[:, :1000], gate_up[:, 1000:]), swiglu(gate_up))
+        t, nq, nkv, d = 5, 8, 2, 128
+        q, k, v = torch.randn(t, (nq + 2 * nkv) * d, device="cuda", dtype=dt).split([nq * d, nkv * d, nkv * d], -1)
+        q, k, v = (z.view(t, -1, d) for z in (q, k, v))
+        cos, sin = torch.randn(t, d, device="cuda", dtype=dt), torch.randn(t, d, device="cuda", dtype=dt)
+        kc, vc = torch.zeros(64, nkv, d, device="cuda", dtype=dt), torch.zeros(64, nkv, d, device="cuda", dtype=dt)
+        slots = torch.tensor([3, 9, 17, 40, 63], device="cuda")
+        q_out = rope_and_cache(q, k, v, cos, sin, kc, vc, slots)
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        torch.testing.assert_close(q_out, apply_rope(q, c, s), rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(kc[slots], apply_rope(k, c, s), rtol=2e-2, atol=5e-2)
+        assert torch.equal(vc[slots], v)
+
+
+def _model(dtype, **kw):
+    torch.manual_seed(0)
+    cfg = TelechatConfig(**{**dict(vocab_size=512, hidden_size=256, n_layer=2, n_head=4, ffn_hidden_size=512,
+                                   training_seqlen=64, seq_length=1024, initializer_range=0.1), **kw})
     return TelechatForCausalLM(cfg).to("cuda", dtype).eval()
 
 
-def test_graph_engine_greedy_matches_generate_fp32():
-    """CUDA-graph decode (fp32) reproduces transformers generate() token for token, past training_seqlen."""
-    model = _model(torch.float32)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(4, 500, (n,), generator=g).tolist() for n in (5, 40, 90)]
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=4))
-    assert engine.runner.graphs, "graphs were not captured"
-    out = engine.generate(prompts, SamplingParams(max_tokens=30, temperature=0))
-    for p, o in zip(prompts, out):
-        ref = model.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=30, eos_token_id=None,
-                             attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
-        assert o == ref[0, len(p):].tolist()
+def test_graph_decode_with_overlap_matches_generate_fp32():
+    """Decode-only steps replay captured graphs (3 sequences in bucket 4), take their inputs from the
+    previous step on the device, and reproduce generate() token for token past training_seqlen."""
+    model = _model(torch.float32, num_key_value_heads=2)
+    s = Steps(model, block_size=16, max_num_seqs=4)
+    s.runner.capture_graphs()
+    assert sorted(s.runner.graphs) == [1, 2, 4]
+    reqs = [s.request(prompt(n, n)) for n in (5, 40, 90)]
+    pending = s.runner.execute(SchedulerOutput(prefills=[s.chunk(r, 0, len(r.prompt_ids)) for r in reqs],
+                                               new_rows=reqs))
+    tokens = {r: [] for r in reqs}
+    for _ in range(29):
+        decodes = [s.chunk(r, len(r.prompt_ids) + len(tokens[r]), len(r.prompt_ids) + len(tokens[r]) + 1,
+                           from_previous=True) for r in reqs]
+        nxt = s.runner.execute(SchedulerOutput(decodes=decodes))
+        for r, tok in zip(reqs, pending.tokens()):
+            tokens[r].append(tok)
+        pending = nxt
+    for r, tok in zip(reqs, pending.tokens()):
+        tokens[r].append(tok)
+    for r in reqs:
+        assert tokens[r] == hf_generate(model, r.prompt_ids, 30)[0]
 
 
-def test_bf16_decode_logits_close_to_reference():
-    """bf16 logits of graph decode steps stay within tolerance of a full bf16 forward."""
-    model = _model(torch.bfloat16)
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=2))
-    prompt = list(range(10, 60))
-    out = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0))[0]
-    seq = prompt + out
-    rope = model.transformer.rotary.params(len(prompt))
-    blocks = engine.allocator.allocate(math.ceil(len(seq) / engine.cache.block_size))
-    runner = engine.runner
-    runner.forward([], [StepInput(seq[:-1], 0, blocks, rope)])
-    logits = runner.forward([StepInput([seq[-1]], len(seq) - 1, blocks, rope)], [])[0]
+def test_bf16_graph_decode_logits_close_to_reference():
+    """bf16 graph decode steps (GEMV tuned at capture: Triton where it won) stay within tolerance of a
+    full bf16 forward with RoPE fixed at the prompt length."""
+    model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2816, n_head=8)
+    s = Steps(model, block_size=16, max_num_seqs=2)
+    s.runner.capture_graphs()
+    req = s.request(list(range(10, 60)))
+    s.run(prefills=[s.chunk(req, 0, 50)], new=[req])
+    logits = [s.last_logits[0].clone()]
+    for _ in range(19):  # each replay overwrites the graph's output: keep copies
+        s.run(decodes=[s.decode(req)])
+        logits.append(s.last_logits[0].clone())
+    seq = req.prompt_ids + req.output_ids
     with torch.inference_mode():
-        ref = model(torch.tensor([seq], device="cuda"), use_cache=False, rope_length=len(prompt)).logits[0, -1].float()
-    assert (logits - ref).norm() / ref.norm() < 2e-2
+        ref = model(torch.tensor([seq[:-1]], device="cuda"), use_cache=False, rope_length=50).logits[0, 49:].float()
+    got = torch.stack(logits)
+    assert ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max() < 2e-2
+
+
+def test_linear_uses_the_tuned_gemv_only_where_it_won():
+    """tune_gemv records a choice per (shape, rows); linear() then equals F.linear within bf16 tolerance
+    for every bucket, whichever kernel it picked."""
+    model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2816, n_head=8)
+    model.fuse_projections()
+    rows = kernels.tune_gemv(model, [1, 2, 4, 8])
+    shapes = {(lyr.weight.shape[0], lyr.weight.shape[1]) for lyr in model.modules() if type(lyr) is torch.nn.Linear}
+    assert {(r["n"], r["k"]) for r in rows} == shapes and {r["m"] for r in rows} == {1, 2, 4, 8}
+    with torch.inference_mode():
+        for m in (1, 3, 8):
+            x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), model.lm_head.weight.float())
+            assert (kernels.linear(x, model.lm_head).float() - ref).norm() / ref.norm() < 1e-2

@@ -42,21 +42,22 @@ def prompt(n: int, seed: int) -> list[int]:
 
 def hf_generate(model, ids: list[int], n: int, **kw) -> tuple[list[int], torch.Tensor]:
     """transformers greedy tokens and the raw logits of every step."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, eos_token_id=None,
                          output_logits=True, return_dict_in_generate=True, **kw)
-    return out.sequences[0, len(ids):].tolist(), torch.stack(out.logits, 1)[0]
+    return out.sequences[0, len(ids):].tolist(), torch.stack(out.logits, 1)[0].float()
 
 
 class Steps:
-    """A ModelRunner over its own paged cache, with the bookkeeping a scheduler would do by hand."""
+    """A ModelRunner (over a fused copy of ``model``) and its own paged cache, with the bookkeeping a
+    scheduler would do by hand."""
 
     def __init__(self, model, *, block_size: int = 4, max_num_seqs: int = 4, cuda_graphs: bool | None = None):
         cfg = model.config
         self.model = model
         self.cache = PagedKVCache(num_layers=cfg.n_layer, num_blocks=300, block_size=block_size,
-                                  n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=torch.float32,
-                                  device="cpu")
+                                  n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.dtype,
+                                  device=model.device)
         self.blocks = BlockAllocator(300)
         self.runner = ModelRunner(copy.deepcopy(model), self.cache, max_num_seqs=max_num_seqs, max_model_len=256,
                                   num_rows=8, cuda_graphs=cuda_graphs)

@@ -1,0 +1,112 @@
+"""Decode GEMV bandwidth: cuBLAS against the Triton GEMV of telechat.model.kernels (CUDA only).
+
+For every projection of a released shape (default the 7B: fused qkv 4096→12288, gate_up
+4096→24576, dense 4096→4096, down 12288→4096, lm_head 4096→160256) and M rows in 1, 2, 4, 8:
+achieved GB/s (weight + input + output bytes per call) and its share of the copy bandwidth measured
+in the same run (device-to-device copy of 1 GiB, bytes read + written), for cuBLAS
+(``F.linear``) and for the best Triton tiling of ``GEMV_CONFIGS``, plus the engine's choice (Triton
+only when ``GEMV_MIN_GAIN`` faster, as ``tune_gemv`` decides). Each call reads another copy of the
+weight, enough copies to exceed four times the L2 cache, so weights come from HBM as in a forward.
+Prints one JSON line per measurement and a table; ``--json PATH`` also writes them with provenance.
+
+    python bench/gemv.py --json bench/results/h200-gemv.json
+    python bench/gemv.py --preset 12B --m 1,8 --all-configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import write_json  # noqa: E402
+from telechat.model.config import PRESETS, preset  # noqa: E402
+from telechat.model.kernels import GEMV_CONFIGS, GEMV_MIN_GAIN, gemv, time_per_call  # noqa: E402
+
+
+def shapes(name: str) -> dict[str, tuple[int, int, bool]]:
+    """Projection name → (N outputs, K inputs, has bias) of a released shape, projections fused as served."""
+    c = preset(name)
+    h, q, kv = c.hidden_size, c.n_head * c.head_dim, c.num_key_value_heads * c.head_dim
+    return {"qkv": (q + 2 * kv, h, False), "gate_up": (2 * c.ffn_hidden_size, h, False), "dense": (h, q, True),
+            "down": (h, c.ffn_hidden_size, True), "lm_head": (c.vocab_size, h, False)}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 20 copies of 1 GiB."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_per_call(lambda: dst.copy_(src), 1, reps=20)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="7B", choices=list(PRESETS))
+    p.add_argument("--m", default="1,2,4,8", help="rows of x (comma-separated, each ≤ 8)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--all-configs", action="store_true", help="also print every Triton tiling's figure")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemv.py measures CUDA kernels; no CUDA GPU is visible")
+    dtype = getattr(torch, args.dtype)
+    ms = [int(m) for m in args.m.split(",")]
+    copy_bw = copy_bandwidth()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows = [{"measure": "copy_bandwidth", "gb_s": round(copy_bw / 1e9, 1)}]
+    print(json.dumps(rows[0]), flush=True)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for name, (n, k, has_bias) in shapes(args.preset).items():
+            weight_bytes = n * k * dtype.itemsize
+            copies = max(2, math.ceil(4 * l2 / weight_bytes))
+            weights = [torch.randn(n, k, dtype=dtype, device="cuda") * 0.02 for _ in range(copies)]
+            bias = torch.randn(n, dtype=dtype, device="cuda") if has_bias else None
+            for m in ms:
+                x = torch.randn(m, k, dtype=dtype, device="cuda")
+                nbytes = weight_bytes + (m * k + m * n + (n if has_bias else 0)) * dtype.itemsize
+                ref = F.linear(x, weights[0], bias).float()
+
+                def rate(fn) -> float:
+                    return nbytes / time_per_call(lambda: [fn(w) for w in weights], copies)
+
+                cublas = rate(lambda w: F.linear(x, w, bias))
+                best, best_rate = None, 0.0
+                for config in GEMV_CONFIGS:
+                    if m > config.max_m:
+                        continue
+                    err = (gemv(x, weights[0], bias, config).float() - ref).abs().max().item()
+                    r = rate(lambda w: gemv(x, w, bias, config))
+                    if args.all_configs:
+                        print(json.dumps({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
+                                          "gb_s": round(r / 1e9, 1), "max_abs_err": err}), flush=True)
+                    if err <= 2e-2 * ref.abs().max().item() and r > best_rate:
+                        best, best_rate = config, r
+                row = {"measure": "gemv", "shape": name, "n": n, "k": k, "m": m,
+                       "cublas_gb_s": round(cublas / 1e9, 1), "cublas_pct_copy": round(100 * cublas / copy_bw, 1),
+                       "triton_gb_s": round(best_rate / 1e9, 1),
+                       "triton_pct_copy": round(100 * best_rate / copy_bw, 1), "triton_config": str(best),
+                       "engine_uses": "triton" if best_rate * (1 - GEMV_MIN_GAIN) > cublas else "cublas"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    print(f"\n{args.preset} {args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {'cuBLAS GB/s':>11} {'%copy':>6}  {'Triton GB/s':>11} {'%copy':>6}  "
+          "engine")
+    for r in rows[1:]:
+        print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_gb_s']:11.0f} {r['cublas_pct_copy']:6.1f}  "
+              f"{r['triton_gb_s']:11.0f} {r['triton_pct_copy']:6.1f}  {r['engine_uses']}")
+    if args.json:
+        write_json(args.json, rows, preset=args.preset, dtype=args.dtype)
+
+
+if __name__ == "__main__":
+    main()
