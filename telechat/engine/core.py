@@ -1,0 +1,223 @@
+"""The engine core: scheduler + model runner + paged KV cache, stepped one forward pass at a time.
+
+Contract of :meth:`LLMEngine.step` (docs/engine.md, "One step"): the scheduler decides what every
+request computes in this step (:class:`~telechat.engine.scheduler_output.SchedulerOutput`), the
+runner launches the forward pass and the sampling on the device, and the scheduler turns the
+sampled tokens into :class:`~telechat.engine.request.RequestOutput`\\ s.
+
+With ``overlap`` (the default on CUDA) the step's tokens are read one step later: step N+1 is
+scheduled and launched before step N's tokens are copied back, so host work (scheduling, input
+preparation, IPC, detokenizing in the API process) runs while the GPU computes. The scheduler
+tracks the unread tokens as placeholders; outputs are the same as without overlap.
+
+The engine knows nothing about text: prompts and outputs are token ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.profiler import record_function
+
+from telechat.engine.kv_cache import PagedKVCache
+from telechat.engine.request import Request, RequestOutput
+from telechat.engine.runner import ModelRunner, StepResult
+from telechat.engine.sampling import SamplingParams
+from telechat.engine.scheduler import Scheduler, SchedulerConfig
+from telechat.engine.scheduler_output import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Capacity settings, fixed at start."""
+
+    max_num_seqs: int = 32
+    """Most sequences decoding together."""
+    max_model_len: int | None = None
+    """Longest prompt + output per sequence (default: the checkpoint's seq_length)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step: decodes plus prefill chunks (long prompts are split)."""
+    kv_cache_memory: int | None = None
+    """Bytes for the KV cache; default: GPU memory × gpu_memory_utilization minus what is used,
+    or on CPU min(4 GiB, 20% of RAM)."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of GPU memory the process may use (weights + KV cache + activations)."""
+    seed: int = 0
+    """Seed of the generator shared by requests that bring no seed."""
+    cuda_graphs: bool | None = None
+    """Capture decode passes in CUDA graphs (default: on for CUDA devices)."""
+    compile: bool = False
+    """torch.compile the decode pass before capture (slow start, see bench/RESULTS.md)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of prompt prefixes seen before (hash-chained full blocks, LRU eviction)."""
+    overlap: bool | None = None
+    """Schedule step N+1 while step N runs on the device (default: on for CUDA devices)."""
+
+
+class LLMEngine:
+    """Synchronous continuous-batching engine; drive it with :meth:`add_request` and :meth:`step`."""
+
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        model.fuse_projections()
+        self.model = model
+        mc = model.config
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.vocab_size = mc.vocab_size
+        self.max_model_len = config.max_model_len or mc.seq_length
+        per_token = PagedKVCache.bytes_per_token(mc.n_layer, mc.num_key_value_heads, mc.head_dim, dtype)
+        budget = config.kv_cache_memory or self._default_kv_budget(mc, dtype)
+        wanted = math.ceil(config.max_num_seqs * self.max_model_len / config.block_size)
+        num_blocks = min(budget // (per_token * config.block_size), wanted)
+        if num_blocks < 2:
+            raise MemoryError(f"KV cache budget of {budget / 2**20:.1f} MiB holds fewer than 2 blocks of "
+                              f"{config.block_size} tokens; lower the model size or raise the memory budget")
+        self.capacity_tokens = num_blocks * config.block_size
+        if self.capacity_tokens < self.max_model_len:
+            log.warning("max_model_len %d exceeds the KV capacity; lowering it to %d",
+                        self.max_model_len, self.capacity_tokens)
+            self.max_model_len = self.capacity_tokens
+        # One extra block: scratch space that padded rows of a captured decode batch write into.
+        cache = PagedKVCache(num_layers=mc.n_layer, num_blocks=num_blocks + 1, block_size=config.block_size,
+                             n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=dtype, device=self.device)
+        num_rows = 2 * config.max_num_seqs  # running sequences plus as many preempted ones waiting to resume
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size, num_blocks=num_blocks + 1, max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching, num_rows=num_rows))
+        self.runner = ModelRunner(model, cache, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  num_rows=num_rows, seed=config.seed, cuda_graphs=config.cuda_graphs,
+                                  compile=config.compile)
+        self.runner.capture_graphs()
+        self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
+        self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
+        self._ids = itertools.count()
+        log.info("KV cache: %d blocks × %d tokens = %d tokens capacity (%.1f MiB); prefix caching %s",
+                 num_blocks, config.block_size, self.capacity_tokens, num_blocks * config.block_size * per_token / 2**20,
+                 "on" if config.enable_prefix_caching else "off")
+
+    def _default_kv_budget(self, mc, dtype) -> int:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            elem = torch.tensor([], dtype=dtype).element_size()
+            t = self.config.max_num_batched_tokens
+            # Activations of one step: MLP/attention intermediates plus float32 logits per sequence.
+            activations = t * (3 * mc.ffn_hidden_size + 6 * mc.hidden_size) * elem + \
+                max(self.config.max_num_seqs, 256) * mc.vocab_size * 4 * 2
+            return int(total * self.config.gpu_memory_utilization - used - activations)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 8 << 30
+        return int(min(4 << 30, 0.2 * ram))
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Requests waiting or running, by id."""
+        return self.scheduler.requests
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises ``ValueError`` if it can never fit the context or the cache."""
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this server's context is "
+                             f"{self.max_model_len} tokens including the reply")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        rope = self.model.rope_params(len(prompt_ids))
+        self.scheduler.add_request(Request(
+            rid, list(prompt_ids), params, max_len=min(self.max_model_len, len(prompt_ids) + params.max_tokens),
+            rope=rope, cache_salt=(rope.base, rope.mscale)))
+        return rid
+
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """Mark a request aborted; it leaves at the start of the next step with finish reason
+        ``abort`` and ``error`` (None when the client itself gave up)."""
+        self.scheduler.abort(request_id, error)
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running, or a step's tokens are still unread."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
+
+    def stats(self) -> dict:
+        """Queue, cache and prefix-cache figures for metrics and health."""
+        return {**self.scheduler.stats(), "kv_capacity_tokens": self.capacity_tokens,
+                "max_model_len": self.max_model_len}
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with finish reason ``error`` (the engine itself failed)."""
+        self._in_flight = None
+        return self.scheduler.fail_all(error)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and launch one forward pass; return the outputs of the step whose tokens are now read
+        (this one, or with overlap the previous one)."""
+        with record_function("engine.schedule"):
+            sched = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        launched = None
+        if sched.empty:
+            outputs.extend(sched.finished)  # aborts; a launched step reports them with its tokens
+        else:
+            try:
+                with record_function("engine.execute"):
+                    launched = (sched, self.runner.execute(sched))
+            except Exception as e:  # noqa: BLE001 - a failed forward fails its sequences, not the engine
+                log.exception("forward pass failed")
+                outputs.extend(sched.finished)
+                outputs.extend(self.scheduler.fail([c.request for c in sched.chunks], f"generation failed: {e}"))
+        previous, self._in_flight = self._in_flight, launched if self.overlap else None
+        if previous is not None:
+            outputs.extend(self._update(*previous))
+        if launched is not None and not self.overlap:
+            outputs.extend(self._update(*launched))
+        return outputs
+
+    def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        try:
+            with record_function("engine.read_tokens"):
+                tokens = result.tokens()
+        except Exception as e:  # noqa: BLE001 - e.g. a device fault surfacing at the copy
+            log.exception("reading a step's tokens failed")
+            return sched.finished + self.scheduler.fail([c.request for c in sched.sampled], f"generation failed: {e}")
+        with record_function("engine.update"):
+            return self.scheduler.update_from_output(sched, tokens)
+
+    # ------------------------------------------------------------------ convenience
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together; return each one's output ids (stop token dropped)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        reasons: dict[str, str] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+                    if out.error:
+                        raise RuntimeError(out.error)
+        final = []
+        for i, sp in zip(ids, plist):
+            toks = results[i]
+            if reasons[i] == "stop" and toks and toks[-1] in sp.stop_token_ids:
+                toks = toks[:-1]
+            final.append(toks)
+        return final
