@@ -3,8 +3,9 @@ the ``telechat serve`` entry point.
 
 Status codes: 400 bad input (validation, JSON, prompt or max_tokens beyond the context), 401 API
 key (with ``WWW-Authenticate``), 404 unknown model or route, 405 method, 413 body over
-``MAX_BODY_BYTES``, 429 queue full (``Retry-After``), 503 model not loaded yet or shutting down, 500
-only for a failed generation or a bug (sent with ``Connection: close``). OpenAI and
+``MAX_BODY_BYTES``, 429 queue full (``Retry-After``), 503 model not loaded yet, engine process
+stopped, or shutting down, 500 only for a failed generation or a bug (sent with ``Connection:
+close``). The model runs in the engine core process (telechat/engine/core_process.py). OpenAI and
 operational routes answer ``{"error": {"message", "type", "param", "code"}}``; legacy routes answer
 the official body with its codes (see ``protocol/legacy.py``), except 401 and 413, which keep the
 OpenAI body everywhere because they are decided before any route is known.
