@@ -127,6 +127,28 @@ def _error_from_transport(exc: httpx.HTTPError) -> APIError:
     return APIUnavailable("Cannot connect to the API.")
 
 
+def error_record(err: APIError) -> dict[str, Any]:
+    """A stored form of an error (replies keep the error that cut them; another process shows it)."""
+    record: dict[str, Any] = {"key": err.key, "message": str(err), "status": err.status, "detail": err.detail}
+    if isinstance(err, APIOverloaded):
+        record["retry_after"] = err.retry_after
+    return record
+
+
+def error_from_record(record: dict[str, Any]) -> APIError:
+    """The typed error back from `error_record` (an unknown key gives the generic APIError)."""
+    kinds = {cls.key: cls for cls in (APIError, *_subclasses(APIError))}
+    cls = kinds.get(str(record.get("key")), APIError)
+    kw: dict[str, Any] = {"status": record.get("status"), "detail": record.get("detail")}
+    if cls is APIOverloaded:
+        kw["retry_after"] = record.get("retry_after")
+    return cls(str(record.get("message") or "The API failed."), **kw)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
 # ---------------------------------------------------------------------------- data
 
 

@@ -24,7 +24,9 @@ from services.web.client import (
     ChatParams,
     GenerationDefaults,
     Health,
+    error_from_record,
     error_from_response,
+    error_record,
 )
 from services.web.i18n import error_text
 
@@ -184,3 +186,14 @@ def test_demo_model_id_is_the_runtime_name() -> None:
     from telechat.model.checkpoint import DEMO_MODEL_NAME
 
     assert DEMO_MODEL_ID == DEMO_MODEL_NAME
+
+
+@pytest.mark.parametrize("err", [APIUnavailable("down"), APIOverloaded("busy", retry_after=7.0, status=429),
+                                 APIRequestError("bad", status=400, detail="prompt is too long"), APIError("x")])
+def test_error_record_round_trip(err: APIError) -> None:
+    """A reply keeps the error that cut it as JSON; the page (any process) shows the same sentence from it."""
+    back = error_from_record(json.loads(json.dumps(error_record(err))))
+    assert type(back) is type(err) and (back.status, back.detail) == (err.status, err.detail)
+    for lang in ("zh", "en"):
+        assert error_text(back, lang, api_url="http://a") == error_text(err, lang, api_url="http://a")
+    assert type(error_from_record({"key": "no_such_key"})) is APIError

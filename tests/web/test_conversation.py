@@ -1,105 +1,102 @@
-"""Chat history: what is sent, regenerate, edit-last, interrupted replies, exports."""
+"""A chat as the page sees it: what is sent to the API, the exports, and reading an export back (import)."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
-from services.web.conversation import Conversation
+import pytest
+
+from services.web.conversation import ChatImportError, Conversation, Message
 
 
 def _chat() -> Conversation:
-    conv = Conversation()
-    conv.add_user("你好")
-    conv.begin_reply().content = "你好！有什么可以帮你？"
-    conv.messages[-1].streaming = False
-    conv.add_user("写一首诗")
-    reply = conv.begin_reply()
-    reply.content = "床前明月光"
-    reply.streaming = False
-    return conv
+    return Conversation(
+        [Message("user", "你好", created_at=datetime(2026, 1, 2, 3, 4, 5)),
+         Message("assistant", "你好！有什么可以帮你？", model="telechat-demo", parameters={"top_k": 5},
+                 finish_reason="stop", prompt_tokens=12, completion_tokens=9, first_token_s=0.1, elapsed_s=0.8),
+         Message("user", "写一首诗"),
+         Message("assistant", "床前明月光", status="cut", finish_reason="stopped")],
+        id="c1", title="问候", system_prompt="你是助手", model="telechat-demo", parameters={"top_k": 5})
 
 
-def test_api_messages_have_system_prompt_then_turns() -> None:
+def test_api_messages_have_system_prompt_then_non_empty_turns() -> None:
     conv = _chat()
-    assert conv.api_messages("你是助手") == [
+    conv.messages.append(Message("assistant", "", status="streaming"))
+    assert conv.api_messages() == [
         {"role": "system", "content": "你是助手"},
         {"role": "user", "content": "你好"},
         {"role": "assistant", "content": "你好！有什么可以帮你？"},
         {"role": "user", "content": "写一首诗"},
         {"role": "assistant", "content": "床前明月光"},
     ]
-    assert conv.api_messages("  ")[0]["role"] == "user"
+    assert Conversation([Message("user", "hi")], system_prompt="  ").api_messages() == [
+        {"role": "user", "content": "hi"}]
 
 
-def test_empty_streaming_reply_is_not_sent() -> None:
-    conv = Conversation()
-    conv.add_user("hi")
-    conv.begin_reply()
-    assert conv.api_messages() == [{"role": "user", "content": "hi"}]
-
-
-def test_regenerate_drops_only_the_last_reply() -> None:
+def test_view_helpers() -> None:
     conv = _chat()
-    conv.regenerate()
-    assert [m.content for m in conv.messages] == ["你好", "你好！有什么可以帮你？", "写一首诗"]
-    conv.regenerate()  # an unanswered user turn stays: it is what gets answered again
-    assert conv.messages[-1].content == "写一首诗"
-    assert conv.can_regenerate
-
-
-def test_edit_last_user_truncates_after_it() -> None:
-    conv = _chat()
-    assert conv.last_user_text() == "写一首诗"
-    conv.edit_last_user("写一首词")
-    assert [m.content for m in conv.messages] == ["你好", "你好！有什么可以帮你？", "写一首词"]
-    assert Conversation().last_user_text() is None
-
-
-def test_interrupted_reply_keeps_partial_text_marked_stopped() -> None:
-    conv = Conversation()
-    conv.add_user("写一段很长的文字")
-    reply = conv.begin_reply()
-    assert not conv.can_regenerate  # nothing to regenerate while a reply is being written
-    reply.content = "从前有一座山"
-    conv.finish_interrupted()
-    assert reply.stopped and not reply.streaming and conv.messages[-1] is reply
-    assert conv.can_regenerate
-
-
-def test_interrupted_reply_without_text_is_dropped() -> None:
-    conv = Conversation()
-    conv.add_user("hi")
-    conv.begin_reply()
-    conv.finish_interrupted()
-    assert [m.role for m in conv.messages] == ["user"]
+    assert conv.last_user_text() == "写一首诗" and conv.can_regenerate and conv.streaming_reply is None
+    assert conv.messages[-1].stopped and not conv.messages[1].stopped
+    conv.messages.append(Message("user", "再来"))
+    conv.messages.append(Message("assistant", "", status="streaming"))
+    assert conv.streaming_reply is conv.messages[-1] and not conv.can_regenerate
+    conv.messages[-1] = Message("assistant", "", status="cut", finish_reason="error", error={"key": "error_api"})
+    assert conv.failed_reply is conv.messages[-1]
+    assert Conversation().last_user_text() is None and not Conversation().can_regenerate
 
 
 def test_json_export_holds_every_turn_and_is_resendable() -> None:
-    conv = _chat()
-    conv.messages[-1].stopped = True
-    doc = json.loads(conv.to_json(model="telechat-demo", system_prompt="sys", params={"top_k": 5}))
-    assert doc["model"] == "telechat-demo" and doc["parameters"] == {"top_k": 5}
+    doc = json.loads(_chat().to_json())
+    assert (doc["title"], doc["model"], doc["parameters"]) == ("问候", "telechat-demo", {"top_k": 5})
     assert [m["role"] for m in doc["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    assert doc["messages"][1]["content"] == "你好"
-    assert doc["messages"][-1] == {"role": "assistant", "content": "床前明月光", "stopped": True}
+    assert doc["messages"][1] == {"role": "user", "content": "你好", "created_at": "2026-01-02T03:04:05+00:00"}
+    assert doc["messages"][2]["completion_tokens"] == 9 and doc["messages"][2]["finish_reason"] == "stop"
     assert "stopped" not in doc["messages"][2]
-    assert "你好" in conv.to_json(model="m")  # not \\u-escaped: readable Chinese
+    assert doc["messages"][-1] == {"role": "assistant", "content": "床前明月光", "stopped": True,
+                                   "finish_reason": "stopped"}
+    assert "你好" in _chat().to_json()  # not \\u-escaped: readable Chinese
+
+
+def test_json_export_reads_back_as_the_same_chat() -> None:
+    exported = _chat().to_json()
+    back = Conversation.from_json(exported)
+    assert (back.title, back.system_prompt, back.model, back.parameters) == ("问候", "你是助手", "telechat-demo",
+                                                                            {"top_k": 5})
+    assert [(m.role, m.content, m.status, m.finish_reason) for m in back.messages] == [
+        (m.role, m.content, m.status, m.finish_reason) for m in _chat().messages]
+    strip = lambda text: {k: v for k, v in json.loads(text).items() if k != "exported_at"}  # noqa: E731
+    assert strip(back.to_json()) == strip(exported)
+
+
+def test_a_plain_openai_message_list_imports_too() -> None:
+    conv = Conversation.from_json(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                           {"role": "assistant", "content": "hello"}]}))
+    assert [(m.role, m.content) for m in conv.messages] == [("user", "hi"), ("assistant", "hello")]
+    assert conv.title == "" and conv.system_prompt == ""
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"\xff not json", "not JSON"),
+    (b"[1, 2]", 'no "messages" list'),
+    (json.dumps({"messages": []}), "no messages"),
+    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}), "role 'tool'"),
+    (json.dumps({"messages": [{"role": "user", "content": None}]}), "no text content"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}]}),
+     "role 'system'"),
+])
+def test_a_bad_import_is_one_line(data, needle) -> None:
+    with pytest.raises(ChatImportError) as info:
+        Conversation.from_json(data)
+    assert needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_markdown_export_is_a_readable_transcript() -> None:
-    conv = _chat()
-    conv.messages[-1].stopped = True
-    md = conv.to_markdown("zh", model="telechat-demo", system_prompt="你是助手")
-    assert md.startswith("# TeleChat 对话记录")
+    md = _chat().to_markdown("zh")
+    assert md.startswith("# 问候")
     assert md.index("## 系统") < md.index("## 用户") < md.index("## 助手")
-    for msg in conv.messages:
+    for msg in _chat().messages:
         assert msg.content in md
     assert "*(已停止生成)*" in md
-    en = conv.to_markdown("en", model="m")
-    assert "## User" in en and "## Assistant" in en and "## System" not in en
-
-
-def test_clear_empties_history() -> None:
-    conv = _chat()
-    conv.clear()
-    assert conv.messages == [] and not conv.can_regenerate
+    en = Conversation([Message("user", "hi"), Message("assistant", "hello")]).to_markdown("en")
+    assert en.startswith("# TeleChat conversation") and "## User" in en and "## System" not in en
