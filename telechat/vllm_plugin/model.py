@@ -240,8 +240,12 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
     def _shards(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, str | int | None, torch.Tensor]]:
         """(parameter, shard id or None, tensor) pieces of one checkpoint tensor."""
         if KEY_VALUE in name:
-            k, v = split_key_value(tensor, self.config.num_key_value_heads, self.config.head_dim)
             target = name.replace(KEY_VALUE, ".self_attention.qkv_proj.")
+            if tensor.numel() == 1:  # a per-tensor scale (FP8 input_scale) is K's and V's alike
+                yield target, "k", tensor
+                yield target, "v", tensor
+                return
+            k, v = split_key_value(tensor, self.config.num_key_value_heads, self.config.head_dim)
             yield target, "k", k
             yield target, "v", v
             return
