@@ -74,7 +74,8 @@ def main() -> None:
                 nbytes = weight_bytes + (m * k + m * n + (n if has_bias else 0)) * dtype.itemsize
                 ref = F.linear(x, weights[0], bias).float()
 
-                def rate(fn) -> float:
+                def rate(fn, weights=weights) -> float:
+                    """Bytes/s of ``fn(weight)`` calls, each on the next copy of the weight."""
                     return nbytes / time_per_call(lambda: [fn(w) for w in weights], copies)
 
                 cublas = rate(lambda w: F.linear(x, w, bias))
@@ -96,11 +97,11 @@ def main() -> None:
                        "engine_uses": "triton" if best_rate * (1 - GEMV_MIN_GAIN) > cublas else "cublas"}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del weights
+            weights = None  # free this shape's copies before the next
             torch.cuda.empty_cache()
     print(f"\n{args.preset} {args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-    print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {'cuBLAS GB/s':>11} {'%copy':>6}  {'Triton GB/s':>11} {'%copy':>6}  "
-          "engine")
+    print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {'cuBLAS GB/s':>11} {'%copy':>6}  "
+          f"{'Triton GB/s':>11} {'%copy':>6}  engine")
     for r in rows[1:]:
         print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_gb_s']:11.0f} {r['cublas_pct_copy']:6.1f}  "
               f"{r['triton_gb_s']:11.0f} {r['triton_pct_copy']:6.1f}  {r['engine_uses']}")

@@ -64,6 +64,26 @@ class RopeTable:
 
 
 @dataclass
+class _Staged:
+    """One step's inputs on the device (views of one host-to-device copy)."""
+
+    inputs: torch.Tensor
+    """``[3, T]``: input ids (0 where ``from_previous``), positions, rows."""
+    prev_dst: torch.Tensor
+    """Tokens (``from_previous`` decodes) whose input id is one the previous step sampled ..."""
+    prev_src: torch.Tensor
+    """... namely the one at this index of that step's sampled ids."""
+    table_update: torch.Tensor
+    """``[3, U]``: row, column, block id of the block-table entries new in this step."""
+    wanted: torch.Tensor
+    """Tokens whose logits are sampled, in ``sched.sampled`` order."""
+    all_decodes_sample: bool
+    """The wanted tokens are exactly the decodes, in order (the usual decode step)."""
+    prefills: list[tuple[int, int, int, int]]
+    """Per prefill chunk: first token in the flat batch, start, end, row."""
+
+
+@dataclass
 class StepResult:
     """What one :meth:`ModelRunner.execute` sampled, on its way to the host."""
 
@@ -109,8 +129,8 @@ class ModelRunner:
         self.rope.row(model.rope_params(1).base)  # row 0: the base of short prompts
         self.row_rope = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
         self.row_mscale = torch.ones(num_rows + 1, dtype=torch.float32, device=dev)
-        self.presence: torch.Tensor | None = None
-        """``[num_rows, V]`` tokens seen per row, for repetition penalties (allocated on first use)."""
+        self.presence = torch.zeros(num_rows, self.vocab_size, dtype=torch.bool, device=dev)
+        """Tokens seen per row (prompt + output), kept for rows whose request has a repetition penalty."""
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self._synced = [0] * num_rows  # leading blocks of each row's table already on the device
         self._generators: dict[int, torch.Generator] = {}
@@ -163,21 +183,40 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Queue step ``sched`` on the device and return without waiting for it (see the module doc)."""
         self._update_rows(sched)
-        chunks = sched.chunks
-        sampled = [c for c in chunks if c.sample]
-        if not chunks:
+        if sched.empty:
             return StepResult(torch.empty(0, dtype=torch.long))
         num_decodes = len(sched.decodes)
         bucket = None
         if not sched.prefills and self.graphs is not None and num_decodes <= self.buckets[-1]:
             bucket = next(b for b in self.buckets if b >= num_decodes)
+        step = self._stage(sched, bucket)
+        if step.table_update.numel():
+            self.tables[step.table_update[0], step.table_update[1]] = step.table_update[2].to(torch.int32)
+        inputs = step.inputs
+        if bucket is not None:
+            inputs = self._inputs[:, :bucket]
+            inputs.copy_(step.inputs)
+        if step.prev_src.numel():  # the previous step's tokens, still on the device; a failed one (-1) is fed as 0
+            inputs[0].index_copy_(0, step.prev_dst, self._prev_ids.index_select(0, step.prev_src).clamp(min=0))
+        if sched.prefills:
+            logits = self._pass(*inputs, num_decodes, self._prefill_chunks(step.prefills), step.wanted)
+        else:
+            if bucket in (self.graphs or {}):
+                graph, out = self.graphs[bucket]
+                graph.replay()
+            else:
+                out = self._decode_fn(*inputs)
+            logits = out[:num_decodes] if step.all_decodes_sample else out[step.wanted]
+        return self._sample(sched.sampled, logits)
 
-        # Host: every per-token number of the step in one list, copied to the device at once.
-        ids, positions, rows, prev_dst, prev_src, logit_rows = [], [], [], [], [], []
+    def _stage(self, sched: SchedulerOutput, bucket: int | None) -> _Staged:
+        """Every per-token number of the step, built on the host and copied to the device at once."""
+        num_decodes = len(sched.decodes)
+        ids, positions, rows, prev_dst, prev_src, wanted = [], [], [], [], [], []
         table_rows, table_cols, table_blocks = [], [], []
-        prefills: list[tuple[int, int, int, int]] = []  # (first token, start, end, row)
+        prefills = []
         t = 0
-        for i, c in enumerate(chunks):
+        for i, c in enumerate(sched.chunks):
             req = c.request
             self._sync_blocks(req, table_rows, table_cols, table_blocks)
             if c.from_previous:
@@ -194,42 +233,19 @@ class ModelRunner:
             positions.extend(range(c.start, c.end))
             rows.extend([req.row] * c.num_tokens)
             if c.sample:
-                logit_rows.append(t + c.num_tokens - 1)
+                wanted.append(t + c.num_tokens - 1)
             if i >= num_decodes:
                 prefills.append((t, c.start, c.end, req.row))
             t += c.num_tokens
-        pad = (bucket or t) - t
+        pad = (bucket or t) - t  # padding entries: token 0 at position 0 of the scratch row
         ids += [0] * pad
         positions += [0] * pad
         rows += [self.scratch_row] * pad
-        n, p, u = len(ids), len(prev_dst), len(table_rows)
-        packed = to_device(ids + positions + rows + prev_dst + prev_src + table_rows + table_cols + table_blocks
-                           + logit_rows, torch.long, self.device)
-        inputs = packed[: 3 * n].view(3, n)
-        dst, src = packed[3 * n : 3 * n + p], packed[3 * n + p : 3 * n + 2 * p]
-        table_update = packed[3 * n + 2 * p : 3 * n + 2 * p + 3 * u].view(3, u)
-        wanted = packed[3 * n + 2 * p + 3 * u :]
-
-        # Device: block tables, inputs, forward.
-        if u:
-            self.tables[table_update[0], table_update[1]] = table_update[2].to(torch.int32)
-        if bucket is not None:
-            inputs = self._inputs[:, :bucket]
-            inputs.copy_(packed[: 3 * n].view(3, n))
-        if p:  # the previous step's tokens, still on the device; a failed one (-1) is fed as 0
-            inputs[0].index_copy_(0, dst, self._prev_ids.index_select(0, src).clamp(min=0))
-        if bucket is not None:
-            if bucket in self.graphs:
-                graph, out = self.graphs[bucket]
-                graph.replay()
-            else:
-                out = self._decode_fn(*inputs)
-            logits = out[:num_decodes] if logit_rows == list(range(num_decodes)) else out[wanted]
-        elif not sched.prefills:
-            logits = self._decode_fn(*inputs)[wanted]
-        else:
-            logits = self._pass(*inputs, num_decodes, self._prefill_chunks(prefills), wanted)
-        return self._sample(sampled, logits)
+        parts = [ids + positions + rows, prev_dst, prev_src, table_rows + table_cols + table_blocks, wanted]
+        packed = to_device([x for part in parts for x in part], torch.long, self.device)
+        inputs, prev_dst_d, prev_src_d, table_update, wanted_d = packed.split([len(part) for part in parts])
+        return _Staged(inputs.view(3, -1), prev_dst_d, prev_src_d, table_update.view(3, -1), wanted_d,
+                       wanted == list(range(num_decodes)), prefills)
 
     # ------------------------------------------------------------------ rows
 
@@ -253,8 +269,6 @@ class ModelRunner:
             else:
                 self._generators.pop(req.row, None)
             if req.params.repetition_penalty != 1.0:
-                if self.presence is None:
-                    self.presence = torch.zeros(self.num_rows, self.vocab_size, dtype=torch.bool, device=self.device)
                 self.presence[req.row] = False
                 seen = to_device(req.known_ids(0, req.num_known_tokens), torch.long, self.device)
                 self.presence[req.row, seen] = True
@@ -321,7 +335,7 @@ class ModelRunner:
             return StepResult(torch.empty(0, dtype=torch.long), logits=logits)
         params = [c.request.params for c in sampled]
         state_rows = [c.request.row for c in sampled]
-        penalised = self.presence is not None and any(p.repetition_penalty != 1.0 for p in params)
+        penalised = any(p.repetition_penalty != 1.0 for p in params)
         rows = to_device(state_rows, torch.long, dev) if penalised else None
         tokens, failed = sample_on_device(logits, params, [self._generators.get(r) for r in state_rows],
                                           self.presence[rows] if penalised else None, self.generator)
