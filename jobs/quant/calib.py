@@ -67,15 +67,7 @@ def load_calibration(
     Raises :class:`CalibrationError` when fewer than ``num_samples`` usable samples remain.
     """
     path = Path(path)
-    records = calibration_records(path, chat)
-    if len(records) == 1:  # plain text: one token stream
-        ids = records[0]
-        cut = len(ids) - max(int(len(ids) * HELDOUT_FRACTION), 2)
-        pool, heldout = _windows(ids[:cut], seq_len), ids[cut:]
-    else:
-        cut = len(records) - max(int(len(records) * HELDOUT_FRACTION), 1)
-        pool = [r[:seq_len] for r in records[:cut]]
-        heldout = [t for r in records[cut:] for t in r]
+    pool, heldout = _split(path, chat, seq_len)
     usable = [s for s in pool if len(s) >= MIN_SAMPLE_TOKENS]
     if len(usable) < num_samples:
         raise CalibrationError(
@@ -87,6 +79,23 @@ def load_calibration(
     log.info("calibration: %d samples (%d tokens) from %s; %d held-out tokens", len(samples),
              sum(map(len, samples)), path, len(heldout))
     return CalibrationData(samples, heldout)
+
+
+def _split(path: Path, chat: ChatFormat, seq_len: int) -> tuple[list[list[int]], list[int]]:
+    """Calibration pool (samples of at most ``seq_len`` tokens) and held-out token stream of ``path``."""
+    records = calibration_records(path, chat)
+    if len(records) == 1:  # plain text: one token stream
+        ids = records[0]
+        cut = len(ids) - max(int(len(ids) * HELDOUT_FRACTION), 2)
+        return _windows(ids[:cut], seq_len), ids[cut:]
+    cut = len(records) - max(int(len(records) * HELDOUT_FRACTION), 1)
+    return [r[:seq_len] for r in records[:cut]], [t for r in records[cut:] for t in r]
+
+
+def load_heldout(path: str | Path, chat: ChatFormat) -> list[int]:
+    """The held-out tail of a calibration file alone (the same tokens :func:`load_calibration` holds
+    out), for runs that calibrate nothing but report perplexity on it (FP8 with dynamic activations)."""
+    return _split(Path(path), chat, seq_len=2**31)[1]  # one window: only the tail is wanted
 
 
 def load_eval_tokens(path: str | Path, chat: ChatFormat) -> list[int]:

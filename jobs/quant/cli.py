@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> Path:
     import torch
 
     from jobs.quant.agreement import NEW_TOKENS, agreement, golden_prompt_ids
-    from jobs.quant.calib import load_calibration, load_eval_tokens
+    from jobs.quant.calib import load_calibration, load_eval_tokens, load_heldout
     from jobs.quant.report import QuantReport, evaluate, weights_mb
     from telechat.chat_format import ChatFormat
     from telechat.model.checkpoint import resolve_device
@@ -156,9 +156,15 @@ def run(args: argparse.Namespace) -> Path:
     gen_file = args.model / "generation_config.json"
     generation = json.loads(gen_file.read_text(encoding="utf-8")) if gen_file.is_file() else {}
     chat = ChatFormat(load_tokenizer(args.model), generation)
+    calibrates = args.method == "gptq" or args.activations == "static"
     data = (load_calibration(args.calib, chat, args.calib_samples, args.calib_seq_len, seed=args.seed)
-            if args.calib else None)
-    eval_tokens = load_eval_tokens(args.eval_data, chat) if args.eval_data else data.heldout if data else []
+            if args.calib and calibrates else None)
+    if args.eval_data:
+        eval_tokens = load_eval_tokens(args.eval_data, chat)
+    elif args.calib:
+        eval_tokens = data.heldout if data else load_heldout(args.calib, chat)
+    else:
+        eval_tokens = []
     eval_tokens = eval_tokens[: args.eval_max_tokens]
     eval_seq_len = min(args.eval_seq_len, max(len(eval_tokens), 2))
     prompts, stops = golden_prompt_ids(chat), chat.stop_token_ids
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> Path:
         eval_tokens=len(eval_tokens), eval_seq_len=eval_seq_len if eval_tokens else 0,
         size_original_mb=weights_mb(args.model),
     )
-    if data is not None and (args.method == "gptq" or args.activations == "static"):
+    if data is not None:
         report.calib_file, report.calib_samples = str(args.calib), len(data.samples)
         report.calib_tokens = sum(map(len, data.samples))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.quant.calib import calibration_records, load_calibration
+from jobs.quant.calib import calibration_records, load_calibration, load_heldout
 from telechat.chat_format import ChatFormat
 from telechat.errors import UserError
 
@@ -39,6 +39,17 @@ def test_plain_text_windows_and_heldout(chat, tmp_path: Path):
     data = load_calibration(path, chat, num_samples=4, seq_len=32)
     assert all(16 <= len(s) <= 32 for s in data.samples)
     assert data.heldout == stream[-len(data.heldout):] and len(data.heldout) >= len(stream) // 10
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_heldout_alone_is_the_calibration_split(chat, tmp_path: Path, suffix: str):
+    """load_heldout (FP8 with dynamic scales calibrates nothing) returns the very tokens that
+    load_calibration holds out, so GPTQ and FP8 reports on one file measure the same text."""
+    path = tmp_path / f"corpus{suffix}"
+    lines = [f"第{i}条：我想学习人工智能，应该从哪里开始？" for i in range(60)]
+    path.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) if suffix == ".jsonl" else t
+                              for t in lines), encoding="utf-8")
+    assert load_heldout(path, chat) == load_calibration(path, chat, num_samples=4, seq_len=32).heldout
 
 
 def test_bad_record_names_the_line(chat, tmp_path: Path):
