@@ -256,12 +256,14 @@ GEMV_MAX_M = 8
 """Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets)."""
 GEMV_BUCKETS = (1, 2, 4, 8)
 """Row counts tuned; other counts up to 8 use the next bucket's choice."""
+GEMV_DEFAULT = GemvConfig(16, 256, dot=True)
+"""A tiling for any row count up to 8 (what :func:`gemv` uses unless told)."""
 GEMV_CONFIGS = (
     GemvConfig(16, 256),
     GemvConfig(32, 128),
     GemvConfig(8, 512),
     GemvConfig(16, 256, split_k=4),
-    GemvConfig(16, 256, dot=True),
+    GEMV_DEFAULT,
     GemvConfig(32, 256, dot=True),
     GemvConfig(64, 128, dot=True, num_warps=8),
     GemvConfig(16, 512, dot=True, num_warps=8, num_stages=3),
@@ -336,7 +338,7 @@ if triton is not None:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig = GEMV_CONFIGS[4]) -> torch.Tensor:
+         config: GemvConfig = GEMV_DEFAULT) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]`` of at most ``config.max_m`` rows and ``weight [N, K]``
     (same dtype, unit column stride) with the Triton kernel: fp32 accumulation, one rounding."""
     k = x.shape[-1]
