@@ -120,6 +120,8 @@ class Fp8Linear(nn.Module):
         if device is not None:
             check_fp8_device(device)
         self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        # FP8 GEMMs take widths in multiples of 16 (every TeleChat Linear); others stay on the reference path.
+        self.gemm_shapes_ok = in_features % 16 == 0 and out_features % 16 == 0
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         static = activations == "static"
@@ -146,7 +148,7 @@ class Fp8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.activations is not None:
+        if x.is_cuda and self.activations is not None and self.gemm_shapes_ok:
             return self.forward_scaled_mm(x)
         return self.forward_reference(x)
 

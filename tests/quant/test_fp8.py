@@ -256,7 +256,7 @@ def test_loads_as_fp8_linears_equal_to_in_memory_quantization(fp8_quantized, tra
 
 def test_engine_generates_the_same_tokens_as_generate(fp8_quantized):
     """Greedy decoding through generate() and through the serving engine give the same tokens."""
-    from telechat.engine.engine import LLMEngine
+    from telechat.engine.core import LLMEngine
     from telechat.engine.sampling import SamplingParams
     from telechat.model.loader import load_model
 
@@ -272,29 +272,66 @@ def test_checkpoint_written_by_the_compressed_tensors_library_loads_identically(
     """A checkpoint compressed and saved by compressed-tensors (the writer llm-compressor uses; scales
     set by min-max, as llm-compressor's FP8_DYNAMIC observer does) holds byte-identical tensors to
     ours, and our loader loads it."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
-
     from telechat.model.loader import load_model
 
-    model = load_model(trained_model, device="cpu")
-    scheme = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])},
-                                ignore=["lm_head"])
-    apply_quantization_config(model, scheme)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "weight_scale"):
-                module.weight_scale.copy_(quantize_weight(module.weight)[1])
-    compressor = ModelCompressor.from_pretrained_model(model, "float-quantized")
-    compressor.compress_model(model)
-    theirs = tmp_path / "llm-compressor-style"
-    model.save_pretrained(theirs)
-    compressor.update_config(str(theirs))
+    theirs = _compress_with_library(trained_model, tmp_path / "llm-compressor-style", "FP8_DYNAMIC")
     ours = _tensors(fp8_quantized("dynamic"))
     written = _tensors(theirs)
     assert set(written) == set(ours) and all(_same(written[k], ours[k]) for k in ours)
     loaded = load_model(theirs, device="cpu")
     assert isinstance(loaded.transformer.h[1].mlp.down_proj, Fp8Linear)
+
+
+@requires_compressed_tensors
+def test_per_tensor_weight_scales_and_static_inputs_load(trained_model: Path, tmp_path: Path):
+    """llm-compressor's FP8 preset (one weight scale per tensor, static per-tensor input scales), as the
+    compressed-tensors library writes it, loads with the scalar scales broadcast: logits equal those of
+    the same quantization built in memory."""
+    from telechat.model.loader import load_model
+
+    folder = _compress_with_library(trained_model, tmp_path / "fp8-per-tensor", "FP8", input_scale=0.05)
+    loaded = load_model(folder, device="cpu")
+    reference = load_model(trained_model, device="cpu")
+    for layer in reference.transformer.h:
+        for name in LINEARS:
+            dense = layer.get_submodule(name)
+            module = Fp8Linear.from_linear(dense, "static", input_scale=0.05)
+            scale = dense.weight.detach().abs().amax() / FP8_MAX
+            module.weight.copy_((dense.weight.detach() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
+            module.weight_scale.fill_(scale.item())
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, module)
+    assert loaded.transformer.h[0].mlp.up_proj.activations == "static"
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=0, rtol=0)
+
+
+def _compress_with_library(source: Path, out: Path, preset: str, input_scale: float | None = None) -> Path:
+    """``source`` quantized with compressed-tensors' ``preset`` (min-max weight scales, a fixed static
+    input scale) and saved as llm-compressor saves: compress in place, save_pretrained, update config.json."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    from telechat.model.loader import load_model
+
+    model = load_model(source, device="cpu")
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
+                                ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                per_row = module.weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+                module.weight_scale.copy_(per_row.clamp_min(1e-12) if module.weight_scale.shape[0] > 1
+                                          else per_row.amax().reshape(1))
+            if hasattr(module, "input_scale"):
+                module.input_scale.fill_(input_scale)
+    compressor = ModelCompressor.from_pretrained_model(model, "float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(str(out))
+    return out
 
 
 def test_sharded_writes_from_a_bin_checkpoint_load_like_one_file(tmp_path: Path):
