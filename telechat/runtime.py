@@ -14,7 +14,7 @@ from pathlib import Path
 
 from telechat.chat_format import ContentMarkers
 from telechat.engine.async_engine import EngineFront
-from telechat.engine.engine import EngineConfig
+from telechat.engine.core import EngineConfig
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.text import TextStream
 

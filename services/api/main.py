@@ -52,7 +52,7 @@ LEGACY_PREFIX = "/telechat/"
 def load_runtime(settings: Settings):
     """Load the configured model (the built-in demo when none is) and start its engine."""
     from telechat.model.checkpoint import inspect_checkpoint
-    from telechat.engine.engine import EngineConfig
+    from telechat.engine.core import EngineConfig
     from telechat.runtime import Runtime, resolve_model_path
 
     path, _ = resolve_model_path(settings.model_path)

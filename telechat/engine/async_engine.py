@@ -37,15 +37,13 @@ log = logging.getLogger(__name__)
 
 def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     """One output carrying the new tokens of several consecutive outputs of a request."""
-    if len(outputs) == 1 and isinstance(outputs[0], RequestOutput):
+    if len(outputs) == 1:
         return outputs[0]
     last = outputs[-1]
     tokens = [t for out in outputs for t in out.new_token_ids]
-    # The in-process engine of telechat/engine/engine.py has no prefix cache: its outputs lack the count.
-    cached = max(getattr(out, "num_cached_tokens", 0) for out in outputs)
     return RequestOutput(last.request_id, tokens, finished=last.finished, finish_reason=last.finish_reason,
                          num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
-                         error=last.error, num_cached_tokens=cached)
+                         error=last.error, num_cached_tokens=max(out.num_cached_tokens for out in outputs))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -43,7 +43,7 @@ from telechat.engine.core_messages import (
 from telechat.engine.request import RequestOutput
 
 if TYPE_CHECKING:
-    from telechat.engine.engine import EngineConfig
+    from telechat.engine.core import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class EngineSpec:
 
 def build_engine(spec: EngineSpec):
     """Load the checkpoint of ``spec`` (and its LoRA adapter) and build the engine over it."""
-    from telechat.engine.engine import LLMEngine
+    from telechat.engine.core import LLMEngine
     from telechat.model.checkpoint import inspect_checkpoint
     from telechat.model.loader import load_model
     from telechat.runtime import merge_adapter
