@@ -172,7 +172,7 @@ class Fp8Linear(nn.Module):
             q, scale = quantize_activation(x, self.input_scale)
             x = (q.float() * scale).to(x.dtype)
         w = (self.weight.float() * self.weight_scale).to(x.dtype)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _apply(self, fn, recurse: bool = True):
         # nn.Module casts every floating-point buffer (FP8 included) on .half()/.to(dtype): keep the
