@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.random_checkpoint import PRESET_NAMES, bench_config  # noqa: E402
 from bench.report import write_json  # noqa: E402
-from telechat.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
 from telechat.engine.sampling import SamplingParams  # noqa: E402
 from telechat.model.modeling import TelechatForCausalLM  # noqa: E402
 

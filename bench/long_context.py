@@ -97,7 +97,7 @@ def engine_main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     args = p.parse_args(argv)
 
-    from telechat.engine.engine import EngineConfig, LLMEngine
+    from telechat.engine.core import EngineConfig, LLMEngine
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     overrides = dict(rope_mode=args.rope_mode, training_seqlen=args.training_seqlen,

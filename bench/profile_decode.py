@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from telechat.model.config import preset  # noqa: E402
-from telechat.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
 from telechat.engine.sampling import SamplingParams  # noqa: E402
 from telechat.model.modeling import TelechatForCausalLM  # noqa: E402
 

@@ -73,7 +73,7 @@ def decode_tok_s(model, prompt_len: int, new_tokens: int, batch: int, engine_kwa
     """Engine decode throughput: ``batch`` random prompts, greedy, fixed output length."""
     import torch
 
-    from telechat.engine.engine import EngineConfig, LLMEngine
+    from telechat.engine.core import EngineConfig, LLMEngine
     from telechat.engine.sampling import SamplingParams
 
     engine = LLMEngine(model, EngineConfig(max_num_seqs=max(batch, 1), max_model_len=prompt_len + new_tokens + 16,

@@ -396,7 +396,7 @@ def multi_turn_levels(url: str, levels: list[int], args) -> None:
 
 def engine_levels(model: Path, workloads: dict[int, list[list[int]]], warmup: list[list[int]], args) -> None:
     """The same requests through ``Runtime.stream`` in this process (no HTTP)."""
-    from telechat.engine.engine import EngineConfig
+    from telechat.engine.core import EngineConfig
     from telechat.runtime import Runtime
 
     rt = Runtime.load(model, dtype=args.dtype or "auto", engine_config=EngineConfig(max_num_seqs=max(workloads)))

@@ -1,5 +1,5 @@
-"""Paged KV cache: fixed-size blocks pre-allocated from a memory budget, a free list, and the
-attention backend that reads/writes it during one engine step.
+"""Paged KV cache: fixed-size blocks pre-allocated from a memory budget (handed out by
+:class:`~telechat.engine.block_pool.BlockPool`), and the attention backend that reads/writes it during one engine step.
 
 Layout per layer: ``k[layer], v[layer]: [num_blocks * block_size, n_kv, head_dim]`` (a flat slot
 array; slot = block * block_size + offset). A sequence owns a list of blocks (its block table).
@@ -16,29 +16,6 @@ from telechat.model.attention import attention
 from telechat.engine.paged_attention import paged_decode_attention
 from telechat.model.kernels import rope_and_cache
 from telechat.model.rope import apply_rope
-
-
-class BlockAllocator:
-    """Free list of KV blocks. Allocation never exceeds the budget fixed at start."""
-
-    def __init__(self, num_blocks: int, reserved: int = 1):
-        self.num_blocks = num_blocks - reserved  # usable blocks; the first `reserved` are scratch space
-        self._free = list(range(num_blocks - 1, reserved - 1, -1))
-
-    @property
-    def free(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks; raises ``MemoryError`` when fewer are free (callers check first)."""
-        if n > len(self._free):
-            raise MemoryError(f"KV cache exhausted: need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        """Return blocks to the free list."""
-        self._free.extend(reversed(blocks))
 
 
 class PagedKVCache:

@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from services.settings_cli import build_parser, load
-from telechat.engine.engine import EngineConfig
+from telechat.engine.core import EngineConfig
 from telechat.settings import ModelSettings
 
 

@@ -6,7 +6,7 @@ import httpx
 import torch
 
 from telechat.model.loader import load_model
-from telechat.engine.engine import LLMEngine
+from telechat.engine.core import LLMEngine
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.text import TextStream
 from telechat.runtime import merge_adapter

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from telechat.engine.kv_cache import BlockAllocator, PagedKVCache
+from telechat.engine.block_pool import BlockPool
+from telechat.engine.kv_cache import PagedKVCache
 from telechat.engine.request import Request
 from telechat.engine.runner import ModelRunner
 from telechat.engine.sampling import SamplingParams, draw, sample_on_device
@@ -58,7 +59,7 @@ class Steps:
         self.cache = PagedKVCache(num_layers=cfg.n_layer, num_blocks=300, block_size=block_size,
                                   n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.dtype,
                                   device=model.device)
-        self.blocks = BlockAllocator(300)
+        self.blocks = BlockPool(300, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(copy.deepcopy(model), self.cache, max_num_seqs=max_num_seqs, max_model_len=256,
                                   num_rows=8, cuda_graphs=cuda_graphs)
         self.free_rows = list(range(8))

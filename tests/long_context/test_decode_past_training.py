@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from telechat.model.loader import load_model
-from telechat.engine.engine import EngineConfig, LLMEngine
+from telechat.engine.core import EngineConfig, LLMEngine
 from telechat.engine.sampling import SamplingParams
 from tests.long_context.conftest import GOLDEN_7B
 

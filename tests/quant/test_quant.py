@@ -50,7 +50,7 @@ def test_load_model_generates_and_engine_matches(quantized, bits: int):
     """telechat.model.checkpoint.load_model returns quantized Linears (lm_head dense); greedy decoding
     through generate() and through the serving engine give the same tokens."""
     from telechat.model.loader import load_model
-    from telechat.engine.engine import LLMEngine
+    from telechat.engine.core import LLMEngine
     from telechat.engine.sampling import SamplingParams
 
     model = load_model(quantized(bits), device="cpu")
@@ -96,7 +96,7 @@ def test_official_autogptq_layout_loads_and_generates(quantized, tmp_path: Path)
     """The official layout gives the same logits as our layout (after the fp16 embedding cast) and generates."""
     from telechat.model.checkpoint import inspect_checkpoint
     from telechat.model.loader import load_model
-    from telechat.engine.engine import LLMEngine
+    from telechat.engine.core import LLMEngine
     from telechat.engine.sampling import SamplingParams
 
     ours = quantized(4)
