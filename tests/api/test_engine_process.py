@@ -128,21 +128,24 @@ def test_model_the_core_cannot_load_fails_start_in_one_line(demo_model_dir, tmp_
 
 
 def test_cached_tokens_match_the_prefix_cache_hits(demo_server):
-    """usage.prompt_tokens_details.cached_tokens (chat and completions, streamed and not) adds up to
-    what /metrics counts as prefix-cache hits; queries count every prompt token looked up."""
+    """A prompt sent again reuses its cached prefix: usage.prompt_tokens_details.cached_tokens (chat and
+    completions, streamed and not) is positive the second time, below the prompt length (the last
+    token is always computed), and the reported counts add up to what /metrics counts as hits."""
     long_prompt = "TeleChat " * 40
     hits, queries = metric(demo_server, "telechat:prefix_cache_hits_total"), \
         metric(demo_server, "telechat:prefix_cache_queries_total")
-    cached = 0
+    rounds = []
     for _ in range(2):
         r = httpx.post(demo_server.url + CHAT, timeout=60,
                        json={"messages": [{"role": "user", "content": long_prompt}], "max_tokens": 2})
-        cached += r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        chat = r.json()["usage"]
         r = httpx.post(demo_server.url + "/v1/completions", timeout=60,
                        json={"prompt": long_prompt, "max_tokens": 2, "stream": True,
                              "stream_options": {"include_usage": True}})
-        usage = json.loads([e for e in r.text.split("\n\n") if e.startswith("data: {")][-1][6:])["usage"]
-        cached += usage["prompt_tokens_details"]["cached_tokens"]
-        assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
-    assert metric(demo_server, "telechat:prefix_cache_hits_total") - hits == cached
-    assert metric(demo_server, "telechat:prefix_cache_queries_total") >= queries
+        completion = json.loads([e for e in r.text.split("\n\n") if e.startswith("data: {")][-1][6:])["usage"]
+        rounds.append([(u["prompt_tokens_details"]["cached_tokens"], u["prompt_tokens"]) for u in (chat, completion)])
+    assert all(0 < cached < prompt for cached, prompt in rounds[1]), rounds
+    reported = sum(cached for r in rounds for cached, _ in r)
+    assert metric(demo_server, "telechat:prefix_cache_hits_total") - hits == reported
+    looked_up = sum(prompt for r in rounds for _, prompt in r)
+    assert metric(demo_server, "telechat:prefix_cache_queries_total") - queries == looked_up
