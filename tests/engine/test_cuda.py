@@ -3,6 +3,8 @@ Skipped without a GPU."""
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import pytest
@@ -111,8 +113,9 @@ def test_graph_decode_with_overlap_matches_generate_fp32():
 
 
 def test_bf16_graph_decode_logits_close_to_reference():
-    """bf16 graph decode steps (GEMV tuned at capture: Triton where it won) stay within tolerance of a
-    full bf16 forward with RoPE fixed at the prompt length."""
+    """bf16 graph decode steps (GEMV tuned at capture: Triton where it won) are as close to the float32
+    truth as a full bf16 forward with RoPE fixed at the prompt length is: the engine's kernels (fused
+    norms, fused projections, paged attention) add no error beyond bf16 rounding."""
     model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2816, n_head=8)
     s = Steps(model, block_size=16, max_num_seqs=2)
     s.runner.capture_graphs()
@@ -122,11 +125,14 @@ def test_bf16_graph_decode_logits_close_to_reference():
     for _ in range(19):  # each replay overwrites the graph's output: keep copies
         s.run(decodes=[s.decode(req)])
         logits.append(s.last_logits[0].clone())
-    seq = req.prompt_ids + req.output_ids
+    seq = torch.tensor([(req.prompt_ids + req.output_ids)[:-1]], device="cuda")
     with torch.inference_mode():
-        ref = model(torch.tensor([seq[:-1]], device="cuda"), use_cache=False, rope_length=50).logits[0, 49:].float()
+        bf16 = model(seq, use_cache=False, rope_length=50).logits[0, 49:].float()
+        truth = copy.deepcopy(model).float()(seq, use_cache=False, rope_length=50).logits[0, 49:]
     got = torch.stack(logits)
-    assert (got - ref).norm() / ref.norm() < 2e-2
+    engine_error = (got - truth).norm() / truth.norm()
+    reference_error = (bf16 - truth).norm() / truth.norm()
+    assert engine_error < 1.5 * reference_error + 1e-3, (engine_error, reference_error)
 
 
 def test_linear_uses_the_tuned_gemv_only_where_it_won():
