@@ -6,9 +6,12 @@ function here does one of those groups in one launch on CUDA, and falls back to 
 PyTorch ops on CPU, under autograd, or without Triton — same numerics (fp32 inside, one
 rounding to the input dtype as in the reference).
 
-The last section is a GEMV for decode batches of 1-8 rows: cuBLAS reads the weights of such
-products at ~82 % of copy bandwidth on an H200; :func:`tune_gemv` times both per shape when the
-engine starts and :func:`linear` uses whichever won (bench/gemv.py measures them).
+The last section is a GEMV for decode batches of 1-8 rows: cuBLAS reads the weights of the 7B's
+mid-size projections at only 45-85 % of copy bandwidth on an H200 (99 % for the lm_head). The
+Triton GEMV comes as FMA reductions, tensor-core tiles and split-K (reduced by a second launch or
+by the last program of a row block); :func:`tune_gemv` times cuBLAS and the tilings per shape in
+CUDA graphs when the engine starts and :func:`linear` uses whichever won (bench/gemv.py measures
+every tiling).
 """
 
 from __future__ import annotations
@@ -239,43 +242,93 @@ class GemvConfig:
     block_k: int
     """Weight columns read per loop iteration."""
     split_k: int = 1
-    """Programs sharing one row block, each over a slice of K (fp32 partials, then a reduce launch);
+    """Programs sharing one row block, each over a slice of K (fp32 partials summed afterwards);
     more programs in flight for shapes with few output rows."""
-    dot: bool = False
-    """Tensor-core ``tl.dot`` on x padded to 16 rows (any M ≤ 8); else FMA reductions (M ≤ 2)."""
+    kind: str = "fma"
+    """``"fma"``: fp32 multiply-adds on the loaded tile, one row of x kept as a [block_n, block_k] fp32
+    accumulator summed once at the end (more rows: a sum per tile); ``"dot"``: tensor-core ``tl.dot(x, Wᵀ)``
+    on x padded to 16 rows; ``"dot_w"``: ``tl.dot(W, xᵀ)``, the weight tile as the wide operand (swap-AB,
+    Hopper's wgmma shape when ``block_n`` ≥ 64)."""
+    serial_reduce: bool = False
+    """With ``split_k`` > 1: the last program of a row block (an atomic counter) sums the partials, adds
+    the bias and writes the output; else a second launch does. The counters reset themselves, so a
+    captured CUDA graph replays correctly."""
     num_warps: int = 4
     num_stages: int = 4
 
+    def __post_init__(self):
+        if self.kind not in GEMV_KINDS:
+            raise ValueError(f"GemvConfig kind must be one of {GEMV_KINDS}, got {self.kind!r}")
+
     @property
     def max_m(self) -> int:
-        """Most rows of x this tiling takes."""
-        return GEMV_MAX_M if self.dot else 2
+        """Most rows of x this tiling takes: any up to 8 with tensor cores; FMA tiles keep ≤ 128 fp32
+        products per thread."""
+        if self.kind != "fma":
+            return GEMV_MAX_M
+        m = 1
+        while m < GEMV_MAX_M and 2 * m * self.block_n * self.block_k <= 128 * 32 * self.num_warps:
+            m *= 2
+        return m
 
 
+GEMV_KINDS = ("fma", "dot", "dot_w")
 GEMV_MAX_M = 8
 """Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets)."""
 GEMV_BUCKETS = (1, 2, 4, 8)
 """Row counts tuned; other counts up to 8 use the next bucket's choice."""
-GEMV_DEFAULT = GemvConfig(16, 256, dot=True)
+GEMV_DEFAULT = GemvConfig(16, 256, kind="dot")
 """A tiling for any row count up to 8 (what :func:`gemv` uses unless told)."""
-GEMV_CONFIGS = (
-    GemvConfig(16, 256),
-    GemvConfig(32, 128),
-    GemvConfig(8, 512),
-    GemvConfig(16, 256, split_k=4),
+GEMV_CANDIDATES = (
+    # FMA, the weight stream through registers (stages 1) or pipelined through shared memory
+    GemvConfig(8, 512, num_stages=3),
+    GemvConfig(16, 512, num_stages=3),
+    GemvConfig(16, 256, num_stages=4),
+    GemvConfig(32, 256, num_warps=8, num_stages=3),
+    GemvConfig(8, 1024, num_stages=2),
+    GemvConfig(16, 1024, num_warps=8, num_stages=2),
+    GemvConfig(16, 512, num_stages=1),
+    GemvConfig(32, 512, num_warps=8, num_stages=1),
+    # FMA split-K: several waves of programs for the small shapes
+    GemvConfig(16, 512, split_k=2, serial_reduce=True, num_stages=3),
+    GemvConfig(16, 512, split_k=4, serial_reduce=True, num_stages=3),
+    GemvConfig(16, 512, split_k=4, num_stages=3),
+    GemvConfig(8, 512, split_k=8, serial_reduce=True, num_stages=2),
+    GemvConfig(16, 256, split_k=4, serial_reduce=True, num_stages=4),
+    # tensor cores, x as the 16-row operand (the previous kernel)
     GEMV_DEFAULT,
-    GemvConfig(32, 256, dot=True),
-    GemvConfig(64, 128, dot=True, num_warps=8),
-    GemvConfig(16, 512, dot=True, num_warps=8, num_stages=3),
-    GemvConfig(16, 256, split_k=2, dot=True),
-    GemvConfig(16, 256, split_k=4, dot=True),
+    GemvConfig(32, 256, kind="dot"),
+    GemvConfig(32, 256, split_k=4, kind="dot", serial_reduce=True),
+    # tensor cores, swap-AB
+    GemvConfig(64, 128, kind="dot_w"),
+    GemvConfig(64, 256, kind="dot_w", num_stages=3),
+    GemvConfig(128, 128, kind="dot_w", num_stages=4),
+    GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
+    GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
+    GemvConfig(64, 256, split_k=2, kind="dot_w", serial_reduce=True, num_stages=3),
 )
-"""Tilings timed by :func:`tune_gemv` (each compiles once per bias/no-bias and row padding)."""
+"""Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
+GEMV_CONFIGS = (
+    GemvConfig(16, 512, num_stages=3),
+    GemvConfig(32, 256, num_warps=8, num_stages=3),
+    GemvConfig(16, 512, split_k=4, serial_reduce=True, num_stages=3),
+    GemvConfig(8, 512, split_k=8, serial_reduce=True, num_stages=2),
+    GEMV_DEFAULT,
+    GemvConfig(64, 128, kind="dot_w"),
+    GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
+    GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
+)
+"""Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding):
+the likeliest winners of :data:`GEMV_CANDIDATES`, few enough to keep start-up short."""
 GEMV_MIN_GAIN = 0.03
 """A tiling replaces cuBLAS only when it is at least this much faster (timing noise)."""
+GEMV_MAX_ROW_BLOCKS = 1 << 16
+"""Row blocks a serially reduced split-K launch may have (one int32 counter each, per device)."""
 
 _gemv_plan: dict[tuple, GemvConfig] = {}
 """(N, K, row bucket, dtype, has bias) → the tiling that beat cuBLAS; absent = cuBLAS."""
+_gemv_counters: dict[torch.device, torch.Tensor] = {}
+"""Per device: zeroed arrival counters of the serially reduced split-K (each launch leaves them zero)."""
 
 
 def gemv_bucket(m: int) -> int:
@@ -286,55 +339,136 @@ def gemv_bucket(m: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_om,
-                     stride_os, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K: tl.constexpr):
+        """A [rows, BLOCK_K] weight tile, streamed past the caches (read once per forward)."""
+        if EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < k_hi)[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        return w
+
+    @triton.jit
+    def _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k[None, :])
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=(offs_k < k_hi)[None, :], other=0.0)
+        return x
+
+    @triton.jit
+    def _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr):
+        """Store ``acc [M_PAD, BLOCK_N]`` (fp32): the output (+ bias), or this split's partial; with
+        SERIAL, the split arriving last for this row block sums all partials into the output."""
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]  # workspace [SPLIT_K, M, N], contiguous
+            tl.store(ws + pid_k * M * N, acc, mask=mask)
+            if SERIAL:
+                tl.debug_barrier()  # every thread's partial is written before the release below
+                arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+                if arrived == SPLIT_K - 1:
+                    total = tl.zeros_like(acc)
+                    for s in tl.static_range(SPLIT_K):
+                        total += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                    if HAS_BIAS:
+                        total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                             total.to(out_ptr.dtype.element_ty), mask=mask)
+                    tl.store(cnt_ptr + pid_n, 0)
+
+    @triton.jit
+    def _gemv_fma_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
+                         stride_wn, stride_om, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
+                         EVEN_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, M_PAD)
-        n_mask = offs_n < N
-        m_mask = offs_m < M
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        # rows past N (M) read row N-1 (M-1) instead of masking: the loads stay unmasked and 16-byte wide
+        w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
+        x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
-            else:
-                k_mask = offs_k < k_hi
-                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT:
-                acc += tl.dot(x, tl.trans(w))
-            else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if PARTIAL:
-            tl.store(out, acc, mask=mask)
+        if M_PAD == 1:
+            part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+                w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+                x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
+                part += w.to(tl.float32) * x.to(tl.float32)
+            acc = tl.sum(part, axis=1)[None, :]
         else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+                w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+                x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                     HAS_BIAS, SPLIT_K, SERIAL)
 
     @triton.jit
-    def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, N, stride_ws, stride_wm, stride_om,
-                              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
+                         stride_wn, stride_om, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
+                         EVEN_K: tl.constexpr, SWAP: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, M_PAD)
+        w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
+        x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm  # rows ≥ M: copies, never stored
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        if SWAP:
+            acc_t = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+        else:
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+            w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+            x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
+            if SWAP:
+                acc_t += tl.dot(w, tl.trans(x))
+            else:
+                acc += tl.dot(x, tl.trans(w))
+        if SWAP:
+            acc = tl.trans(acc_t)
+        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                     HAS_BIAS, SPLIT_K, SERIAL)
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for s in tl.static_range(SPLIT_K):
-            acc += tl.load(ws_ptr + s * stride_ws + m * stride_wm + offs, mask=mask, other=0.0)
+            acc += tl.load(ws_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """The device's arrival counters (allocated zeroed on first use, which must precede graph capture)."""
+    if blocks > GEMV_MAX_ROW_BLOCKS:
+        raise ValueError(f"gemv: a serially reduced split-K takes ≤ {GEMV_MAX_ROW_BLOCKS} row blocks, got {blocks}")
+    counters = _gemv_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("gemv: run a serially reduced split-K tiling once before CUDA-graph capture")
+        counters = _gemv_counters[device] = torch.zeros(GEMV_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
+    return counters
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -347,26 +481,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if m > config.max_m or weight.stride(-1) != 1 or x.dtype != weight.dtype:
-        raise ValueError(f"gemv takes ≤ {config.max_m} rows and a weight of the input's dtype with unit column "
+    if not 0 < m <= config.max_m or weight.stride(-1) != 1 or x.dtype != weight.dtype:
+        raise ValueError(f"gemv takes 1 to {config.max_m} rows and a weight of the input's dtype with unit column "
                          f"stride, got {m} rows, {x.dtype} input, {weight.dtype} weight")
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    common = dict(HAS_BIAS=bias is not None, M_PAD=16 if config.dot else triton.next_power_of_2(m),
-                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT=config.dot, EVEN_K=k % k_per_split == 0,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+    split = config.split_k
+    k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
+    grid = (triton.cdiv(n, config.block_n), split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    serial = split > 1 and config.serial_reduce
+    counters = _split_counters(x.device, grid[0]) if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
-    if config.split_k == 1:
-        _gemv_kernel[grid](x2, weight, b, out, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
-                           out.stride(0), 0, PARTIAL=False, **common)
+    common = dict(HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
+                  SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    args = (x2, weight, b, out, ws, counters, m, n, k, k_per_split, x2.stride(0), weight.stride(0), out.stride(0))
+    if config.kind == "fma":
+        _gemv_fma_kernel[grid](*args, M_PAD=triton.next_power_of_2(m), **common)
     else:
-        ws = torch.empty(config.split_k, m, n, dtype=torch.float32, device=x.device)
-        _gemv_kernel[grid](x2, weight, b, ws, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
-                           ws.stride(1), ws.stride(0), PARTIAL=True, **common)
-        _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, n, ws.stride(0), ws.stride(1), out.stride(0),
-                                                         HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
-                                                         BLOCK=1024)
+        _gemv_dot_kernel[grid](*args, M_PAD=16, SWAP=config.kind == "dot_w", **common)
+    if split > 1 and not serial:
+        _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
+                                                         SPLIT_K=split, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
 
 
@@ -386,15 +522,23 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer(x)
 
 
-def time_per_call(fn, calls: int, reps: int = 7) -> float:
-    """Median seconds per call of ``fn`` (which makes ``calls`` calls), by CUDA events after one warm-up."""
+def time_per_call(fn, calls: int, reps: int = 7, graph: bool = False) -> float:
+    """Median seconds per call of ``fn`` (which makes ``calls`` calls), by CUDA events after one warm-up;
+    with ``graph``, of replays of ``fn`` captured in a CUDA graph (no launch overhead, as in decode)."""
     fn()
     torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+        run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
@@ -407,8 +551,9 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
     bucket up to ``max(batch_sizes)``, and let :func:`linear` use the winners.
 
     Each shape is timed over all of the model's layers of that shape in turn, so the weights come
-    from HBM as in a real forward, not from L2. A tiling whose result differs from cuBLAS is
-    skipped. Returns one row per (shape, rows): times in µs and the choice. CUDA only; no-op elsewhere.
+    from HBM as in a real forward, not from L2, and replayed from a CUDA graph, as decode steps run. A
+    tiling whose result differs from cuBLAS (checked after the timed replays) is skipped. Returns one
+    row per (shape, rows): times in µs and the choice. CUDA only; no-op elsewhere.
     """
     if triton is None or not torch.cuda.is_available():
         return []
@@ -424,17 +569,19 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
         for m in buckets:
             x = torch.randn(m, k, dtype=dtype, device=layers[0].weight.device)
             ref = F.linear(x, layers[0].weight, layers[0].bias).float()
-            cublas = time_per_call(lambda: [F.linear(x, lyr.weight, lyr.bias) for lyr in layers], len(layers))
+            cublas = time_per_call(lambda: [F.linear(x, lyr.weight, lyr.bias) for lyr in layers], len(layers),
+                                   graph=True)
             best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
             for config in configs:
                 if m > config.max_m:
                     continue
                 try:
+                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config) for lyr in layers], len(layers),
+                                      graph=True)
                     out = gemv(x, layers[0].weight, layers[0].bias, config).float()
                     if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
                         log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)
                         continue
-                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config) for lyr in layers], len(layers))
                 except Exception:  # noqa: BLE001 - a tiling that does not compile here is not a choice
                     log.warning("GEMV tiling %s failed for %dx%d", config, n, k, exc_info=True)
                     continue

@@ -4,6 +4,7 @@ against the unfused transformers path (CPU, float32)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 
 from telechat.model.config import TelechatConfig
 from telechat.model.forward_batch import CausalAttention, ForwardBatch
-from telechat.model.kernels import fused_add_rms_norm, rms_norm_reference, silu_mul, swiglu
+from telechat.model import kernels
+from telechat.model.kernels import GEMV_CANDIDATES, fused_add_rms_norm, gemv, rms_norm_reference, silu_mul, swiglu
 from telechat.model.modeling import TelechatForCausalLM
 from telechat.model.rope import inv_freq
 
@@ -136,3 +138,24 @@ def test_swiglu_on_halves_equals_silu_mul():
     """swiglu([gate | up]) == silu(gate) * up."""
     gate_up = torch.randn(3, 7, 40)
     assert torch.equal(swiglu(gate_up), silu_mul(gate_up[..., :20], gate_up[..., 20:]))
+
+
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton GEMV on CPU in Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_gemv_tiling_equals_linear_in_the_triton_interpreter(dtype):
+    """Each GEMV candidate (FMA, tensor-core and swap-AB tiles, split-K reduced by a second launch or by
+    the last program) equals F.linear for 1, 3 and 8 rows with uneven N and K and a bias, twice in a row
+    (the serial split-K's counters are back at zero after each call)."""
+    torch.manual_seed(0)
+    w = torch.randn(200, 1000, dtype=dtype) * 0.05
+    b = torch.randn(200, dtype=dtype)
+    for m in (1, 3, 8):
+        x = torch.randn(m, 1000, dtype=dtype)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        for config in GEMV_CANDIDATES:
+            if m <= config.max_m:
+                for _ in range(2):
+                    out = gemv(x, w, b, config).float()
+                    assert (out - ref).norm() / ref.norm() < 1e-2, (config, m)
+    assert all(int(c.count_nonzero()) == 0 for c in kernels._gemv_counters.values())
