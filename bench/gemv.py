@@ -10,7 +10,8 @@ table shows cuBLAS, the best candidate, the best of the tilings the engine tunes
 and the engine's choice (Triton only when ``GEMV_MIN_GAIN`` faster). Each call reads another copy of
 the weight, enough copies to exceed four times the L2 cache, so weights come from HBM as in a
 forward; each result is checked against cuBLAS after the timed replays. Prints one JSON line per
-measurement (``--all-configs``: one per tiling too) and a table; ``--json PATH`` also writes them.
+measurement (``--all-configs``: one per tiling too) and a table; ``--json PATH`` also writes them
+(after each shape).
 
     python bench/gemv.py --all-configs --json bench/results/h200-gemv.json
     python bench/gemv.py --preset 12B --m 1,8
@@ -92,15 +93,17 @@ def main() -> None:
                         r_eager = rate(lambda w: gemv(x, w, bias, config), False)
                         err = (gemv(x, weights[0], bias, config).float() - ref).abs().max().item()
                     except Exception as e:  # noqa: BLE001 - one tiling out of resources must not end the run
-                        print(json.dumps({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
-                                          "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+                        rows.append({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
+                        print(json.dumps(rows[-1]), flush=True)
                         continue
                     ok = err <= 2e-2 * ref.abs().max().item()
                     if args.all_configs:
-                        print(json.dumps({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
-                                          "gb_s": round(r / 1e9, 1), "pct_copy": round(100 * r / copy_bw, 1),
-                                          "eager_pct_copy": round(100 * r_eager / copy_bw, 1),
-                                          "max_abs_err": err, "correct": ok}), flush=True)
+                        rows.append({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
+                                     "gb_s": round(r / 1e9, 1), "pct_copy": round(100 * r / copy_bw, 1),
+                                     "eager_pct_copy": round(100 * r_eager / copy_bw, 1),
+                                     "max_abs_err": err, "correct": ok})
+                        print(json.dumps(rows[-1]), flush=True)
                     if ok:
                         measured.append((config, r, r_eager))
                 best = max(measured, key=lambda c: c[1], default=(None, 0.0, 0.0))
@@ -117,16 +120,16 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             weights = None  # free this shape's copies before the next
             torch.cuda.empty_cache()
+            if args.json:  # after each shape, so a run cut short keeps what it measured
+                write_json(args.json, rows, preset=args.preset, dtype=args.dtype)
     print(f"\n{args.preset} {args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of copy, CUDA graph (eager)")
     print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {'cuBLAS':>13}  {'best Triton':>13}  {'tuned set':>9}  engine  "
           "best tiling")
-    for r in rows[1:]:
+    for r in (r for r in rows if r["measure"] == "gemv"):
         print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_pct_copy']:5.1f} "
               f"({r['cublas_eager_pct_copy']:5.1f})  {r['triton_pct_copy']:5.1f} ({r['triton_eager_pct_copy']:5.1f})  "
               f"{r['tuned_pct_copy']:9.1f}  "
               f"{r['engine_uses']:6}  {r['triton_config']}")
-    if args.json:
-        write_json(args.json, rows, preset=args.preset, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,8 @@ GEMV_CANDIDATES = (
     GemvConfig(16, 512, num_stages=3),
     GemvConfig(16, 256, num_stages=4),
     GemvConfig(32, 256, num_warps=8, num_stages=3),
+    GemvConfig(32, 512, num_warps=8, num_stages=3),
+    GemvConfig(8, 256, num_warps=2, num_stages=4),
     GemvConfig(8, 1024, num_stages=2),
     GemvConfig(16, 1024, num_warps=8, num_stages=2),
     GemvConfig(16, 512, num_stages=1),
