@@ -33,6 +33,12 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] | None = None, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # A fast (Rust) tokenizer is called directly: the transformers wrapper costs ~10x the decode itself,
+        # and two decodes run per streamed token (clean-up of tokenization spaces, the wrapper's only other
+        # step, is off in every TeleChat tokenizer).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else \
+            getattr(backend, "decode", None)
         prompt = list(prompt_ids or [])
         self._window: list[int] = prompt[-PROMPT_CONTEXT:]  # ids from the prefix offset on
         self._read = len(self._window)  # window index where the not-yet-emitted ids start
@@ -41,6 +47,8 @@ class IncrementalDetokenizer:
         self._anchor_len = len(self._decode_raw(self._anchor))
 
     def _decode_raw(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
