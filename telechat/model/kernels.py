@@ -311,17 +311,16 @@ GEMV_CANDIDATES = (
 )
 """Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
 GEMV_CONFIGS = (
-    GemvConfig(16, 512, num_stages=3),
-    GemvConfig(32, 256, num_warps=8, num_stages=3),
-    GemvConfig(16, 512, split_k=4, serial_reduce=True, num_stages=3),
-    GemvConfig(8, 512, split_k=8, serial_reduce=True, num_stages=2),
-    GEMV_DEFAULT,
-    GemvConfig(64, 128, kind="dot_w"),
-    GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
+    GemvConfig(8, 256, num_warps=2, num_stages=4),
+    GemvConfig(8, 512, num_stages=3),
+    GemvConfig(128, 128, kind="dot_w"),
+    GemvConfig(64, 256, kind="dot_w", num_stages=3),
     GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
+    GemvConfig(64, 256, split_k=2, kind="dot_w", serial_reduce=True, num_stages=3),
 )
-"""Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding):
-the likeliest winners of :data:`GEMV_CANDIDATES`, few enough to keep start-up short."""
+"""Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
+winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
+start-up short."""
 GEMV_MIN_GAIN = 0.03
 """A tiling replaces cuBLAS only when it is at least this much faster (timing noise)."""
 GEMV_MAX_ROW_BLOCKS = 1 << 16
