@@ -195,6 +195,15 @@ def sse_json(payload: str) -> str:
     return payload.translate(_LINE_SEPARATORS)
 
 
+def text_chunks(render: Callable[[str], str]) -> Callable[[str], str]:
+    """A fast ``render`` for streamed text: the chunk around a text is rendered once (by ``render``,
+    pydantic) and each text is JSON-escaped into it, so the per-token cost is one ``json.dumps``.
+    The output is byte-for-byte what ``render(text)`` gives."""
+    marker = "\x00telechat-text\x00"
+    head, tail = render(marker).split(sse_json(json.dumps(marker, ensure_ascii=False)))
+    return lambda text: head + sse_json(json.dumps(text, ensure_ascii=False)) + tail
+
+
 class StreamFailed(Exception):
     """A generation that ended without finishing, as the error to send in-band."""
 
@@ -245,12 +254,14 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
         return sse_json(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
                                             usage=usage).model_dump_json(exclude=exclude))
 
+    content = text_chunks(lambda text: chunk([ChatChunkChoice(delta=DeltaMessage(content=text))]))
+
     async def body() -> AsyncIterator[str]:
         yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
         async for d in deltas:
             final = _check(d)
             if d.text:
-                yield chunk([ChatChunkChoice(delta=DeltaMessage(content=d.text))])
+                yield content(d.text)
             if final:
                 yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=d.finish_reason)])
                 if include_usage:
@@ -271,11 +282,15 @@ async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDe
         return sse_json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                            usage=usage).model_dump_json(exclude=exclude))
 
+    text = text_chunks(lambda t: chunk([CompletionChoice(text=t, finish_reason=None)]))
+
     async def body() -> AsyncIterator[str]:
         async for d in deltas:
             final = _check(d)
-            if d.text or final:
-                yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason if final else None)])
+            if final:
+                yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason)])
+            elif d.text:
+                yield text(d.text)
             if final and include_usage:
                 yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens, d.cached_tokens))
 
