@@ -59,6 +59,8 @@ def load_runtime(settings: Settings):
     info = inspect_checkpoint(path, need_tokenizer=True)
     name = info.served_name(settings.model_name)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
+                          max_num_batched_tokens=settings.max_num_batched_tokens,
+                          enable_prefix_caching=settings.prefix_caching,
                           gpu_memory_utilization=settings.gpu_memory_utilization)
     return Runtime.load(path, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
                         lora=settings.lora_path, content_markers=settings.content_markers, rope_mode=settings.rope_mode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from telechat.chat_format import ContentMarkers
 from telechat.settings import ApiHost, ApiKey, ApiPort, ModelName, ModelSettings
@@ -26,6 +26,11 @@ class Settings(ModelSettings):
                                       "(default: open, for Prometheus scrapers on a private network)")
     cors_origins: str = Field("*", description="comma-separated allowed origins, `*` for any, empty for none")
     max_num_seqs: int = Field(32, ge=1, description="most requests decoding together")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="token budget of one engine step: decodes "
+                                        "plus prefill chunks (longer prompts are split across steps); at "
+                                        "least max_num_seqs")
+    prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before "
+                                 "(multi-turn chats, shared system prompts)")
     max_queue: int = Field(128, ge=0, description="requests allowed to wait beyond the running ones; "
                            "past it the API answers 429")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="share of GPU memory the engine may use")
@@ -41,6 +46,13 @@ class Settings(ModelSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _step_budget(self) -> Settings:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({self.max_num_seqs}): every running request decodes one token per step")
+        return self
 
     @property
     def cors_origin_list(self) -> list[str]:
