@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from telechat.chat_format import ContentMarkers
+from telechat.model.checkpoint import CheckpointInfo
 from telechat.engine.async_engine import EngineFront
 from telechat.engine.core import EngineConfig
 from telechat.engine.sampling import SamplingParams
@@ -74,7 +75,7 @@ class Runtime:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | CheckpointInfo,
         *,
         name: str | None = None,
         device: str = "auto",
@@ -85,7 +86,8 @@ class Runtime:
         engine_process: bool = True,
         **config_overrides,
     ) -> Runtime:
-        """Load the checkpoint at ``path`` (optionally with a LoRA adapter merged in memory) and start the engine.
+        """Load the checkpoint at ``path`` (a folder, or what :func:`~telechat.model.checkpoint.inspect_checkpoint`
+        read from it) (optionally with a LoRA adapter merged in memory) and start the engine.
 
         ``engine_process``: run the engine core in a process of its own, which loads the weights
         while this one loads the tokenizer (:class:`~telechat.engine.core_client.EngineClient`), or
@@ -99,8 +101,8 @@ class Runtime:
         from telechat.model.checkpoint import inspect_checkpoint
         from telechat.tokenizer import load_tokenizer
 
-        path = Path(path).expanduser().resolve()
-        info = inspect_checkpoint(path, need_tokenizer=True)  # config + generation config, read once
+        info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path, need_tokenizer=True)
+        path = Path(info.path).expanduser().resolve()
         if lora:
             lora = check_adapter(lora)
         spec = EngineSpec(str(path), device=device, dtype=dtype, engine_config=engine_config,

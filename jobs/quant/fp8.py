@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from telechat.model.checkpoint import CheckpointInfo, canonical_key
+from telechat.model.checkpoint import CheckpointInfo, canonical_key, iter_tensors
 from telechat.model.fp8 import FP8_MAX, MIN_SCALE, Fp8Scheme, fp8_quantization_config, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -72,16 +72,9 @@ def calibrate_input_scales(model, samples: list[list[int]], names: set[str]) -> 
 
 
 def _source_tensors(info: CheckpointInfo) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` of every weight file, one tensor at a time (safetensors) or memory-mapped (``.bin``)."""
+    """``(key, tensor)`` of every weight file, one tensor at a time."""
     for file in info.weight_files:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        else:
-            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        yield from iter_tensors(file)
 
 
 def _count_tensors(info: CheckpointInfo) -> int:

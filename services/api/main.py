@@ -62,7 +62,7 @@ def load_runtime(settings: Settings):
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.prefix_caching,
                           gpu_memory_utilization=settings.gpu_memory_utilization)
-    return Runtime.load(path, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
+    return Runtime.load(info, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
                         lora=settings.lora_path, content_markers=settings.content_markers, rope_mode=settings.rope_mode,
                         training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
 

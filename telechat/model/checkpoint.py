@@ -185,6 +185,18 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def iter_tensors(file: Path):
+    """``(key, tensor)`` of one weight file, one tensor at a time (safetensors) or memory-mapped (``.bin``)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
 def first_line(e: BaseException) -> str:
     """An exception's first line (at most 300 characters), or its type name when it has no message."""
     text = str(e).strip().splitlines()

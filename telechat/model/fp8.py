@@ -36,6 +36,7 @@ from telechat.model.checkpoint import (
     canonical_key,
     first_line,
     inspect_checkpoint,
+    iter_tensors,
     resolve_device,
     resolve_dtype,
 )
@@ -354,18 +355,6 @@ def replace_linears(model: nn.Module, scheme: Fp8Scheme, dtype: torch.dtype) -> 
     return swapped
 
 
-def _iter_tensors(file: Path):
-    """``(key, tensor)`` of one weight file, one tensor at a time where the format allows."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    else:
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
-
-
 def _load_tensors(model: nn.Module, info: CheckpointInfo, scheme: Fp8Scheme) -> None:
     """Copy every checkpoint tensor into ``model``; raise :class:`CheckpointError` on gaps, extras or shapes."""
     state = model.state_dict()
@@ -374,7 +363,7 @@ def _load_tensors(model: nn.Module, info: CheckpointInfo, scheme: Fp8Scheme) -> 
     for file in info.weight_files:
         try:
             with torch.no_grad():
-                for key, tensor in _iter_tensors(file):
+                for key, tensor in iter_tensors(file):
                     name = canonical_key(key)
                     if name == "lm_head.weight" and tied:
                         continue  # the tied head is the embedding

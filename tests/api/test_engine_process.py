@@ -16,33 +16,12 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import API_ENV, REPO, free_port
+from tests.processes import children, running
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "你好"}]
 STREAM = {"messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
 """A stream that runs for seconds on CPU."""
-
-
-def running(pid: int) -> bool:
-    """True while process ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    """Pids of the live processes whose parent is ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(stat.parent.name))
-    return found
 
 
 def core_pid(log: str) -> int:

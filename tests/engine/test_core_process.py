@@ -23,19 +23,11 @@ from telechat.engine.sampling import SamplingParams
 from telechat.errors import UserError
 from telechat.model.config import TelechatConfig
 from telechat.model.modeling import TelechatForCausalLM
+from tests.processes import running
 
 VOCAB = 400
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 ENDLESS = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-
-
-def running(pid: int) -> bool:
-    """True while process ``pid`` exists and is not a zombie (a container's pid 1 may never reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(cond, timeout: float = 30.0) -> bool:
