@@ -97,7 +97,49 @@ _LABELS: dict[str, tuple[str, str]] = {
         "Something unexpected went wrong; the conversation is kept. Reload or retry.",
     ),
     "no_detail": ("未知原因", "no details given"),
+    "error_storage": ("无法打开对话数据库：{detail}", "Cannot open the chat database: {detail}"),
+    # conversation list
+    "chats": ("对话", "Chats"),
+    "new_chat": ("新对话", "New chat"),
+    "untitled": ("未命名对话", "Untitled chat"),
+    "search_chats": ("搜索对话", "Search chats"),
+    "no_chats": ("还没有对话。", "No chats yet."),
+    "no_match": ("没有匹配的对话。", "No chat matches."),
+    "chat_menu": ("重命名或删除此对话", "Rename or delete this chat"),
+    "title_label": ("标题", "Title"),
+    "rename": ("重命名", "Rename"),
+    "delete_chat": ("删除对话", "Delete chat"),
+    "confirm_delete": ("确定删除此对话？删除后无法恢复。", "Delete this chat? This cannot be undone."),
+    "delete_confirm": ("确认删除", "Delete"),
+    "chat_not_found": (
+        "找不到该对话（可能已删除，或不属于当前用户）。",
+        "Conversation not found (it was deleted, or it is not yours).",
+    ),
+    "chat_busy": ("该对话正在生成回复，请等待或先停止。", "A reply is still being written in this chat; wait or stop it."),
+    "import": ("导入 JSON", "Import JSON"),
+    "import_help": ("导入本页面导出的 JSON 对话文件。", "Import a chat exported from this page as JSON."),
+    "import_failed": ("导入失败：{detail}", "Import failed: {detail}"),
+    # replies
+    "copy": ("复制", "Copy"),
+    "copied": ("已复制", "Copied"),
+    "interrupted": ("生成被中断", "Interrupted"),
+    "cut_by_error": ("生成出错，已保留部分回复", "Failed mid-reply; the text so far is kept"),
+    # users
+    "login_title": ("登录", "Log in"),
+    "user_name": ("用户名", "User name"),
+    "password": ("密码", "Password"),
+    "login": ("登录", "Log in"),
+    "login_failed": ("用户名或密码错误。", "Wrong user name or password."),
+    "signing_in": ("正在登录…", "Signing in…"),
+    "signing_out": ("正在退出…", "Signing out…"),
+    "login_broken": ("无法保存登录状态，请刷新页面后重试。", "Could not keep the login; reload the page and try again."),
+    "logout": ("退出登录", "Log out"),
+    "signed_in_as": ("当前用户：{name}", "Signed in as {name}"),
 }
+
+
+CUT_LABELS: dict[str, str] = {"stopped": "stopped", "interrupted": "interrupted", "error": "cut_by_error"}
+"""Why a reply was cut (its finish_reason) → the label shown under it."""
 
 
 def t(key: str, lang: Lang, **kw: object) -> str:

@@ -23,9 +23,10 @@ def default_data_dir() -> Path:
 class StorageSettings(CliSettings):
     """Where conversations and users are kept; all that `telechat web add-user` and `backup` need."""
 
-    web_data_dir: Path = Field(default_factory=default_data_dir,
-                               description="Folder of the SQLite database (telechat-web.db) when DATABASE_URL is unset.",
-                               json_schema_extra={"flags": ["--data-dir"]})
+    web_data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Folder of the SQLite database (telechat-web.db) when DATABASE_URL is unset.",
+        json_schema_extra={"flags": ["--data-dir"]})
     # SecretStr: a PostgreSQL URL carries its password; it is never printed or logged.
     database_url: SecretStr | None = Field(
         None, description="SQLAlchemy URL of the database, e.g. postgresql://user:password@host/db. "

@@ -1,41 +1,48 @@
 """The chat page in headless Chromium against the real API serving the demo model, on loopback.
 
-Each test opens a fresh browser context, hence a fresh Streamlit session and conversation.
+Each test opens a fresh browser context (a fresh Streamlit session); the chats are in the page's database,
+so they outlive the session: a reload, a second tab, a restart of the web process.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import secrets
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.web.conftest import OUTPUT
+from services.web.store import chats, users
+from services.web.store.database import database_url, open_database
+from tests.conftest import REPO, free_port
+from tests.web.conftest import API_KEY, OUTPUT
 
 pytestmark = pytest.mark.browser
 
-API_KEY = "web-test-" + secrets.token_hex(8)
 LONG_PROMPT = "Keep writing forever"  # the demo model is trained to keep writing on it until max tokens
 TIMEOUT_MS = 30_000
+LATEX_CHAT = {"title": "公式", "messages": [
+    {"role": "user", "content": "质能方程是什么？"},
+    {"role": "assistant", "content": "质能方程：\\(E = mc^2\\)，展开为\n\\[E^2 = (pc)^2 + (mc^2)^2\\]"}]}
 
 
 @pytest.fixture(scope="module")
-def api(browser, demo_model_dir, api_server):
-    """The real API over the demo model, with a bearer token the page must pass on."""
-    return api_server(demo_model_dir, env={"API_KEY": API_KEY})
+def web_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("web-chats")
 
 
 @pytest.fixture(scope="module")
-def web(api, web_server):
-    return web_server(api.url, env={"API_KEY": API_KEY})
+def web(browser, web_api, web_server, web_data):
+    return web_server(web_api.url, env={"API_KEY": API_KEY, "WEB_DATA_DIR": str(web_data)})
 
 
 def _open(browser, url: str):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.split("/?")[0].rstrip("/"))
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
@@ -79,12 +86,25 @@ def _reply_text(page, index: int) -> str:
     return _messages(page).nth(index).get_by_test_id("stMarkdownContainer").first.inner_text()
 
 
+def _texts(page) -> list[str]:
+    return [_reply_text(page, i) for i in range(_messages(page).count())]
+
+
 def _wait_reply(page, count: int) -> str:
-    """Wait for `count` chat messages and a settled page; return the last message's text."""
+    """Wait for `count` chat messages, none still being written; return the last message's text."""
     page.wait_for_function(
-        f"() => document.querySelectorAll('[data-testid=stChatMessage]').length === {count}")
+        f"() => document.querySelectorAll('[data-testid=stChatMessage]').length === {count}"
+        " && !document.querySelector('.st-key-live_reply')")
     _wait_idle(page)
     return _reply_text(page, count - 1)
+
+
+def _wait_live(page, longer_than: int) -> str:
+    """Wait until the reply being written shows more than `longer_than` characters; return them."""
+    page.wait_for_function(
+        "(n) => { const m = document.querySelector('.st-key-live_reply [data-testid=stMarkdownContainer]');"
+        " return m && m.innerText.length > n; }", arg=longer_than)
+    return page.locator(".st-key-live_reply [data-testid=stMarkdownContainer]").first.inner_text().rstrip("▌")
 
 
 def _set_max_tokens(page, value: int) -> None:
@@ -98,11 +118,28 @@ def _set_max_tokens(page, value: int) -> None:
     _wait_idle(page)
 
 
+def _chat_titles(page) -> list[str]:
+    return page.locator(".st-key-chat_list [data-testid=stButton] button").all_inner_texts()
+
+
+def _open_url(page, url: str) -> None:
+    page.goto(url)
+    page.get_by_test_id("stChatInputTextArea").wait_for()
+    _wait_idle(page)
+
+
 def _running(api) -> float:
     text = httpx.get(api.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).text
     match = re.search(r"^telechat:num_requests_running(?:\{[^}]*\})? (\S+)$", text, re.M)
     assert match, "telechat:num_requests_running missing from /metrics"
     return float(match.group(1))
+
+
+def _wait_not_running(api) -> None:
+    deadline = time.monotonic() + 10
+    while _running(api) != 0:
+        assert time.monotonic() < deadline, "the API kept generating after Stop"
+        time.sleep(0.1)
 
 
 def _api_reply(api, prompt: str, **params) -> str:
@@ -121,49 +158,108 @@ def _normalize(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
+def _stored_reply(data_dir: Path, chat_url: str):
+    """The last turn of the URL's chat, as the database holds it (the local user's)."""
+    db = open_database(database_url(None, data_dir))
+    try:
+        chat_id = chat_url.split("c=")[1].split("&")[0]
+        return chats.get_chat(db, users.local_user(db).id, chat_id).messages[-1]
+    finally:
+        db.close()
+
+
+def _download(page, label: str, folder: Path) -> Path:
+    """Click a download button; the file, saved under the name the page gives it."""
+    with page.expect_download() as info:
+        page.get_by_test_id("stDownloadButton").filter(has_text=label).get_by_role("button").click()
+    path = folder / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
+def _import(page, path: Path) -> None:
+    """Import a JSON export; the page opens the new chat."""
+    before = page.url
+    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files(str(path))
+    page.wait_for_function("(before) => location.href !== before && location.search.includes('c=')", arg=before)
+    _wait_idle(page)
+
+
 # ---------------------------------------------------------------------------- tests
 
 
-def test_chinese_message_streams_reply(page, api) -> None:
-    """A Chinese question gets the API's reply, assembled intact from the stream; Clear empties the chat;
-    code blocks render; the screenshot of the page is the CI artifact."""
+def test_chinese_message_streams_reply_and_the_chat_persists(page, web, web_api) -> None:
+    """A Chinese question gets the API's reply, assembled intact from the stream; the URL names the chat, so a
+    reload and a second tab show it; replies and code blocks copy; the screenshot of the page with its
+    conversation list is the CI artifact."""
     assert _visible(page, "演示模型")
     assert _visible(page, "API 已就绪")
     _send(page, "你好")
     reply = _wait_reply(page, 2)
     assert _reply_text(page, 0) == "你好"
-    assert reply.strip()
-    assert _normalize(reply) == _normalize(_api_reply(api, "你好"))
-    page.get_by_role("button", name="清空对话").click()
+    assert _normalize(reply) == _normalize(_api_reply(web_api, "你好"))
+    chat_url = page.url
+    assert re.search(r"[?&]c=[0-9a-f]{32}", chat_url)
+    page.get_by_role("button", name="复制").first.click()
+    assert _normalize(page.evaluate("navigator.clipboard.readText()")) == _normalize(reply)
+
+    page.reload()
+    page.get_by_test_id("stChatInputTextArea").wait_for()
+    _wait_reply(page, 2)
+    assert _texts(page) == ["你好", reply]
+    second = page.context.new_page()
+    _open_url(second, chat_url)
+    assert _texts(second) == ["你好", reply]
+    second.close()
+
+    page.get_by_role("button", name="新对话").click()
     page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
     _wait_idle(page)
     _send(page, "用 Python 打印你好")  # as a first turn the demo model answers with a code block
     _wait_reply(page, 2)
-    assert 'print("你好")' in _messages(page).nth(1).get_by_test_id("stCode").inner_text()
+    code = _messages(page).nth(1).get_by_test_id("stCode")
+    assert 'print("你好")' in code.inner_text()
+    code.hover()
+    code.get_by_role("button", name="Copy to clipboard").click()
+    assert 'print("你好")' in page.evaluate("navigator.clipboard.readText()")
+    assert _chat_titles(page)[:2] == ["用 Python 打印你好", "你好"]
     assert API_KEY not in page.content()
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "web-chat.png"), full_page=True)
 
 
-def test_stop_keeps_partial_reply_and_aborts_generation(page, api) -> None:
-    """Stop mid-reply: the text stops growing, is kept, and the API stops generating."""
+def test_stop_keeps_the_partial_reply_also_after_a_reload(page, web, web_api, web_data) -> None:
+    """Stop mid-reply: the text stops growing, the API stops generating, and the partial reply is stored,
+    marked stopped. A reload mid-reply shows the reply still growing, and Stop works there too."""
     _set_max_tokens(page, 2000)
     _send(page, LONG_PROMPT)
-    page.wait_for_function(
-        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
-        " return m.length === 2 && m[1].querySelector('[data-testid=stMarkdownContainer]').innerText.length > 20; }")
-    assert _running(api) == 1, "the reply finished before Stop could be pressed"
+    _wait_live(page, 20)
+    assert _running(web_api) == 1, "the reply finished before Stop could be pressed"
     page.get_by_role("button", name="停止生成").click()
     page.get_by_text("已停止生成").wait_for()
     _wait_idle(page)
     partial = _reply_text(page, 1)
     time.sleep(1.0)
     assert _reply_text(page, 1) == partial, "the reply kept growing after Stop"
-    assert len(partial) > 20
-    deadline = time.monotonic() + 10
-    while _running(api) != 0:
-        assert time.monotonic() < deadline, "the API kept generating after Stop"
-        time.sleep(0.1)
+    _wait_not_running(web_api)
+    stored = _stored_reply(web_data, page.url)
+    assert (stored.status, stored.finish_reason) == ("cut", "stopped")
+    assert _normalize(stored.content) == _normalize(partial) and len(partial) > 20
+
+    page.get_by_role("button", name="新对话").click()  # a fresh context: 2000 more tokens must fit
+    page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
+    _send(page, LONG_PROMPT)
+    before = len(_wait_live(page, 20))
+    page.reload()
+    page.get_by_test_id("stChatInputTextArea").wait_for()
+    assert len(_wait_live(page, before + 20)) > before, "the reply goes on after the reload"
+    page.get_by_role("button", name="停止生成").click()
+    page.get_by_text("已停止生成").wait_for()
+    _wait_idle(page)
+    _wait_not_running(web_api)
+    stored = _stored_reply(web_data, page.url)
+    assert (stored.status, stored.finish_reason) == ("cut", "stopped")
+    assert _normalize(stored.content) == _normalize(_reply_text(page, 1))
     assert len(_messages(page).all()) == 2
 
 
@@ -176,7 +272,8 @@ def test_regenerate_replaces_the_answer(page) -> None:
     page.get_by_role("button", name="重新生成").click()
     page.wait_for_function(
         "(old) => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
-        " return m.length === 2 && m[1].querySelector('[data-testid=stMarkdownContainer]').innerText !== old; }",
+        " return m.length === 2 && !document.querySelector('.st-key-live_reply')"
+        " && m[1].querySelector('[data-testid=stMarkdownContainer]').innerText !== old; }",
         arg=first)
     _wait_idle(page)
     second = _reply_text(page, 1)
@@ -184,26 +281,149 @@ def test_regenerate_replaces_the_answer(page) -> None:
     assert len(second) > len(first)
 
 
-def test_export_json_and_markdown_hold_all_turns(page) -> None:
-    """The JSON download is valid and lists every turn in order; the Markdown one shows them too."""
+def test_conversation_list_search_rename_export_import_delete(page, tmp_path) -> None:
+    """Two chats in the list; search finds one by its text; rename; the JSON export imports back as the same
+    chat; LaTeX renders; delete asks first."""
     _send(page, "你好")
     _wait_reply(page, 2)
+    page.get_by_role("button", name="新对话").click()
+    page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
     _send(page, "介绍一下你自己")
+    _wait_reply(page, 2)
+    _send(page, "你好")
     _wait_reply(page, 4)
-    shown = [_reply_text(page, i) for i in range(4)]
-    with page.expect_download() as info:
-        page.get_by_test_id("stDownloadButton").filter(has_text="JSON").get_by_role("button").click()
-    doc = json.loads(open(info.value.path(), encoding="utf-8").read())
-    assert info.value.suggested_filename.endswith(".json")
-    assert [m["role"] for m in doc["messages"]] == ["user", "assistant", "user", "assistant"]
-    assert [m["content"] for m in doc["messages"]][::2] == ["你好", "介绍一下你自己"]
+    titles = _chat_titles(page)
+    assert titles[:2] == ["介绍一下你自己", "你好"]
+
+    search = page.get_by_placeholder("搜索对话")
+    search.fill("介绍")
+    search.press("Enter")
+    page.wait_for_function("() => document.querySelectorAll('.st-key-chat_list [data-testid=stButton]').length === 1")
+    search.fill("")
+    search.press("Enter")
+    page.wait_for_function("(n) => document.querySelectorAll('.st-key-chat_list [data-testid=stButton]').length === n",
+                           arg=len(titles))
+    _wait_idle(page)
+
+    page.locator(".st-key-chat_menu button").first.click()
+    page.get_by_label("标题").fill("我的对话")
+    page.get_by_role("button", name="重命名").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.st-key-chat_list button')]"
+                           ".some(b => b.innerText === '我的对话')")
+    page.keyboard.press("Escape")
+    _wait_idle(page)
+
+    shown = _texts(page)
+    exported = _download(page, "JSON", tmp_path / "first")
+    doc = json.loads(exported.read_text(encoding="utf-8"))
+    assert doc["title"] == "我的对话" and [m["role"] for m in doc["messages"]] == ["user", "assistant"] * 2
     for got, seen in zip(doc["messages"], shown):
         assert _normalize(got["content"]) == _normalize(seen)
-    assert doc["model"] and doc["parameters"]["max_tokens"] > 0
-    with page.expect_download() as info:
-        page.get_by_test_id("stDownloadButton").filter(has_text="Markdown").get_by_role("button").click()
-    markdown = open(info.value.path(), encoding="utf-8").read()
-    assert markdown.count("## 用户") == 2 and "介绍一下你自己" in markdown
+    markdown = _download(page, "Markdown", tmp_path / "first").read_text(encoding="utf-8")
+    assert markdown.startswith("# 我的对话") and markdown.count("## 用户") == 2
+    original = page.url
+    _import(page, exported)
+    assert page.url != original and _texts(page) == shown
+    again = json.loads(_download(page, "JSON", tmp_path / "again").read_text(encoding="utf-8"))
+    assert {**again, "exported_at": ""} == {**doc, "exported_at": ""}, "the import is the same chat"
+    assert _chat_titles(page).count("我的对话") == 2
+
+    latex = tmp_path / "latex.json"
+    latex.write_text(json.dumps(LATEX_CHAT, ensure_ascii=False), encoding="utf-8")
+    _import(page, latex)
+    page.locator("[data-testid=stChatMessage] .katex").nth(1).wait_for()  # inline and display formula
+
+    page.locator(".st-key-chat_menu button").first.click()
+    page.get_by_role("button", name="删除对话").click()
+    page.get_by_role("button", name="确认删除").click()
+    page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
+    _wait_idle(page)
+    assert "公式" not in _chat_titles(page) and "c=" not in page.url
+
+
+def test_restarting_the_web_process_keeps_the_chats(browser, web_api, web_server, tmp_path) -> None:
+    """Chats outlive the web process; a reply being written when it stops is kept, marked interrupted."""
+    data = tmp_path / "chats"
+    first = web_server(web_api.url, env={"API_KEY": API_KEY, "WEB_DATA_DIR": str(data)})
+    context, page = _open(browser, first.url)
+    try:
+        _send(page, "你好")
+        reply = _wait_reply(page, 2)
+        done_chat = page.url.split("/?", 1)[1]
+        page.get_by_role("button", name="新对话").click()
+        page.wait_for_function("() => !document.querySelector('[data-testid=stChatMessage]')")
+        _set_max_tokens(page, 2000)
+        _send(page, LONG_PROMPT)
+        partial = _wait_live(page, 20)
+        live_chat = page.url.split("/?", 1)[1]
+        first.stop()  # SIGTERM mid-reply
+        second = web_server(web_api.url, env={"API_KEY": API_KEY, "WEB_DATA_DIR": str(data)})
+        _open_url(page, f"{second.url}/?{done_chat}")
+        assert _texts(page) == ["你好", reply]
+        assert _chat_titles(page) == [LONG_PROMPT, "你好"]
+        _open_url(page, f"{second.url}/?{live_chat}")
+        assert _visible(page, "生成被中断")
+        assert _normalize(_reply_text(page, 1)).startswith(_normalize(partial))
+        _wait_not_running(web_api)
+    finally:
+        context.close()
+
+
+def _add_user(data_dir: Path, name: str, password: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "services.web", "add-user", name, "--data-dir", str(data_dir)],
+                          cwd=REPO, input=password + "\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def _login(browser, url: str, name: str, password: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.get_by_label("用户名").fill(name)
+    page.get_by_label("密码").fill(password)
+    page.get_by_role("button", name="登录").click()
+    page.get_by_test_id("stChatInputTextArea").wait_for()
+    _wait_idle(page)
+    return context, page
+
+
+def test_two_users_see_only_their_own_chats(browser, web_api, web_server, tmp_path) -> None:
+    """WEB_AUTH=password: each user lists only their chats, a forged conversation id opens nothing, a login
+    survives a reload (its cookie) and ends with Log out."""
+    data = tmp_path / "chats"
+    _add_user(data, "alice", "alice-password")
+    _add_user(data, "bob", "bob-password")
+    web = web_server(web_api.url, env={"API_KEY": API_KEY, "WEB_DATA_DIR": str(data), "WEB_AUTH": "password"})
+    alice, alice_page = _login(browser, web.url, "alice", "alice-password")
+    bob, bob_page = _login(browser, web.url, "bob", "bob-password")
+    try:
+        _send(alice_page, "这是爱丽丝的秘密")
+        secret_reply = _wait_reply(alice_page, 2)
+        alice_url = alice_page.url
+        assert _visible(bob_page, "还没有对话。") and _chat_titles(bob_page) == []
+        _open_url(bob_page, alice_url)
+        assert _visible(bob_page, "找不到该对话")
+        assert _messages(bob_page).count() == 0 and "秘密" not in bob_page.content()
+        assert _chat_titles(bob_page) == []
+
+        alice_page.reload()
+        alice_page.get_by_test_id("stChatInputTextArea").wait_for()
+        _wait_idle(alice_page)
+        assert _texts(alice_page) == ["这是爱丽丝的秘密", secret_reply], "the login outlives a reload"
+        assert _chat_titles(alice_page) == ["这是爱丽丝的秘密"]
+        alice_page.get_by_role("button", name="退出登录").click()
+        alice_page.get_by_label("用户名").wait_for()
+        alice_page.goto(alice_url)
+        alice_page.get_by_label("用户名").wait_for()
+        assert "秘密" not in alice_page.content(), "after Log out the cookie opens nothing"
+        alice_page.get_by_label("用户名").fill("alice")
+        alice_page.get_by_label("密码").fill("wrong-password")
+        alice_page.get_by_role("button", name="登录").click()
+        alice_page.get_by_text("用户名或密码错误。").wait_for()
+    finally:
+        alice.close()
+        bob.close()
 
 
 def test_api_down_shows_friendly_message(browser, web_server) -> None:
@@ -216,10 +436,11 @@ def test_api_down_shows_friendly_message(browser, web_server) -> None:
         page.get_by_test_id("stAlertContentError").wait_for()
         _send(page, "有人吗？")
         page.wait_for_function("() => document.querySelectorAll('[data-testid=stChatMessage]').length === 2")
+        page.get_by_test_id("stAlertContentError").wait_for()
         _wait_idle(page)
         alert = page.get_by_test_id("stAlertContentError").inner_text()
         assert "无法连接到 API" in alert
-        assert [_reply_text(page, i) for i in range(2)] == ["你好", "有人吗？"]
+        assert _texts(page) == ["你好", "有人吗？"]
         assert "Traceback" not in page.content()
         assert page.get_by_role("button", name="重试").is_visible()
     finally:

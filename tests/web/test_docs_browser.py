@@ -13,8 +13,9 @@ TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def api(browser, demo_model_dir, api_server):
-    return api_server(demo_model_dir)
+def api(browser, web_api):
+    """The web tests' API (its key guards the model routes only, not the docs)."""
+    return web_api
 
 
 def _offline_page(browser):

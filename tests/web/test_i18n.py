@@ -12,7 +12,7 @@ import services.web.client as client_mod
 from services.web import i18n
 from services.web.client import APIError
 
-APP = Path(i18n.__file__).with_name("app.py")
+PAGE = [Path(i18n.__file__).with_name(name) for name in ("app.py", "chat_list.py", "auth.py")]
 
 
 def _fields(text: str) -> set[str]:
@@ -27,10 +27,12 @@ def test_label_has_both_languages_with_same_fields(key: str) -> None:
 
 
 def test_every_key_the_page_uses_exists() -> None:
-    source = APP.read_text(encoding="utf-8")
+    source = "\n".join(path.read_text(encoding="utf-8") for path in PAGE)
     used = set(re.findall(r"""\bt\(\s*["']([a-z_0-9]+)["']""", source))
     used |= set(re.findall(r"""["'](example_\d)["']""", source))
+    used |= set(re.findall(r"""notify\(\s*["']([a-z_0-9]+)["']""", source))
     assert used, "no labels found: did the page stop using t()?"
+    used |= set(i18n.CUT_LABELS.values())
     assert used <= i18n.label_keys(), used - i18n.label_keys()
 
 

@@ -127,7 +127,8 @@ def test_regenerate_and_edit_answer_the_last_user_turn_again(db, alice):
     conv = chats.get_chat(db, alice.id, started.chat_id)
     assert [(m.role, m.content) for m in conv.messages] == [("user", "question two"), ("assistant", "")]
     assert conv.title == "question two", "an automatic title follows the first message"
-    assert edited.messages == [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "question two"}]
+    assert edited.messages == [{"role": "system", "content": "你是助手"},
+                               {"role": "user", "content": "question two"}]
 
 
 def test_users_never_reach_each_others_chats(db, alice):

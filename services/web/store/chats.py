@@ -378,7 +378,8 @@ def _settle_stale(s: Session, stale_s: float, *, chat_id: str | None = None, mes
 
 def _message(s: Session, row: MessageRow) -> Message:
     content = _chunks(s, row.id) if row.status == STREAMING else row.content
-    return Message(row.role, content, id=row.id, status=row.status, finish_reason=row.finish_reason,  # type: ignore[arg-type]
-                   model=row.model, parameters=row.parameters, prompt_tokens=row.prompt_tokens,
-                   completion_tokens=row.completion_tokens, first_token_s=row.first_token_s,
-                   elapsed_s=row.elapsed_s, created_at=row.created_at, error=row.error)
+    return Message(row.role, content, id=row.id, status=row.status,  # type: ignore[arg-type]
+                   finish_reason=row.finish_reason, model=row.model, parameters=row.parameters,
+                   prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+                   first_token_s=row.first_token_s, elapsed_s=row.elapsed_s, created_at=row.created_at,
+                   error=row.error)

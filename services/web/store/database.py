@@ -75,7 +75,8 @@ def database_url(url: str | None, data_dir: Path) -> URL:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise StorageError(f"DATABASE_URL: {parsed.get_backend_name()} is not supported; use postgresql:// or sqlite://")
+        raise StorageError(f"DATABASE_URL: {parsed.get_backend_name()} is not supported; "
+                           "use postgresql:// or sqlite://")
     return parsed
 
 
