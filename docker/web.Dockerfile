@@ -1,4 +1,5 @@
-# TeleChat web UI: slim Python + the `web` extra only (Streamlit + httpx; no torch).
+# TeleChat web UI: slim Python + the `web` extra only (Streamlit, httpx, SQLAlchemy + Alembic, argon2, psycopg;
+# no torch).
 #   docker build -f docker/web.Dockerfile -t telechat-stack-web .        (from the repository root)
 FROM python:3.11.13-slim-bookworm
 
@@ -12,7 +13,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN useradd --create-home --uid 1000 telechat
+# The chats' folder belongs to the page's user: an empty named volume mounted there takes this owner.
+RUN useradd --create-home --uid 1000 telechat \
+    && mkdir -p /var/lib/telechat-web \
+    && chown 1000:1000 /var/lib/telechat-web
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -27,7 +31,8 @@ RUN pip install --no-cache-dir ".[web]"
 USER 1000:1000
 ENV WEB_HOST=0.0.0.0 \
     WEB_PORT=8501 \
-    API_URL=http://api:8070
+    API_URL=http://api:8070 \
+    WEB_DATA_DIR=/var/lib/telechat-web
 EXPOSE 8501
 # Healthcheck (/_stcore/health): compose.yaml, the one place healthchecks are defined.
 # `python -m services.web`, not `telechat web`: the `telechat` package imports torch, absent here.
