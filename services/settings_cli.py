@@ -29,14 +29,17 @@ from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from telechat.errors import UserError
 
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("settings_environ", default=None)
 """The environment the models read; None = ``os.environ`` (``load`` swaps in its own)."""
 
 
-class SettingsError(UserError, ValueError):
+class SettingsError(ValueError):
     """A bad setting (flag, environment or file); the message is one line saying which and why."""
+
+    user_error = True
+    """Printed as one line by the ``telechat`` dispatcher (:func:`telechat.cli.run_guarded`); marked rather
+    than derived from ``telechat.errors.UserError`` so the web UI imports no model runtime (torch)."""
 
     exit_code = 2
 

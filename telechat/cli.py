@@ -75,7 +75,9 @@ def run_guarded(entry, argv: list[str]) -> int:
 
     try:
         return int(entry(argv) or 0)
-    except UserError as e:
+    except Exception as e:
+        if not (isinstance(e, UserError) or getattr(e, "user_error", False)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

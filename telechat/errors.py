@@ -2,4 +2,7 @@
 
 
 class UserError(Exception):
-    """Bad input, a missing file or an unsupported setting; the message says what to fix."""
+    """Bad input, a missing file or an unsupported setting; the message says what to fix.
+
+    Packages that must not import the core (it loads the model runtime) mark their own such errors
+    with a class attribute ``user_error = True`` instead; the dispatcher treats both alike."""
