@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import API_ENV, REPO, free_port
-from tests.processes import children, running
+from tests.processes import children, running, wait_for
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "你好"}]
@@ -28,14 +27,6 @@ def core_pid(log: str) -> int:
     """The engine core's pid, as the server logs it at start."""
     return int(re.search(r"engine core process started \(pid (\d+)\)", log).group(1))
 
-
-def wait_for(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def metric(server, name: str) -> float:

@@ -23,20 +23,12 @@ from telechat.engine.sampling import SamplingParams
 from telechat.errors import UserError
 from telechat.model.config import TelechatConfig
 from telechat.model.modeling import TelechatForCausalLM
-from tests.processes import running
+from tests.processes import running, wait_for
 
 VOCAB = 400
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 ENDLESS = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
-
-def wait_until(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -222,4 +214,4 @@ def test_core_exits_when_its_parent_dies(checkpoint):
     finally:
         parent.kill()
         parent.wait()
-    assert wait_until(lambda: not running(core))
+    assert wait_for(lambda: not running(core))
