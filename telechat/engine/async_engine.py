@@ -43,7 +43,8 @@ def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     tokens = [t for out in outputs for t in out.new_token_ids]
     return RequestOutput(last.request_id, tokens, finished=last.finished, finish_reason=last.finish_reason,
                          num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
-                         error=last.error, num_cached_tokens=max(out.num_cached_tokens for out in outputs))
+                         error=last.error, num_cached_tokens=max(out.num_cached_tokens for out in outputs),
+                         logprobs=[lp for out in outputs for lp in out.logprobs or []] or None)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -98,7 +99,7 @@ class EngineFront:
         return dict(self._stats)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, after: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the loop early (or cancellation) aborts it.
 
@@ -116,7 +117,7 @@ class EngineFront:
         self._streams[rid] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            self._send(AddRequest(rid, list(prompt_ids), params))
+            self._send(AddRequest(rid, list(prompt_ids), params, after))
             while True:
                 items = [await stream.get()]
                 while not stream.empty():  # a consumer that fell behind gets one merged update

@@ -126,8 +126,10 @@ class LLMEngine:
         """Requests waiting or running, by id."""
         return self.scheduler.requests
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request; raises ``ValueError`` if it can never fit the context or the cache."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    after: str | None = None) -> str:
+        """Queue a request; raises ``ValueError`` if it can never fit the context or the cache.
+        ``after``: a sibling with the same prompt whose first token it waits for (``Request.after``)."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) >= self.max_model_len:
@@ -141,7 +143,7 @@ class LLMEngine:
         rope = self.model.rope_params(len(prompt_ids))
         self.scheduler.add_request(Request(
             rid, list(prompt_ids), params, max_len=min(self.max_model_len, len(prompt_ids) + params.max_tokens),
-            rope=rope, cache_salt=(rope.base, rope.mscale)))
+            rope=rope, cache_salt=(rope.base, rope.mscale), after=after))
         return rid
 
     def abort(self, request_id: str, error: str | None = None) -> None:
@@ -193,11 +195,12 @@ class LLMEngine:
         try:
             with record_function("engine.read_tokens"):
                 tokens = result.tokens()
+                logprobs = result.logprobs([c.request.params.logprobs for c in sched.sampled])
         except Exception as e:  # noqa: BLE001 - e.g. a device fault surfacing at the copy
             log.exception("reading a step's tokens failed")
             return sched.finished + self.scheduler.fail([c.request for c in sched.sampled], f"generation failed: {e}")
         with record_function("engine.update"):
-            return self.scheduler.update_from_output(sched, tokens)
+            return self.scheduler.update_from_output(sched, tokens, logprobs)
 
     # ------------------------------------------------------------------ convenience
 

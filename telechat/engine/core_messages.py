@@ -24,6 +24,8 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    after: str | None = None
+    """Another choice of the same prompt to admit this one after (see ``Request.after``)."""
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):

@@ -109,7 +109,7 @@ class CoreLoop:
         """Apply one client message."""
         if isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(msg.prompt_ids, msg.params, msg.request_id)
+                self.engine.add_request(msg.prompt_ids, msg.params, msg.request_id, after=msg.after)
             except ValueError as e:
                 self._rejected[msg.request_id] = str(e)
         elif isinstance(msg, AbortRequests):

@@ -38,6 +38,9 @@ class RequestOutput:
     error: str | None = None
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache (OpenAI ``usage.prompt_tokens_details.cached_tokens``)."""
+    logprobs: list[tuple[float, list[int], list[float]]] | None = None
+    """With ``SamplingParams.logprobs``: per new token, its log-probability, then the ids and
+    log-probabilities of the most likely alternatives (decreasing)."""
 
 
 @dataclass(eq=False)
@@ -54,6 +57,9 @@ class Request:
     cache_salt: tuple = ()
     """Extra key of its first KV block's hash: everything besides the tokens that changes the cached KV
     (the RoPE base and mscale fixed by the prompt length; later an adapter name)."""
+    after: str | None = None
+    """Id of a sibling (another choice of the same prompt, ``n`` > 1): this request is admitted once that
+    one has its first token, so the prompt's full blocks are in the prefix cache and shared, not recomputed."""
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -27,7 +27,7 @@ import torch
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
 from telechat.engine.paged_attention import partition_size
 from telechat.engine.request import Request
-from telechat.engine.sampling import sample_on_device, to_device
+from telechat.engine.sampling import adjust_logits, needs_adjusting, sample_on_device, to_device, top_logprobs
 from telechat.engine.scheduler_output import SchedulerOutput
 from telechat.model.forward_batch import ForwardBatch
 from telechat.model.kernels import GEMV_MAX_M, tune_gemv
@@ -92,6 +92,12 @@ class StepResult:
     ready: torch.cuda.Event | None = None
     logits: torch.Tensor | None = None
     """``[S, V]`` float32 logits of the sampled rows, before penalties (valid until the next execute)."""
+    logprob_rows: list[int] | None = None
+    """Indices (in ``sched.sampled``) of the rows whose request asked for log-probabilities ..."""
+    host_logprobs: torch.Tensor | None = None
+    """... their ``[R, 1 + k]`` log-probabilities (the sampled token's, then the top ``k``) ..."""
+    host_top_ids: torch.Tensor | None = None
+    """... and ``[R, k]`` top token ids (pinned on CUDA, filled when ``ready`` has passed)."""
 
     def tokens(self) -> list[int | None]:
         """One entry per ``sched.sampled`` chunk: the token, or None where that row's sampling failed.
@@ -99,6 +105,18 @@ class StepResult:
         if self.ready is not None:
             self.ready.synchronize()
         return [None if t == FAILED else t for t in self.host_ids.tolist()]
+
+    def logprobs(self, wanted: list[int | None]) -> list[tuple[float, list[int], list[float]] | None] | None:
+        """One entry per ``sched.sampled`` chunk: ``(logprob, top ids, top logprobs)`` of the rows that
+        asked (``wanted[i]`` alternatives), else None; None when no row asked. Call after :meth:`tokens`."""
+        if not self.logprob_rows:
+            return None
+        out: list = [None] * len(wanted)
+        values, ids = self.host_logprobs.tolist(), self.host_top_ids.tolist()
+        for r, i in enumerate(self.logprob_rows):
+            k = wanted[i] or 0
+            out[i] = (values[r][0], ids[r][:k], values[r][1 : 1 + k])
+        return out
 
 
 class ModelRunner:
@@ -131,6 +149,9 @@ class ModelRunner:
         self.row_mscale = torch.ones(num_rows + 1, dtype=torch.float32, device=dev)
         self.presence = torch.zeros(num_rows, self.vocab_size, dtype=torch.bool, device=dev)
         """Tokens seen per row (prompt + output), kept for rows whose request has a repetition penalty."""
+        self.output_counts: torch.Tensor | None = None
+        """``[num_rows, V]`` int32 count of each token in each row's output, allocated when a request
+        first has a frequency or presence penalty and kept for such rows."""
         self.generator = torch.Generator(device=dev).manual_seed(seed)
         self._synced = [0] * num_rows  # leading blocks of each row's table already on the device
         self._generators: dict[int, torch.Generator] = {}
@@ -272,6 +293,14 @@ class ModelRunner:
                 self.presence[req.row] = False
                 seen = to_device(req.known_ids(0, req.num_known_tokens), torch.long, self.device)
                 self.presence[req.row, seen] = True
+            if req.params.frequency_penalty or req.params.presence_penalty:
+                if self.output_counts is None:
+                    self.output_counts = torch.zeros(self.num_rows, self.vocab_size, dtype=torch.int32,
+                                                     device=self.device)
+                self.output_counts[req.row] = 0
+                if req.output_ids:
+                    out = to_device(req.output_ids, torch.long, self.device)
+                    self.output_counts[req.row].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
         idx = to_device(rows, torch.long, self.device)
         self.row_rope[idx] = to_device(rope_rows, torch.long, self.device)
         self.row_mscale[idx] = to_device(mscales, torch.float32, self.device)
@@ -336,12 +365,29 @@ class ModelRunner:
         params = [c.request.params for c in sampled]
         state_rows = [c.request.row for c in sampled]
         penalised = any(p.repetition_penalty != 1.0 for p in params)
-        rows = to_device(state_rows, torch.long, dev) if penalised else None
+        counted = self.output_counts is not None and any(p.frequency_penalty or p.presence_penalty for p in params)
+        rows = to_device(state_rows, torch.long, dev) if penalised or counted else None
+        raw = logits
+        if any(needs_adjusting(p) for p in params):
+            # outputs before the token sampled now (placeholders count: they are outputs the host has not read)
+            generated = [len(c.request.output_ids) + c.request.num_placeholders - 1 for c in sampled]
+            logits = adjust_logits(logits, params, generated, self.output_counts[rows] if counted else None)
         tokens, failed = sample_on_device(logits, params, [self._generators.get(r) for r in state_rows],
                                           self.presence[rows] if penalised else None, self.generator)
         if penalised:
             self.presence[rows, tokens] = self.presence[rows, tokens] | ~failed
+        if counted:
+            self.output_counts[rows, tokens] += (~failed).int()
         ids = torch.where(failed, FAILED, tokens)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        host_lp = host_top = None
+        if logprob_rows:
+            idx = to_device(logprob_rows, torch.long, dev)
+            lp, top = top_logprobs(raw[idx], tokens[idx], max(params[i].logprobs for i in logprob_rows))
+            host_lp = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=dev.type == "cuda")
+            host_top = torch.empty(top.shape, dtype=top.dtype, pin_memory=dev.type == "cuda")
+            host_lp.copy_(lp, non_blocking=True)
+            host_top.copy_(top, non_blocking=True)
         self._prev_ids = ids
         self._prev_index = {c.request: i for i, c in enumerate(sampled)}
         host = torch.empty(len(sampled), dtype=torch.long, pin_memory=dev.type == "cuda")
@@ -350,4 +396,4 @@ class ModelRunner:
         if dev.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return StepResult(host, ready, logits)
+        return StepResult(host, ready, raw, logprob_rows or None, host_lp, host_top)

@@ -1,5 +1,6 @@
 """Per-request sampling parameters and batched sampling on the device (greedy, temperature, top-k,
-top-p, repetition penalty, seeds) for rows that each follow their own parameters.
+top-p, min-p, repetition / frequency / presence penalties, logit bias, min_tokens, seeds) for rows
+that each follow their own parameters, and the log-probabilities of rows that ask for them.
 
 A row whose numbers go bad (NaN or infinite logits, no probability mass left) fails on its own:
 :func:`sample_on_device` flags it and draws the other rows as if it were not there. Nothing here
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+"""Most alternatives a request may ask for per token (OpenAI's ``top_logprobs`` limit)."""
 
 
 @dataclass
@@ -40,6 +44,22 @@ class SamplingParams:
     """Token ids that end generation (the chat format's ``<_end>``); not included in the text."""
     ignore_eos: bool = False
     """Keep generating through stop tokens (benchmarks with a fixed output length)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below ``min_p`` times the most likely one's; 0 keeps all."""
+    min_tokens: int = 0
+    """Stop token ids are ruled out (and stop strings not looked for) until this many tokens exist."""
+    frequency_penalty: float = 0.0
+    """OpenAI: subtracted from a token's logit once per time it occurs in the output so far."""
+    presence_penalty: float = 0.0
+    """OpenAI: subtracted from a token's logit once if it occurs in the output so far."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """OpenAI: token id -> value added to its logit before sampling (-100 bans, +100 forces)."""
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and the ``logprobs`` most likely alternatives'
+    (None: nothing; 0: the sampled token's only). Raw model distribution (log-softmax of the logits
+    before penalties, bias and temperature, like vLLM's default ``raw_logprobs``)."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the reply at its end."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -59,6 +79,20 @@ class SamplingParams:
             raise ValueError(f"seed must fit 64 bits, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2 <= v <= 2):
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and token >= 0 and math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias maps token ids (>= 0) to values in [-100, 100], got {token!r}: {bias!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +114,52 @@ def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penal
     p = penalties.unsqueeze(1)
     penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(presence, penalised, logits)
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], num_generated: list[int],
+                  output_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits [S, V]`` with the OpenAI-style adjustments of the rows that ask for them: frequency and
+    presence penalties (``output_counts [S, V]``: each token's count in the row's output so far),
+    ``logit_bias``, and stop token ids ruled out while a row has fewer than ``min_tokens`` outputs
+    (``num_generated``: outputs before this step's token). Returns ``logits`` itself when no row asks."""
+    dev = logits.device
+    if output_counts is not None:
+        freq = to_device([p.frequency_penalty for p in params], torch.float32, dev).unsqueeze(1)
+        pres = to_device([p.presence_penalty for p in params], torch.float32, dev).unsqueeze(1)
+        logits = logits.float() - output_counts * freq - (output_counts > 0) * pres
+    rows, cols, values = [], [], []
+    vocab = logits.shape[-1]
+    for i, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            if token < vocab:
+                rows.append(i), cols.append(token), values.append(bias)
+        if num_generated[i] < p.min_tokens:
+            for token in p.stop_token_ids:
+                if token < vocab:
+                    rows.append(i), cols.append(token), values.append(float("-inf"))
+    if rows:
+        logits = logits.float().clone() if output_counts is None else logits
+        idx = to_device([rows, cols], torch.long, dev)
+        logits.index_put_((idx[0], idx[1]), to_device(values, torch.float32, dev), accumulate=True)
+    return logits
+
+
+def needs_adjusting(params: SamplingParams) -> bool:
+    """True when :func:`adjust_logits` changes this request's logits (at least at some step)."""
+    return bool(params.frequency_penalty or params.presence_penalty or params.logit_bias
+                or (params.min_tokens and params.stop_token_ids))
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``logits [R, V]`` (log-softmax of the raw distribution): ``[R, 1 + k]``
+    float32 (the sampled ``tokens``' own first, then the ``k`` most likely in decreasing order) and
+    ``[R, k]`` the ids of those ``k``. Nothing waits for the device."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    own = logp.gather(1, tokens.clamp(min=0).unsqueeze(1))
+    if k == 0:
+        return own, torch.empty(len(tokens), 0, dtype=torch.long, device=logits.device)
+    values, ids = logp.topk(k, dim=-1)
+    return torch.cat([own, values], dim=1), ids
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -154,6 +234,9 @@ def _sample(logits, params, generators, presence, default_generator) -> tuple[to
     # Drop a token when the mass before it already reaches top_p; the most likely token always
     # stays (a top_p that rounds to 0 in float32 would otherwise drop every token).
     drop |= (probs.cumsum(-1) - probs) >= top_p
+    min_p = [params[i].min_p for i in rows]
+    if any(min_p):  # the ratio to the most likely token does not depend on the top-k renormalisation
+        drop |= probs < to_device(min_p, torch.float32, dev).unsqueeze(-1) * probs[:, :1]
     drop[:, 0] = False
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     row_bad = ~torch.isfinite(probs).all(dim=-1) | ~(probs.sum(dim=-1) > 0)

@@ -187,7 +187,7 @@ class Scheduler:
                 return
             # Preempted with a token in flight. No admission follows a preemption in the same step, so
             # the update in between has normally read it; this keeps a re-admission from ever needing it.
-            if request.num_placeholders:
+            if request.num_placeholders or self._sibling_pending(request):
                 continue
             if request.row is None and not self._free_rows:
                 return
@@ -211,6 +211,13 @@ class Scheduler:
                 out.new_rows.append(request)
             out.prefills.append(self._chunk(request, n))
             budget -= n
+
+    def _sibling_pending(self, request: Request) -> bool:
+        """True while the sibling ``request`` follows (``Request.after``) has not read its first token: its
+        prompt blocks are not yet in the prefix cache, and admitting now would compute them twice."""
+        sibling = self.requests.get(request.after) if request.after else None
+        return (self.config.enable_prefix_caching and sibling is not None and not sibling.output_ids
+                and request.row is None)
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
         """Schedule the request's next ``n`` positions: counts advance now, a sampling chunk adds a
@@ -290,8 +297,10 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
 
-    def update_from_output(self, sched: SchedulerOutput, tokens: list[int | None]) -> list[RequestOutput]:
-        """Apply a step's sampled ``tokens`` (aligned with ``sched.sampled``; None where sampling failed):
+    def update_from_output(self, sched: SchedulerOutput, tokens: list[int | None],
+                           logprobs: list | None = None) -> list[RequestOutput]:
+        """Apply a step's sampled ``tokens`` (aligned with ``sched.sampled``; None where sampling failed)
+        and their ``logprobs`` (aligned too, see ``StepResult.logprobs``; None when no row asked):
         append them, apply the stop rules, free finished requests. Returns ``sched.finished`` (aborts)
         first, then one output per sampled chunk of a request not finished before; a chunk of a finished
         request (computed after its stop) is dropped."""
@@ -302,7 +311,7 @@ class Scheduler:
         for chunk in sched.chunks:
             if not chunk.sample and chunk.request.status is RequestStatus.RUNNING:
                 self._register(chunk.request, chunk.end)
-        for chunk, token in zip(sampled, tokens):
+        for i, (chunk, token) in enumerate(zip(sampled, tokens)):
             request = chunk.request
             if request.status is RequestStatus.FINISHED:
                 continue
@@ -323,6 +332,8 @@ class Scheduler:
                 outputs.append(RequestOutput(request.request_id, [token], num_prompt_tokens=len(request.prompt_ids),
                                              num_output_tokens=len(request.output_ids),
                                              num_cached_tokens=request.num_cached_tokens))
+            if logprobs is not None and logprobs[i] is not None:
+                outputs[-1].logprobs = [logprobs[i]]
         return outputs
 
     def fail(self, requests: list[Request], error: str) -> list[RequestOutput]:
