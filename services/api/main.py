@@ -60,7 +60,7 @@ def load_runtime(settings: Settings):
     name = info.served_name(settings.model_name)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
-                          enable_prefix_caching=settings.prefix_caching,
+                          enable_prefix_caching=settings.prefix_caching, kv_cache_dtype=settings.kv_cache_dtype,
                           gpu_memory_utilization=settings.gpu_memory_utilization)
     return Runtime.load(info, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
                         lora=settings.lora_path, content_markers=settings.content_markers, rope_mode=settings.rope_mode,

@@ -31,6 +31,9 @@ class Settings(ModelSettings):
                                         "least max_num_seqs")
     prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before "
                                  "(multi-turn chats, shared system prompts)")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="KV cache element type: `auto` = the model's dtype, `fp8` = E4M3 (twice the tokens "
+        "in the same memory; needs an Ada/Hopper GPU or the CPU)")
     max_queue: int = Field(128, ge=0, description="requests allowed to wait beyond the running ones; "
                            "past it the API answers 429")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="share of GPU memory the engine may use")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from telechat.engine.kv_cache import PagedKVCache
+from telechat.engine.kv_cache import PagedKVCache, check_kv_cache_device, kv_cache_torch_dtype
 from telechat.engine.request import Request, RequestOutput
 from telechat.engine.runner import ModelRunner, StepResult
 from telechat.engine.sampling import SamplingParams
@@ -61,6 +61,8 @@ class EngineConfig:
     """Reuse the KV of prompt prefixes seen before (hash-chained full blocks, LRU eviction)."""
     overlap: bool | None = None
     """Schedule step N+1 while step N runs on the device (default: on for CUDA devices)."""
+    kv_cache_dtype: str = "auto"
+    """``auto`` (the model's dtype) or ``fp8`` (E4M3, half the bytes per token; docs/engine.md)."""
 
 
 class LLMEngine:
@@ -75,7 +77,10 @@ class LLMEngine:
         dtype = next(model.parameters()).dtype
         self.vocab_size = mc.vocab_size
         self.max_model_len = config.max_model_len or mc.seq_length
-        per_token = PagedKVCache.bytes_per_token(mc.n_layer, mc.num_key_value_heads, mc.head_dim, dtype)
+        kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
+        check_kv_cache_device(kv_dtype, self.device)
+        kv_scales = getattr(model, "kv_cache_scales", None) or {}
+        per_token = PagedKVCache.bytes_per_token(mc.n_layer, mc.num_key_value_heads, mc.head_dim, kv_dtype)
         budget = config.kv_cache_memory or self._default_kv_budget(mc, dtype)
         wanted = math.ceil(config.max_num_seqs * self.max_model_len / config.block_size)
         num_blocks = min(budget // (per_token * config.block_size), wanted)
@@ -89,7 +94,8 @@ class LLMEngine:
             self.max_model_len = self.capacity_tokens
         # One extra block: scratch space that padded rows of a captured decode batch write into.
         cache = PagedKVCache(num_layers=mc.n_layer, num_blocks=num_blocks + 1, block_size=config.block_size,
-                             n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=dtype, device=self.device)
+                             n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=kv_dtype, device=self.device,
+                             **(kv_scales if kv_dtype != dtype else {}))
         num_rows = 2 * config.max_num_seqs  # running sequences plus as many preempted ones waiting to resume
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -102,8 +108,9 @@ class LLMEngine:
         self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         self._ids = itertools.count()
-        log.info("KV cache: %d blocks × %d tokens = %d tokens capacity (%.1f MiB); prefix caching %s",
-                 num_blocks, config.block_size, self.capacity_tokens, num_blocks * config.block_size * per_token / 2**20,
+        log.info("KV cache (%s): %d blocks × %d tokens = %d tokens capacity (%.1f MiB); prefix caching %s",
+                 "fp8 e4m3" if cache.is_fp8 else str(kv_dtype).removeprefix("torch."), num_blocks, config.block_size,
+                 self.capacity_tokens, num_blocks * config.block_size * per_token / 2**20,
                  "on" if config.enable_prefix_caching else "off")
 
     def _default_kv_budget(self, mc, dtype) -> int:

@@ -3,6 +3,12 @@
 
 Layout per layer: ``k[layer], v[layer]: [num_blocks * block_size, n_kv, head_dim]`` (a flat slot
 array; slot = block * block_size + offset). A sequence owns a list of blocks (its block table).
+
+With ``--kv-cache-dtype fp8`` the cache holds E4M3 values, ``stored = value / scale`` saturated to
+±448, with one K and one V scale per layer (from the checkpoint when it carries them, else 1.0 as
+in vLLM): half the bytes per token, twice the tokens in the same memory. Every read dequantizes, and
+a fresh prompt attends to the same rounded K/V it stores, so a turn served from the prefix cache
+computes what the uncached turn computes.
 """
 
 from __future__ import annotations
@@ -12,22 +18,54 @@ from dataclasses import dataclass
 
 import torch
 
+from telechat.engine.paged_attention import dequantize, paged_decode_attention
 from telechat.model.attention import attention
-from telechat.engine.paged_attention import paged_decode_attention
-from telechat.model.kernels import rope_and_cache
+from telechat.model.kernels import FP8_DTYPE, quantize_kv, rope_and_cache
 from telechat.model.rope import apply_rope
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+"""``auto``: the model's dtype; ``fp8``: E4M3 with per-layer scales (also spelled ``fp8_e4m3``)."""
+
+
+def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache dtype of a ``--kv-cache-dtype`` value (``ValueError`` for an unknown one)."""
+    if name == "auto":
+        return model_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return FP8_DTYPE
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+
+
+def check_kv_cache_device(dtype: torch.dtype, device: torch.device) -> None:
+    """``ValueError`` (one line) for an FP8 cache on a CUDA GPU that cannot convert to E4M3 natively."""
+    if dtype == FP8_DTYPE and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype fp8 needs compute capability 8.9+ (Ada/Hopper); this GPU is "
+                         f"{torch.cuda.get_device_name(device)} ({major}.{minor}); use --kv-cache-dtype auto")
 
 
 class PagedKVCache:
     """The pre-allocated K and V tensors of every layer."""
 
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, k_scales: Sequence[float] | None = None,
+                 v_scales: Sequence[float] | None = None):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.dtype = dtype
         slots = num_blocks * block_size
         self.k = [torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_scales = [float(x) for x in k_scales] if k_scales is not None else [1.0] * num_layers
+        """Per layer: stored K = K / scale (FP8 caches; 1.0 otherwise)."""
+        self.v_scales = [float(x) for x in v_scales] if v_scales is not None else [1.0] * num_layers
+        if len(self.k_scales) != num_layers or len(self.v_scales) != num_layers:
+            raise ValueError(f"need one K and one V scale per layer ({num_layers})")
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the cache stores E4M3 values."""
+        return self.dtype == FP8_DTYPE
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -64,27 +102,27 @@ class StepAttention:
     """``[decode_rows, max_blocks]`` int32: block tables of the decoding sequences."""
     seq_lens: torch.Tensor | None
     """``[decode_rows]`` int32: context length of each decode, its new token included."""
-    partition: int
-    """Tokens per partition of the decode kernel (:func:`~telechat.engine.paged_attention.partition_size`)."""
     prefills: Sequence[PrefillChunk] = ()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output ``[T, Hq, d]`` for unrotated ``q [T, Hq, d]``, ``k, v [T, Hkv, d]``."""
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        cache = self.cache
+        kc, vc = cache.k[layer], cache.v[layer]
+        ks, vs = cache.k_scales[layer], cache.v_scales[layer]
         if not self.prefills:
-            q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots)
-            return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
-                                          self.partition)
+            q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots, ks, vs)
+            return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, cache.block_size, ks, vs)
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q, k = apply_rope(q, c, s), apply_rope(k, c, s)
-        kc[self.write_slots] = k
-        vc[self.write_slots] = v
+        kc[self.write_slots] = quantize_kv(k, ks, kc.dtype)
+        vc[self.write_slots] = quantize_kv(v, vs, vc.dtype)
+        if cache.is_fp8:  # attend to what the cache holds (see the module doc)
+            k, v = dequantize(kc[self.write_slots], ks, q.dtype), dequantize(vc[self.write_slots], vs, q.dtype)
         out = torch.empty_like(q)
         if self.decode_rows:
             n = self.decode_rows
-            out[:n] = paged_decode_attention(q[:n], kc, vc, self.block_tables, self.seq_lens, self.cache.block_size,
-                                             self.partition)
+            out[:n] = paged_decode_attention(q[:n], kc, vc, self.block_tables, self.seq_lens, cache.block_size, ks, vs)
         for chunk in self.prefills:
             rows = slice(chunk.row, chunk.row + chunk.end - chunk.start)
             qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, C, d)
@@ -92,7 +130,8 @@ class StepAttention:
                 kk, vv = (t[rows].transpose(0, 1).unsqueeze(0) for t in (k, v))
                 o = attention(qc, kk, vv, causal=True)
             else:
-                kk, vv = (t[chunk.context_slots].transpose(0, 1).unsqueeze(0) for t in (kc, vc))  # (1, Hkv, end, d)
+                kk, vv = (dequantize(t[chunk.context_slots], scale, q.dtype).transpose(0, 1).unsqueeze(0)
+                          for t, scale in ((kc, ks), (vc, vs)))  # (1, Hkv, end, d)
                 qpos = torch.arange(chunk.start, chunk.end, device=q.device)
                 mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
                 o = attention(qc, kk, vv, mask=mask)

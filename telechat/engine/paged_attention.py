@@ -1,9 +1,16 @@
 """Decode attention over the paged KV cache.
 
 One query token per sequence attends to its own ``seq_len`` cached tokens, found through its
-block table. On CUDA a Triton kernel reads only the live KV (split into partitions so long
-contexts still fill the GPU; the partitions are merged with a log-sum-exp reduction); elsewhere
-the keys are gathered and fed to SDPA. Both take the same metadata and are CUDA-graph safe.
+block table. On CUDA a Triton kernel reads only the live KV: the grid has a fixed number of
+partitions per (sequence, head), chosen from the batch size so the GPU has enough programs in
+flight (many for one sequence, one for large batches), and each sequence splits its *own* context
+evenly over them at run time, so a short context is read by several programs in one pass instead
+of one program looping, and a long one still fills the card. With one partition the kernel writes
+the output itself; otherwise the partitions are merged with a log-sum-exp reduction. Elsewhere the
+keys are gathered and fed to SDPA. Both take the same metadata and are CUDA-graph safe.
+
+The cache may hold FP8 (E4M3) values: ``stored = value / scale`` with one scale per layer for K and
+one for V (``k_scale``, ``v_scale``); both paths dequantize on read.
 """
 
 from __future__ import annotations
@@ -21,24 +28,29 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 TOKENS_PER_ITER = 64
-MAX_PARTITIONS = 16
+"""Cached tokens one program reads per loop iteration (and the granularity of a partition)."""
+MAX_PARTITIONS = 32
+TARGET_PROGRAMS = 2048
+"""Programs the decode kernel aims to have in flight (about 16 per SM of a 132-SM card)."""
 
 
-def partition_size(max_model_len: int) -> int:
-    """Tokens per partition: at least 512, and few enough partitions that the merge stays cheap."""
-    size = max(512, math.ceil(max_model_len / MAX_PARTITIONS))
-    return math.ceil(size / TOKENS_PER_ITER) * TOKENS_PER_ITER
+def num_partitions(rows: int, heads: int, max_context: int) -> int:
+    """Partitions per (sequence, head) for a launch of ``rows`` sequences: enough programs for the
+    GPU, at most one per :data:`TOKENS_PER_ITER` tokens of the longest possible context. A function of
+    shapes only, so it is fixed inside each captured CUDA graph."""
+    by_load = max(1, TARGET_PROGRAMS // max(1, rows * heads))
+    return max(1, min(MAX_PARTITIONS, by_load, math.ceil(max_context / TOKENS_PER_ITER)))
 
 
 if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, scale,
-        stride_qb, stride_qh, stride_tb, stride_ks, stride_kh,
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, out_ptr, q_scale, v_scale,
+        stride_qb, stride_qh, stride_tb, stride_ks, stride_kh, stride_ob, stride_oh,
         num_parts, num_heads,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        PARTITION: tl.constexpr, TOKENS: tl.constexpr,
+        TOKENS: tl.constexpr, DIRECT: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -47,10 +59,13 @@ if triton is not None:
         kvh = h // GROUP
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_DIM
-        q = (tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
-         ).to(tl.float32)  # under torch.compile `scale` arrives as fp64
-        start = part * PARTITION
-        end = tl.minimum(start + PARTITION, seq_len)
+        # q_scale = softmax scale × the cache's K scale; under torch.compile it arrives as fp64
+        q = (tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+             * q_scale).to(tl.float32)
+        # this sequence's context split evenly over the partitions, in whole iterations
+        part_len = tl.cdiv(tl.cdiv(seq_len, num_parts), TOKENS) * TOKENS
+        start = part * part_len
+        end = tl.minimum(start + part_len, seq_len)
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([D_PAD], dtype=tl.float32)
@@ -71,10 +86,15 @@ if triton is not None:
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        row = (b * num_heads + h) * num_parts + part
-        tl.store(acc_ptr + row * D_PAD + offs_d, acc)
-        tl.store(stats_ptr + row * 2, m_i)
-        tl.store(stats_ptr + row * 2 + 1, l_i)
+        acc = acc * v_scale
+        if DIRECT:  # one partition: this program holds the whole softmax
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty),
+                     mask=d_mask)
+        else:  # an empty partition stores m = -inf, l = 0: weight 0 in the merge
+            row = (b * num_heads + h) * num_parts + part
+            tl.store(acc_ptr + row * D_PAD + offs_d, acc)
+            tl.store(stats_ptr + row * 2, m_i)
+            tl.store(stats_ptr + row * 2 + 1, l_i)
 
 
     @triton.jit
@@ -87,7 +107,7 @@ if triton is not None:
         p_mask = parts < num_parts
         m = tl.load(stats_ptr + (row0 + parts) * 2, mask=p_mask, other=float("-inf"))
         l = tl.load(stats_ptr + (row0 + parts) * 2 + 1, mask=p_mask, other=0.0)
-        w = tl.exp(m - tl.max(m, axis=0))  # empty partitions have m = -inf → weight 0
+        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
         offs_d = tl.arange(0, D_PAD)
         acc = tl.load(acc_ptr + (row0 + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
@@ -102,43 +122,52 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     block_size: int,
-    partition: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """``q [B, N, d]`` against each sequence's cached ``seq_lens[b]`` tokens → ``[B, N, d]``.
 
-    ``k_cache, v_cache``: ``[slots, n_kv, d]``; ``block_tables [B, max_blocks]`` (int32);
-    ``seq_lens [B]`` (int32, ≥ 1).
+    ``k_cache, v_cache``: ``[slots, n_kv, d]`` in ``q``'s dtype or FP8 (values stored divided by
+    ``k_scale`` / ``v_scale``); ``block_tables [B, max_blocks]`` (int32); ``seq_lens [B]`` (int32, ≥ 1).
     """
     if q.is_cuda and triton is not None:
-        return _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, partition)
-    return _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size)
+        return _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale)
+    return _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale)
 
 
-def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, partition):
+def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale):
     bsz, heads, d = q.shape
     n_kv = k_cache.shape[1]
-    parts = math.ceil(block_tables.shape[1] * block_size / partition)
+    parts = num_partitions(bsz, heads, block_tables.shape[1] * block_size)
     d_pad = triton.next_power_of_2(d)
-    acc = torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
-    stats = torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(bsz, heads, parts)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, stats, 1.0 / math.sqrt(d),
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
-        parts, heads,
-        GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, PARTITION=partition,
-        TOKENS=TOKENS_PER_ITER,
-    )
     out = torch.empty(bsz, heads, d, dtype=q.dtype, device=q.device)
-    _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
-                                HEAD_DIM=d, D_PAD=d_pad, P_PAD=triton.next_power_of_2(parts))
+    direct = parts == 1
+    acc = out if direct else torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
+    stats = out if direct else torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(bsz, heads, parts)](
+        q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, k_scale / math.sqrt(d), v_scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
+        out.stride(0), out.stride(1), parts, heads,
+        GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, TOKENS=TOKENS_PER_ITER, DIRECT=direct,
+    )
+    if not direct:
+        _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
+                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=triton.next_power_of_2(parts))
     return out
 
 
-def _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size):
+def dequantize(cached: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cache values as ``dtype``: FP8 entries times their scale; others as they are."""
+    if cached.dtype == dtype:
+        return cached
+    return (cached.float() * scale).to(dtype)
+
+
+def _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale):
     lmax = int(seq_lens.max())
     pos = torch.arange(lmax, device=q.device)
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, Lmax]
-    keys = k_cache[slots].transpose(1, 2)  # [B, n_kv, Lmax, d]
-    vals = v_cache[slots].transpose(1, 2)
+    keys = dequantize(k_cache[slots], k_scale, q.dtype).transpose(1, 2)  # [B, n_kv, Lmax, d]
+    vals = dequantize(v_cache[slots], v_scale, q.dtype).transpose(1, 2)
     mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]
     return attention(q.unsqueeze(2), keys, vals, mask=mask).squeeze(2)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
-from telechat.engine.paged_attention import partition_size
 from telechat.engine.request import Request
 from telechat.engine.sampling import adjust_logits, needs_adjusting, sample_on_device, to_device, top_logprobs
 from telechat.engine.scheduler_output import SchedulerOutput
@@ -137,7 +136,6 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.block_size = cache.block_size
         self.max_blocks = math.ceil(max_model_len / cache.block_size)
-        self.partition = partition_size(max_model_len)
         self.num_rows = num_rows
         self.scratch_row = num_rows
         """All-zero block table (scratch block 0), default RoPE: what padded graph entries point at."""
@@ -341,7 +339,7 @@ class ModelRunner:
             cache=self.cache, write_slots=slots, decode_rows=num_decodes,
             block_tables=self.tables[decoding] if num_decodes else None,
             seq_lens=(positions[:num_decodes] + 1).to(torch.int32) if num_decodes else None,
-            partition=self.partition, prefills=prefills,
+            prefills=prefills,
         )
         batch = ForwardBatch(positions=positions, inv_freq=self.rope.table[self.row_rope[rows]],
                              mscale=self.row_mscale[rows], attention=attention, logits_rows=logits_rows)

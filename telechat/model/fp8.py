@@ -40,12 +40,10 @@ from telechat.model.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
+from telechat.model.kernels import FP8_DTYPE, FP8_MAX
 
 log = logging.getLogger(__name__)
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-"""448: E4M3's largest finite value; a scale maps each row's (token's) max |value| onto it."""
 MIN_SCALE = 1e-12
 """Floor of every scale, so an all-zero row (token) quantizes to zeros instead of 0/0."""
 MIN_CAPABILITY = (8, 9)

@@ -33,6 +33,10 @@ except ImportError:  # pragma: no cover - CPU installs
 
 log = logging.getLogger(__name__)
 
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+"""448: E4M3's largest finite value (FP8 weights and the FP8 KV cache saturate to it)."""
+
 
 def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.is_grad_enabled()
@@ -173,8 +177,8 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, q_out_ptr,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                           stride_ct, stride_cs, stride_ch,
-                           n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr):
+                           stride_ct, stride_cs, stride_ch, k_scale, v_scale,
+                           n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr):
         t = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, H_PAD)
@@ -197,36 +201,58 @@ if triton is not None:
             x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
             dst = kc_ptr + slot * stride_cs + h * stride_ch
-            tl.store(dst + offs, (x1 * cos1 - x2 * sin1).to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + HALF + offs, (x2 * cos2 + x1 * sin2).to(kc_ptr.dtype.element_ty), mask=mask)
             vbase = v_ptr + t * stride_vt + h * stride_vh
             vdst = vc_ptr + slot * stride_cs + h * stride_ch
-            tl.store(vdst + offs, tl.load(vbase + offs, mask=mask), mask=mask)
-            tl.store(vdst + HALF + offs, tl.load(vbase + HALF + offs, mask=mask), mask=mask)
+            k1, k2 = x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+            if FP8:  # stored = value / scale, saturated; rotated k rounded to the input dtype first, as in PyTorch
+                k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
+                k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
+                v1 = tl.load(vbase + offs, mask=mask, other=0.0).to(tl.float32)
+                v2 = tl.load(vbase + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+                k1 = tl.clamp(k1 / k_scale, -448.0, 448.0)
+                k2 = tl.clamp(k2 / k_scale, -448.0, 448.0)
+                v1 = tl.clamp(v1 / v_scale, -448.0, 448.0)
+                v2 = tl.clamp(v2 / v_scale, -448.0, 448.0)
+                tl.store(vdst + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)
+                tl.store(vdst + HALF + offs, v2.to(vc_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(vdst + offs, tl.load(vbase + offs, mask=mask), mask=mask)
+                tl.store(vdst + HALF + offs, tl.load(vbase + HALF + offs, mask=mask), mask=mask)
+            tl.store(dst + offs, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + offs, k2.to(kc_ptr.dtype.element_ty), mask=mask)
 
 
-def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tensor:
+def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> torch.Tensor:
     """Rotate q and k (``[T, heads, d]``, any row and head strides) by ``cos/sin [T, d]``, store the
-    rotated k and v at ``slots`` of the caches (``[slots, n_kv, d]``), return the rotated q."""
+    rotated k and v at ``slots`` of the caches (``[slots, n_kv, d]``), return the rotated q. An FP8
+    cache stores ``value / scale`` saturated to ±448."""
     from telechat.model.rope import apply_rope
 
     if not _use_triton(q) or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or cos.stride() != sin.stride():
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        k_cache[slots] = apply_rope(k, c, s)
-        v_cache[slots] = v
+        k_cache[slots] = quantize_kv(apply_rope(k, c, s), k_scale, k_cache.dtype)
+        v_cache[slots] = quantize_kv(v, v_scale, v_cache.dtype)
         return apply_rope(q, c, s)
-    return _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale)
 
 
-def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots):
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``dtype`` stores it: divided by ``scale`` and saturated when FP8."""
+    if dtype != FP8_DTYPE:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale):
     t, n_q, d = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _rope_cache_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, slots, k_cache, v_cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
-        q_out.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
-        n_q, n_kv, HALF=d // 2, H_PAD=triton.next_power_of_2(d // 2),
+        q_out.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1), float(k_scale), float(v_scale),
+        n_q, n_kv, HALF=d // 2, H_PAD=triton.next_power_of_2(d // 2), FP8=k_cache.dtype == FP8_DTYPE,
     )
     return q_out
 

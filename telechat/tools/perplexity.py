@@ -69,12 +69,57 @@ def window_nll(
 
 
 @torch.inference_mode()
+def paged_window_nll(model, window: torch.Tensor, *, num_scored: int | None = None, kv_cache_dtype: str = "auto",
+                     prefill_chunk: int = 256, block_size: int = 16) -> tuple[float, int]:
+    """:func:`window_nll` computed the way the serving engine computes a prompt: the model's
+    ``forward_batch`` in prefill chunks over a paged KV cache of ``kv_cache_dtype`` (``fp8`` measures
+    what the FP8 cache costs), later chunks reading earlier ones back from the cache."""
+    from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention, kv_cache_torch_dtype
+    from telechat.model.forward_batch import ForwardBatch
+    from telechat.model.rope import inv_freq
+
+    param = next(model.parameters())
+    device, cfg = param.device, model.config
+    ids = window.to(device=device, dtype=torch.long).flatten()
+    n = ids.numel()
+    num_scored = n - 1 if num_scored is None else num_scored
+    blocks = math.ceil(n / block_size)
+    scales = getattr(model, "kv_cache_scales", None) or {}
+    kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, param.dtype)
+    cache = PagedKVCache(num_layers=cfg.n_layer, num_blocks=blocks, block_size=block_size,
+                         n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=kv_dtype, device=device,
+                         **(scales if kv_dtype != param.dtype else {}))
+    rope = model.rope_params(n)
+    freqs = inv_freq(rope.base, cfg.head_dim).to(device=device, dtype=torch.float32)
+    first = n - 1 - num_scored
+    total = 0.0
+    for start in range(0, n, prefill_chunk):
+        end = min(start + prefill_chunk, n)
+        slots = torch.arange(end, device=device)  # one sequence filling the blocks in order
+        chunk = PrefillChunk(row=0, start=start, end=end, context_slots=slots if start else None)
+        attention = StepAttention(cache=cache, write_slots=slots[start:end], decode_rows=0, block_tables=None,
+                                  seq_lens=None, prefills=[chunk])
+        positions = torch.arange(start, end, device=device)
+        batch = ForwardBatch(positions=positions, inv_freq=freqs.expand(end - start, -1),
+                             mscale=torch.full((end - start,), rope.mscale, device=device), attention=attention)
+        lo, hi = max(first, start), min(end, n - 1)  # positions whose next token is scored
+        if lo >= hi:
+            model.forward_batch(ids[start:end], batch)
+            continue
+        batch.logits_rows = torch.arange(lo - start, hi - start, device=device)
+        logits = model.forward_batch(ids[start:end], batch)
+        total += F.cross_entropy(logits, ids[lo + 1 : hi + 1], reduction="sum").item()
+    return total, num_scored
+
+
+@torch.inference_mode()
 def perplexity(
     model,
     token_ids: list[int] | torch.Tensor,
     seq_len: int,
     stride: int | None = None,
     chunk: int | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> float:
     """``exp(mean NLL)`` of ``token_ids`` under ``model`` (a :class:`~telechat.model.modeling.TelechatForCausalLM`).
 
@@ -82,7 +127,9 @@ def perplexity(
     With ``stride < seq_len`` each window scores only the tokens the previous one did not, using the
     overlap as context (the usual sliding-window evaluation). Every token counts at most once; with
     non-overlapping windows the first token of each window has no context and is not scored.
-    ``chunk`` bounds the positions per LM-head call (default :data:`DEFAULT_CHUNK`).
+    ``chunk`` bounds the positions per LM-head call (default :data:`DEFAULT_CHUNK`). With
+    ``kv_cache_dtype`` (``auto`` or ``fp8``) each window runs through the engine's paged KV cache of
+    that dtype (:func:`paged_window_nll`) instead of the transformers forward.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     stride = stride or seq_len
@@ -100,7 +147,11 @@ def perplexity(
         num_scored = end - max(scored_until, begin + 1)
         if num_scored <= 0:
             continue
-        total_nll += window_nll(model, ids[begin:end], num_scored=num_scored, logits_chunk=chunk)[0]
+        if kv_cache_dtype is None:
+            total_nll += window_nll(model, ids[begin:end], num_scored=num_scored, logits_chunk=chunk)[0]
+        else:
+            total_nll += paged_window_nll(model, ids[begin:end], num_scored=num_scored,
+                                          kv_cache_dtype=kv_cache_dtype)[0]
         count += num_scored
         scored_until = end
         if end == ids.numel():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from telechat.engine.paged_attention import _gather_decode, paged_decode_attention, partition_size
+from telechat.engine.paged_attention import _gather_decode, num_partitions, paged_decode_attention
 from telechat.engine.scheduler_output import SchedulerOutput
 from telechat.model import kernels
 from telechat.model.config import TelechatConfig
@@ -24,20 +24,48 @@ from tests.engine.test_runner import Steps, hf_generate, prompt
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.mark.parametrize("bsz", [1, 5, 70])
 @pytest.mark.parametrize("n_kv, d", [(4, 128), (2, 160), (8, 64)])
-def test_triton_paged_attention_matches_gather(n_kv, d):
-    """The Triton kernel equals gather + SDPA on random paged data (head_dim 160 = 12B included)."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8):
+    """The Triton kernel equals gather + SDPA on random paged data (head_dim 160 = 12B included), with
+    many partitions (1 sequence), a few (5) and one (70: the kernel writes the output itself), and on
+    an FP8 cache with scales."""
     torch.manual_seed(0)
-    bsz, heads, bs, max_len = 5, 8, 16, 3000
+    heads, bs, max_len = 8, 16, 3000
     blocks = bsz * math.ceil(max_len / bs) + 1
     kc = torch.randn(blocks * bs, n_kv, d, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
+    k_scale, v_scale = (0.25, 0.5) if fp8 else (1.0, 1.0)
+    if fp8:
+        kc, vc = (kc / k_scale).to(torch.float8_e4m3fn), (vc / v_scale).to(torch.float8_e4m3fn)
     table = (torch.randperm(blocks - 1, device="cuda")[: bsz * math.ceil(max_len / bs)] + 1).view(bsz, -1).int()
-    lens = torch.tensor([1, 17, 500, 2999, 3000], device="cuda", dtype=torch.int32)
+    lens = torch.tensor([1, 17, 500, 2999, 3000, 64, 65], device="cuda", dtype=torch.int32).repeat(bsz)[:bsz]
     q = torch.randn(bsz, heads, d, device="cuda", dtype=torch.bfloat16)
-    out = paged_decode_attention(q, kc, vc, table, lens, bs, partition_size(max_len))
-    ref = _gather_decode(q.float(), kc.float(), vc.float(), table, lens, bs)
+    assert (num_partitions(bsz, heads, max_len) == 1) == (bsz == 70)
+    out = paged_decode_attention(q, kc, vc, table, lens, bs, k_scale, v_scale)
+    ref = _gather_decode(q.float(), kc.float(), vc.float(), table, lens, bs, k_scale, v_scale)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_rope_and_cache_writes_fp8_like_the_reference():
+    """The fused rotary + cache write into an FP8 cache stores what the PyTorch path stores."""
+    torch.manual_seed(0)
+    t, nq, nkv, d = 6, 8, 2, 128
+    q, k, v = (torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16) * 4 for h in (nq, nkv, nkv))
+    cos, sin = torch.randn(t, d, device="cuda", dtype=torch.bfloat16), torch.randn(t, d, device="cuda",
+                                                                                    dtype=torch.bfloat16)
+    slots = torch.tensor([3, 9, 17, 40, 63, 1], device="cuda")
+    caches = [torch.zeros(64, nkv, d, device=dev, dtype=torch.float8_e4m3fn) for dev in ("cuda",) * 4]
+    with torch.inference_mode():
+        rope_and_cache(q, k, v, cos, sin, caches[0], caches[1], slots, 0.02, 0.5)  # K saturates
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        caches[2][slots] = (apply_rope(k, c, s).float() / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn)
+        caches[3][slots] = (v.float() / 0.5).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert (caches[0].float().abs() == 448).any()
+    # the rotation itself may round differently by one bf16 ulp (fused fp32 vs eager ops): one E4M3 step at most
+    torch.testing.assert_close(caches[0].float(), caches[2].float(), rtol=0.13, atol=0.02)
+    assert torch.equal(caches[1].float(), caches[3].float())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -173,3 +201,21 @@ def test_linear_uses_the_tuned_gemv_only_where_it_won():
             x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), model.lm_head.weight.float())
             assert (kernels.linear(x, model.lm_head).float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_fp8_kv_cache_graph_decode_equals_eager_and_stays_close_to_bf16():
+    """With an FP8 cache, graph-replayed decode steps give the eager steps' tokens (same kernels), and the
+    first greedy tokens agree with a bf16 cache."""
+    from telechat.engine.core import EngineConfig, LLMEngine
+    from telechat.engine.sampling import SamplingParams
+
+    model = _model(torch.bfloat16, num_key_value_heads=2)
+    prompts = [prompt(n, n) for n in (5, 40, 90)]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    runs = {}
+    for name, kv, graphs in (("fp8-graphs", "fp8", True), ("fp8-eager", "fp8", False), ("bf16", "auto", True)):
+        engine = LLMEngine(copy.deepcopy(model), EngineConfig(max_num_seqs=4, max_model_len=512, kv_cache_dtype=kv,
+                                                              cuda_graphs=graphs))
+        runs[name] = engine.generate(prompts, params)
+    assert runs["fp8-graphs"] == runs["fp8-eager"]
+    assert all(a[:4] == b[:4] for a, b in zip(runs["fp8-graphs"], runs["bf16"]))
