@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from telechat.engine.guided import GrammarCompiler, GuidedRequests
 from telechat.engine.kv_cache import PagedKVCache, check_kv_cache_device, kv_cache_torch_dtype
 from telechat.engine.request import Request, RequestOutput
 from telechat.engine.runner import ModelRunner, StepResult
@@ -32,6 +33,8 @@ from telechat.engine.scheduler import Scheduler, SchedulerConfig
 from telechat.engine.scheduler_output import SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+GRAMMAR_VIOLATION = "structured output failed: a token outside the grammar was sampled"
 
 
 @dataclass
@@ -68,7 +71,8 @@ class EngineConfig:
 class LLMEngine:
     """Synchronous continuous-batching engine; drive it with :meth:`add_request` and :meth:`step`."""
 
-    def __init__(self, model, config: EngineConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, grammars: GrammarCompiler | None = None):
+        """``grammars``: compiles the grammars of structured-output requests (None: such requests are refused)."""
         self.config = config = config or EngineConfig()
         model.fuse_projections()
         self.model = model
@@ -108,6 +112,7 @@ class LLMEngine:
         self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         self._ids = itertools.count()
+        self.guided = GuidedRequests(grammars)
         log.info("KV cache (%s): %d blocks × %d tokens = %d tokens capacity (%.1f MiB); prefix caching %s",
                  "fp8 e4m3" if cache.is_fp8 else str(kv_dtype).removeprefix("torch."), num_blocks, config.block_size,
                  self.capacity_tokens, num_blocks * config.block_size * per_token / 2**20,
@@ -147,6 +152,8 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        if params.guided is not None:  # GrammarError (a ValueError): the request is refused alone
+            self.guided.add(rid, params.guided, params.stop_token_ids)
         rope = self.model.rope_params(len(prompt_ids))
         self.scheduler.add_request(Request(
             rid, list(prompt_ids), params, max_len=min(self.max_model_len, len(prompt_ids) + params.max_tokens),
@@ -170,6 +177,7 @@ class LLMEngine:
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with finish reason ``error`` (the engine itself failed)."""
         self._in_flight = None
+        self.guided = GuidedRequests(self.guided.compiler)
         return self.scheduler.fail_all(error)
 
     # ------------------------------------------------------------------ step
@@ -180,22 +188,37 @@ class LLMEngine:
         with record_function("engine.schedule"):
             sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        guide = None
+        if self.guided and any(self.guided.constrained(c.request.request_id) for c in sched.sampled):
+            def guide() -> torch.Tensor | None:
+                # A constrained row's mask needs its every token read: the previous step's tokens are read
+                # here, while the device runs this step's forward pass (docs/engine.md, "Constrained decoding").
+                nonlocal previous
+                if previous is not None:
+                    outputs.extend(self._update(*previous))
+                    previous = None
+                return self.guided.bitmask([c.request.request_id for c in sched.sampled], self.vocab_size)
         launched = None
         if sched.empty:
             outputs.extend(sched.finished)  # aborts; a launched step reports them with its tokens
         else:
             try:
                 with record_function("engine.execute"):
-                    launched = (sched, self.runner.execute(sched))
+                    launched = (sched, self.runner.execute(sched, guide))
             except Exception as e:  # noqa: BLE001 - a failed forward fails its sequences, not the engine
                 log.exception("forward pass failed")
                 outputs.extend(sched.finished)
                 outputs.extend(self.scheduler.fail([c.request for c in sched.chunks], f"generation failed: {e}"))
-        previous, self._in_flight = self._in_flight, launched if self.overlap else None
+        self._in_flight = launched if self.overlap else None
         if previous is not None:
             outputs.extend(self._update(*previous))
         if launched is not None and not self.overlap:
             outputs.extend(self._update(*launched))
+        if self.guided:
+            for out in outputs:
+                if out.finished:
+                    self.guided.remove(out.request_id)
         return outputs
 
     def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -207,7 +230,21 @@ class LLMEngine:
             log.exception("reading a step's tokens failed")
             return sched.finished + self.scheduler.fail([c.request for c in sched.sampled], f"generation failed: {e}")
         with record_function("engine.update"):
-            return self.scheduler.update_from_output(sched, tokens, logprobs)
+            outputs = self.scheduler.update_from_output(sched, tokens, logprobs)
+        if self.guided:
+            self._advance_grammars(outputs)
+        return outputs
+
+    def _advance_grammars(self, outputs: list[RequestOutput]) -> None:
+        """Feed the tokens just read to their requests' grammar matchers; a token the grammar refuses
+        (which the mask should make impossible) ends that request alone."""
+        for out in outputs:
+            if out.finished:
+                self.guided.remove(out.request_id)
+            elif not self.guided.accept(out.request_id, out.new_token_ids):
+                log.error("%s: sampled a token its grammar does not allow", out.request_id)
+                self.guided.remove(out.request_id)
+                self.scheduler.abort(out.request_id, GRAMMAR_VIOLATION)
 
     # ------------------------------------------------------------------ convenience
 

@@ -77,6 +77,7 @@ class EngineSpec:
 def build_engine(spec: EngineSpec):
     """Load the checkpoint of ``spec`` (and its LoRA adapter) and build the engine over it."""
     from telechat.engine.core import LLMEngine
+    from telechat.engine.guided import GrammarCompiler
     from telechat.model.checkpoint import inspect_checkpoint
     from telechat.model.loader import load_model
     from telechat.runtime import merge_adapter
@@ -85,7 +86,8 @@ def build_engine(spec: EngineSpec):
     model = load_model(info, device=spec.device, dtype=spec.dtype, **spec.config_overrides)
     if spec.lora:
         model = merge_adapter(model, spec.lora)
-    return LLMEngine(model, spec.engine_config)
+    grammars = GrammarCompiler.from_path(spec.path, model.config.vocab_size)  # built on first use
+    return LLMEngine(model, spec.engine_config, grammars=grammars)
 
 
 def engine_info(engine) -> EngineInfo:

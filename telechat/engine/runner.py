@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from telechat.engine.guided import allowed_tokens
 from telechat.engine.kv_cache import PagedKVCache, PrefillChunk, StepAttention
 from telechat.engine.request import Request
 from telechat.engine.sampling import adjust_logits, needs_adjusting, sample_on_device, to_device, top_logprobs
@@ -199,8 +201,12 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Queue step ``sched`` on the device and return without waiting for it (see the module doc)."""
+    def execute(self, sched: SchedulerOutput, guide: Callable[[], torch.Tensor | None] | None = None) -> StepResult:
+        """Queue step ``sched`` on the device and return without waiting for it (see the module doc).
+
+        ``guide`` (structured output) is called once the forward pass is queued, before sampling: it
+        returns the ``[S, W]`` int32 token bitmask of the sampled rows (or None), built on the host
+        while the device computes (docs/engine.md, "Constrained decoding")."""
         self._update_rows(sched)
         if sched.empty:
             return StepResult(torch.empty(0, dtype=torch.long))
@@ -226,7 +232,7 @@ class ModelRunner:
             else:
                 out = self._decode_fn(*inputs)
             logits = out[:num_decodes] if step.all_decodes_sample else out[step.wanted]
-        return self._sample(sched.sampled, logits)
+        return self._sample(sched.sampled, logits, guide() if guide is not None else None)
 
     def _stage(self, sched: SchedulerOutput, bucket: int | None) -> _Staged:
         """Every per-token number of the step, built on the host and copied to the device at once."""
@@ -353,9 +359,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ sampling
 
-    def _sample(self, sampled: list, logits: torch.Tensor) -> StepResult:
-        """Sample the step's ``sampled`` chunks from ``logits`` (one row each), update the presence masks,
-        start the copy to the host."""
+    def _sample(self, sampled: list, logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> StepResult:
+        """Sample the step's ``sampled`` chunks from ``logits`` (one row each; ``bitmask``: the tokens each
+        may take, structured output), update the presence masks, start the copy to the host."""
         dev = self.device
         if not sampled:
             self._prev_ids, self._prev_index = self._prev_ids[:0], {}
@@ -371,7 +377,9 @@ class ModelRunner:
             generated = [len(c.request.output_ids) + c.request.num_placeholders - 1 for c in sampled]
             logits = adjust_logits(logits, params, generated, self.output_counts[rows] if counted else None)
         tokens, failed = sample_on_device(logits, params, [self._generators.get(r) for r in state_rows],
-                                          self.presence[rows] if penalised else None, self.generator)
+                                          self.presence[rows] if penalised else None, self.generator,
+                                          allowed_tokens(to_device(bitmask, torch.int32, dev), self.vocab_size)
+                                          if bitmask is not None else None)
         if penalised:
             self.presence[rows, tokens] = self.presence[rows, tokens] | ~failed
         if counted:

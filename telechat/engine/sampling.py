@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from telechat.engine.guided import GrammarSpec
+
 log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
@@ -60,6 +62,9 @@ class SamplingParams:
     before penalties, bias and temperature, like vLLM's default ``raw_logprobs``)."""
     include_stop_str_in_output: bool = False
     """Keep the stop string that ended the reply at its end."""
+    guided: GrammarSpec | None = None
+    """Structured output: the reply must match this grammar (JSON schema, regex, choice, ...); its
+    tokens are masked to those the grammar allows (telechat/engine/guided.py)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -179,6 +184,7 @@ def sample_on_device(
     generators: list[torch.Generator | None],
     presence: torch.Tensor | None = None,
     default_generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of ``logits [S, V]`` following each row's parameters, on the device.
 
@@ -189,17 +195,19 @@ def sample_on_device(
     seeded row draws the same whatever its batch-mates. A row whose logits or probabilities are not
     finite is ``failed`` (its request has failed); it draws from a harmless one-hot instead and never
     changes what the other rows draw. Should the batched computation still raise, the rows are
-    sampled one by one and only those that raise fail.
+    sampled one by one and only those that raise fail. ``allowed [S, V]`` (bool, optional): the
+    tokens each row may take (structured output); the others are ruled out before anything else.
     """
     try:
-        return _sample(logits, params, generators, presence, default_generator)
+        return _sample(logits, params, generators, presence, default_generator, allowed)
     except RuntimeError:
         log.exception("batched sampling failed; sampling the %d rows one by one", len(params))
     tokens, failed = [], []
     for i in range(len(params)):
         try:
             t, f = _sample(logits[i : i + 1], params[i : i + 1], generators[i : i + 1],
-                           None if presence is None else presence[i : i + 1], default_generator)
+                           None if presence is None else presence[i : i + 1], default_generator,
+                           None if allowed is None else allowed[i : i + 1])
         except RuntimeError:
             log.exception("sampling failed for one row")
             t = torch.zeros(1, dtype=torch.long, device=logits.device)
@@ -209,8 +217,11 @@ def sample_on_device(
     return torch.cat(tokens), torch.cat(failed)
 
 
-def _sample(logits, params, generators, presence, default_generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(logits, params, generators, presence, default_generator, allowed=None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     dev = logits.device
     penalties = [p.repetition_penalty for p in params]
     if presence is not None and any(p != 1.0 for p in penalties):

@@ -1,0 +1,279 @@
+"""Grammar-constrained decoding (structured output) with xgrammar (docs/engine.md, "Constrained decoding").
+
+A request brings a :class:`GrammarSpec` (plain data: it crosses the process boundary inside
+:class:`~telechat.engine.sampling.SamplingParams`). The engine core compiles it against the served
+tokenizer (:class:`GrammarCompiler`, compiled grammars cached LRU by size), keeps one matcher per
+constrained request (:class:`GuidedRequests`), advances it with every token the host reads, and
+before each sampling fills a per-row token bitmask that the sampler applies to the logits
+(:func:`allowed_tokens`). A grammar that is complete allows only the stop tokens, so its request
+ends with finish reason "stop"; unconstrained rows never touch any of this.
+
+xgrammar is imported on first use: servers that never see a constrained request do not load it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "ebnf"]
+GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "ebnf")
+CACHE_LIMIT_BYTES = 256 << 20
+"""Memory the compiled-grammar cache may hold before it evicts the least recently used."""
+JSON_SEPARATORS = (", ", ": ")
+"""JSON is constrained to one layout (no free whitespace): a small model cannot wander off into
+endless blanks, and the text is the same for every sampler (docs/engine.md)."""
+_XGRAMMAR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+class GrammarError(ValueError):
+    """A grammar spec that cannot be compiled (invalid JSON schema, bad regular expression, ...)."""
+
+
+@dataclass
+class GrammarSpec:
+    """What a request's output must match; plain strings so it serialises with the request.
+
+    ``kind``: ``json_schema`` (``value`` = the schema as JSON text), ``json_object`` (any JSON
+    object, ``value`` empty), ``regex`` (a regular expression), ``choice`` (``value`` = a JSON list
+    of strings, the output is exactly one of them), ``ebnf`` (an xgrammar EBNF grammar, root rule
+    ``root``).
+    """
+
+    kind: str
+    value: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise ValueError(f"grammar kind must be one of {GRAMMAR_KINDS}, got {self.kind!r}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Cache key of the compiled grammar."""
+        return self.kind, self.value
+
+
+def _xgr():
+    try:
+        import xgrammar
+    except ImportError as e:  # pragma: no cover - xgrammar is a dependency of the serve extra
+        raise GrammarError("structured output needs the xgrammar package (pip install 'telechat-stack[serve]')") from e
+    return xgrammar
+
+
+def _message(e: Exception) -> str:
+    """xgrammar's error without its log prefix (time stamp and C++ source line)."""
+    return _XGRAMMAR_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def choice_ebnf(choices: list[str]) -> str:
+    """An EBNF grammar whose sentences are exactly ``choices``."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError("the choices must be a non-empty list of non-empty strings")
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Integers without bounds in a schema are kept within ±(2^53 - 1), the range every JSON parser keeps exactly."""
+_SCALAR_KEYS = ("enum", "const", "pattern", "format")
+
+
+def json_bounds(max_tokens: int) -> tuple[int, int]:
+    """``(max_chars, max_items)`` for the free-form parts of a JSON reply of ``max_tokens`` tokens:
+    strings of at most ``max_tokens / 8`` characters, arrays of at most ``max_tokens / 32`` items
+    (docs/engine.md, "Constrained decoding": why structured output needs bounds)."""
+    return max(8, max_tokens // 8), max(2, max_tokens // 32)
+
+
+def bound_json_schema(schema: Any, max_chars: int, max_items: int) -> Any:
+    """A copy of ``schema`` whose free-form parts have bounds: strings without ``maxLength`` (and no
+    enum/const/pattern/format) get ``max_chars``, arrays without ``maxItems`` get ``max_items``,
+    integers without bounds ±(2^53 - 1), keys of open objects ``max_chars``. Only bounds are added,
+    so every document of the bounded schema validates against ``schema``."""
+    if isinstance(schema, list):
+        return [bound_json_schema(s, max_chars, max_items) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bound_json_schema(v, max_chars, max_items) if isinstance(v, (dict, list)) and k not in _SCALAR_KEYS
+           else v for k, v in schema.items()}
+    kinds = out.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    free = not any(k in out for k in _SCALAR_KEYS)
+    if "string" in kinds and free and "maxLength" not in out:
+        out["maxLength"] = max(max_chars, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)
+    if "array" in kinds and "maxItems" not in out:
+        out["maxItems"] = max(max_items, out.get("minItems", 0) if isinstance(out.get("minItems"), int) else 0)
+    if "integer" in kinds and free:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -MAX_SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = MAX_SAFE_INTEGER
+    if "object" in kinds and out.get("additionalProperties") not in (None, False) and "propertyNames" not in out:
+        out["propertyNames"] = {"maxLength": max_chars}
+    return out
+
+
+def any_json_object(max_chars: int, max_items: int, depth: int = 2) -> dict:
+    """A JSON schema of any JSON object (``response_format`` json_object) with the bounds of
+    :func:`bound_json_schema` and at most ``depth`` levels of nesting."""
+    def value(level: int) -> dict:
+        cases = [{"type": "string", "maxLength": max_chars},
+                 {"type": "integer", "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+                 {"type": "boolean"}, {"type": "null"}]
+        if level > 0:
+            cases += [{"type": "array", "maxItems": max_items, "items": value(level - 1)}, obj(level - 1)]
+        return {"anyOf": cases}
+
+    def obj(level: int) -> dict:
+        return {"type": "object", "maxProperties": max(2, max_items // 4), "propertyNames": {"maxLength": max_chars},
+                "additionalProperties": value(level)}
+
+    return obj(depth)
+
+
+def grammar_of(spec: GrammarSpec) -> Any:
+    """The xgrammar ``Grammar`` of ``spec``, built without a tokenizer (cheap): the check the API runs
+    before queuing a request. Raises :class:`GrammarError` with a readable reason."""
+    xgr = _xgr()
+    try:
+        if spec.kind == "json_schema":
+            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, separators=JSON_SEPARATORS)
+        if spec.kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
+                                                separators=JSON_SEPARATORS)
+        if spec.kind == "regex":
+            return xgr.Grammar.from_regex(spec.value)
+        if spec.kind == "choice":
+            return xgr.Grammar.from_ebnf(choice_ebnf(json.loads(spec.value)))
+        return xgr.Grammar.from_ebnf(spec.value)
+    except GrammarError:
+        raise
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError for bad input
+        raise GrammarError(_message(e)) from e
+
+
+def check_grammar(spec: GrammarSpec) -> None:
+    """Raise :class:`GrammarError` when ``spec`` cannot be compiled."""
+    grammar_of(spec)
+
+
+class GrammarCompiler:
+    """Compiles grammar specs against one tokenizer (xgrammar ``GrammarCompiler``, whose cache keeps
+    compiled grammars LRU up to :data:`CACHE_LIMIT_BYTES`).
+
+    ``load_tokenizer`` is called once, on the first compile: an engine that never sees a
+    constrained request never builds the tokenizer's token table.
+    """
+
+    def __init__(self, load_tokenizer: Callable[[], Any], vocab_size: int):
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self._compiler = None
+
+    @classmethod
+    def from_path(cls, path: str, vocab_size: int) -> GrammarCompiler:
+        """A compiler over the tokenizer of the checkpoint folder ``path``."""
+        def load():
+            from telechat.tokenizer import load_tokenizer
+
+            return load_tokenizer(path)
+
+        return cls(load, vocab_size)
+
+    def _get(self):
+        if self._compiler is None:
+            xgr = _xgr()
+            info = xgr.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
+        return self._compiler
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """The compiled grammar of ``spec`` (from the cache when compiled before)."""
+        compiler = self._get()
+        try:
+            if spec.kind in ("json_schema", "json_object"):
+                schema = spec.value if spec.kind == "json_schema" else '{"type": "object"}'
+                return compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
+            if spec.kind == "regex":
+                return compiler.compile_regex(spec.value)
+            if spec.kind == "choice":
+                return compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
+            return compiler.compile_grammar(spec.value)
+        except GrammarError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise GrammarError(_message(e)) from e
+
+    def matcher(self, spec: GrammarSpec, stop_token_ids: list[int]) -> Any:
+        """A fresh matcher of ``spec`` that ends on ``stop_token_ids`` (the request's own)."""
+        return _xgr().GrammarMatcher(self.compile(spec), override_stop_tokens=list(stop_token_ids) or None)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[S, V]`` bool of a packed ``[S, W]`` int32 token bitmask (bit ``t % 32`` of word ``t // 32``)."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(1)[:, :vocab_size].bool()
+
+
+class GuidedRequests:
+    """The matchers of the constrained requests an engine holds, by request id."""
+
+    def __init__(self, compiler: GrammarCompiler | None):
+        self.compiler = compiler
+        self._matchers: dict[str, Any] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._matchers)
+
+    def add(self, request_id: str, spec: GrammarSpec, stop_token_ids: list[int]) -> None:
+        """Compile ``spec`` and start a matcher for the request; :class:`GrammarError` if it cannot."""
+        if self.compiler is None:
+            raise GrammarError("this engine has no tokenizer to compile grammars with")
+        self._matchers[request_id] = self.compiler.matcher(spec, stop_token_ids)
+
+    def remove(self, request_id: str) -> None:
+        """Forget a request's matcher (it finished); unknown ids are ignored."""
+        self._matchers.pop(request_id, None)
+
+    def constrained(self, request_id: str) -> bool:
+        """True while ``request_id`` has a matcher."""
+        return request_id in self._matchers
+
+    def accept(self, request_id: str, tokens: list[int]) -> bool:
+        """Advance the request's matcher over ``tokens`` (read from a step); False when one is refused.
+        A matcher that has ended (stop token accepted) takes further tokens unchecked (``ignore_eos``)."""
+        m = self._matchers.get(request_id)
+        if m is None:
+            return True
+        for t in tokens:
+            if m.is_terminated():
+                return True
+            if not m.accept_token(t):
+                return False
+        return True
+
+    def bitmask(self, request_ids: list[str], vocab_size: int) -> torch.Tensor | None:
+        """``[S, W]`` int32 bitmask of the next token of each row (all ones for unconstrained rows and
+        ended matchers), or None when no row is constrained."""
+        rows = [(i, self._matchers.get(r)) for i, r in enumerate(request_ids)]
+        rows = [(i, m) for i, m in rows if m is not None and not m.is_terminated()]
+        if not rows:
+            return None
+        mask = torch.full((len(request_ids), bitmask_words(vocab_size)), -1, dtype=torch.int32)
+        for i, m in rows:
+            m.fill_next_token_bitmask(mask, i)
+        return mask
