@@ -24,9 +24,12 @@ from telechat.engine.core_messages import (
     AbortRequests,
     AddRequest,
     ClientMessage,
+    ControlReply,
     EngineInfo,
+    LoadLoraAdapter,
     OutputBatch,
     Shutdown,
+    UnloadLoraAdapter,
 )
 from telechat.engine.core_process import CoreLoop, engine_info
 from telechat.engine.request import RequestOutput
@@ -52,6 +55,11 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
         stream.put_nowait(item)
 
 
+def _resolve(future: asyncio.Future, reply: ControlReply) -> None:
+    if not future.done():
+        future.set_result(reply)
+
+
 class EngineDeadError(RuntimeError):
     """The engine stopped; no request can be served."""
 
@@ -69,6 +77,8 @@ class EngineFront:
         self._stats: dict = {}
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
+        self._calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._lora: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ transport (subclasses)
 
@@ -99,9 +109,11 @@ class EngineFront:
         return dict(self._stats)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, after: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, after: str | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the loop early (or cancellation) aborts it.
+        """Stream a request's outputs (``lora``: run with that loaded adapter); leaving the loop early (or
+        cancellation) aborts it.
 
         Outputs that queued up while the consumer was busy arrive merged into one (several tokens),
         so a slow client or a busy event loop costs one update per wake-up, not one per token. A
@@ -117,7 +129,7 @@ class EngineFront:
         self._streams[rid] = (asyncio.get_running_loop(), stream)
         finished = False
         try:
-            self._send(AddRequest(rid, list(prompt_ids), params, after))
+            self._send(AddRequest(rid, list(prompt_ids), params, after, lora))
             while True:
                 items = [await stream.get()]
                 while not stream.empty():  # a consumer that fell behind gets one merged update
@@ -136,6 +148,44 @@ class EngineFront:
                 self.abort(rid)
             self._streams.pop(rid, None)
 
+    # ------------------------------------------------------------------ LoRA adapters
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The LoRA adapters requests may name: name -> folder (those loaded at start, then as changed
+        through :meth:`load_lora_adapter` / :meth:`unload_lora_adapter`)."""
+        if self._lora is None:
+            self._lora = dict(self.info.lora_adapters) if self.info is not None else {}
+        return self._lora
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load the adapter folder ``path`` as ``name`` in the engine; ``ValueError`` says why it cannot be."""
+        reply = await self._control(lambda cid: LoadLoraAdapter(cid, name, path))
+        if reply.error is not None:
+            raise ValueError(reply.error)
+        self.lora_adapters[name] = path
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Unload the adapter ``name``; ``KeyError`` when no adapter has that name."""
+        reply = await self._control(lambda cid: UnloadLoraAdapter(cid, name))
+        if reply.error is not None:
+            raise (KeyError if reply.not_found else ValueError)(reply.error)
+        self.lora_adapters.pop(name, None)
+
+    async def _control(self, make) -> ControlReply:
+        """Send the message ``make(call_id)`` and wait for the engine's reply."""
+        if not self.alive:
+            raise EngineDeadError(self.stopped_reason or "the engine has stopped")
+        cid = f"call-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls[cid] = (loop, future)
+        try:
+            self._send(make(cid))
+            return await future
+        finally:
+            self._calls.pop(cid, None)
+
     def abort(self, request_id: str) -> None:
         """Abort a request at the next step boundary."""
         self._send(AbortRequests([request_id]))
@@ -150,6 +200,13 @@ class EngineFront:
     def _deliver(self, batch: OutputBatch) -> None:
         """Hand a batch's outputs to their streams, one callback per event loop."""
         self._stats = batch.stats
+        for cid, reply in batch.replies.items():
+            call = self._calls.get(cid)
+            if call is not None:
+                try:
+                    call[0].call_soon_threadsafe(_resolve, call[1], reply)
+                except RuntimeError:  # that event loop is closed: nobody waits for the reply
+                    pass
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for rid, item in [(out.request_id, out) for out in batch.outputs] + \
                 [(rid, ValueError(why)) for rid, why in batch.rejected.items()]:
@@ -166,7 +223,7 @@ class EngineFront:
         """End every open stream with finish reason ``error`` and ``reason`` (the engine stopped)."""
         ends = [RequestOutput(rid, [], finished=True, finish_reason="error", error=reason)
                 for rid in list(self._streams)]
-        self._deliver(OutputBatch(ends, {}, self._stats))
+        self._deliver(OutputBatch(ends, {}, self._stats, {cid: ControlReply(reason) for cid in list(self._calls)}))
 
 
 class AsyncEngine(EngineFront):

@@ -31,6 +31,7 @@ from telechat.engine.runner import ModelRunner, StepResult
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.scheduler import Scheduler, SchedulerConfig
 from telechat.engine.scheduler_output import SchedulerOutput
+from telechat.model.lora import AdapterError, LoraAdapter, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class EngineConfig:
     """Reuse the KV of prompt prefixes seen before (hash-chained full blocks, LRU eviction)."""
     overlap: bool | None = None
     """Schedule step N+1 while step N runs on the device (default: on for CUDA devices)."""
+    max_loras: int = 0
+    """LoRA adapter slots on the device for adapters chosen per request (0: off); more adapters may be
+    loaded, they wait on the host until a request needs one (docs/engine.md, Batched LoRA)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank the slots hold."""
     kv_cache_dtype: str = "auto"
     """``auto`` (the model's dtype) or ``fp8`` (E4M3, half the bytes per token; docs/engine.md)."""
 
@@ -104,10 +110,14 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=num_blocks + 1, max_model_len=self.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching, num_rows=num_rows))
+            enable_prefix_caching=config.enable_prefix_caching, num_rows=num_rows, max_loras=config.max_loras))
         self.runner = ModelRunner(model, cache, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   num_rows=num_rows, seed=config.seed, cuda_graphs=config.cuda_graphs,
-                                  compile=config.compile)
+                                  compile=config.compile, max_loras=config.max_loras,
+                                  max_lora_rank=config.max_lora_rank)
+        self.adapters: dict[str, LoraAdapter] = {}
+        """LoRA adapters requests may name, on the host (copied into a device slot when a request needs one)."""
+        self._adapter_ids = itertools.count(1)
         self.runner.capture_graphs()
         self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
@@ -139,9 +149,15 @@ class LLMEngine:
         return self.scheduler.requests
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    after: str | None = None) -> str:
+                    after: str | None = None, lora: str | None = None) -> str:
         """Queue a request; raises ``ValueError`` if it can never fit the context or the cache.
-        ``after``: a sibling with the same prompt whose first token it waits for (``Request.after``)."""
+        ``after``: a sibling with the same prompt whose first token it waits for (``Request.after``);
+        ``lora``: the name of a loaded LoRA adapter to run it with (None: the base model)."""
+        adapter = None
+        if lora is not None:
+            adapter = self.adapters.get(lora)
+            if adapter is None:
+                raise ValueError(f"no LoRA adapter named {lora!r} is loaded")
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         if len(prompt_ids) >= self.max_model_len:
@@ -157,8 +173,33 @@ class LLMEngine:
         rope = self.model.rope_params(len(prompt_ids))
         self.scheduler.add_request(Request(
             rid, list(prompt_ids), params, max_len=min(self.max_model_len, len(prompt_ids) + params.max_tokens),
-            rope=rope, cache_salt=(rope.base, rope.mscale), after=after))
+            rope=rope, cache_salt=(rope.base, rope.mscale) + ((adapter.id,) if adapter else ()), after=after,
+            lora=adapter))
         return rid
+
+    def load_adapter(self, name: str, path: str) -> LoraAdapter:
+        """Read the PEFT LoRA adapter at ``path`` for requests that name ``name``; raises
+        :class:`~telechat.model.lora.AdapterError` (a ``ValueError``) for a name in use or a folder that
+        cannot be served (see :func:`~telechat.model.lora.read_adapter`)."""
+        if self.runner.lora is None:
+            raise AdapterError("this engine serves no per-request LoRA adapters (max_loras is 0)")
+        if name in self.adapters:
+            raise AdapterError(f"a LoRA adapter named {name!r} is already loaded; unload it first or pick another name")
+        adapter = read_adapter(path, name, self.model, self.runner.lora.max_rank)
+        adapter.id = next(self._adapter_ids)
+        if self.device.type == "cuda":  # pinned: the copy into a slot does not wait for the host
+            adapter.weights = {k: (a.to(self.model.dtype).pin_memory(), b.to(self.model.dtype).pin_memory())
+                               for k, (a, b) in adapter.weights.items()}
+        self.adapters[name] = adapter
+        log.info("LoRA adapter %r loaded from %s (rank %d)", name, adapter.path, adapter.rank)
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget the adapter ``name``: new requests cannot name it; the ones already queued finish with
+        it. Raises ``KeyError`` for a name that is not loaded."""
+        if self.adapters.pop(name, None) is None:
+            raise KeyError(f"no LoRA adapter named {name!r} is loaded")
+        log.info("LoRA adapter %r unloaded", name)
 
     def abort(self, request_id: str, error: str | None = None) -> None:
         """Mark a request aborted; it leaves at the start of the next step with finish reason

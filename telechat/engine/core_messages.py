@@ -26,6 +26,8 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     params: SamplingParams
     after: str | None = None
     """Another choice of the same prompt to admit this one after (see ``Request.after``)."""
+    lora: str | None = None
+    """The loaded LoRA adapter to run it with (None: the base model)."""
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
@@ -41,13 +43,28 @@ class AbortAll(msgspec.Struct, tag="abort_all", array_like=True):
     error: str
 
 
+class LoadLoraAdapter(msgspec.Struct, tag="load_lora", array_like=True):
+    """Read the LoRA adapter folder ``path`` for requests naming ``name`` (answered in ``OutputBatch.replies``)."""
+
+    call_id: str
+    name: str
+    path: str
+
+
+class UnloadLoraAdapter(msgspec.Struct, tag="unload_lora", array_like=True):
+    """Forget the LoRA adapter ``name`` (answered in ``OutputBatch.replies``)."""
+
+    call_id: str
+    name: str
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Let running requests finish for up to ``grace_s`` seconds, abort the rest, then stop."""
 
     grace_s: float
 
 
-ClientMessage = Union[AddRequest, AbortRequests, AbortAll, Shutdown]
+ClientMessage = Union[AddRequest, AbortRequests, AbortAll, LoadLoraAdapter, UnloadLoraAdapter, Shutdown]
 
 # ---------------------------------------------------------------------------------------------- core -> client
 
@@ -60,6 +77,10 @@ class EngineInfo(msgspec.Struct, array_like=True):
     kv_capacity_tokens: int
     vocab_size: int
     """Token ids a prompt may hold: ``[0, vocab_size)``."""
+    max_loras: int = 0
+    """LoRA adapter slots (0: requests cannot name adapters and none can be loaded)."""
+    lora_adapters: dict[str, str] = {}
+    """The LoRA adapters loaded at start: name -> folder."""
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
@@ -78,6 +99,15 @@ class StartFailed(msgspec.Struct, tag="failed", array_like=True):
     """True for something the user must fix (a :class:`~telechat.errors.UserError`, e.g. a bad checkpoint)."""
 
 
+class ControlReply(msgspec.Struct, array_like=True):
+    """The outcome of a LoRA load or unload message."""
+
+    error: str | None = None
+    """None: done; else why not (one line for the user)."""
+    not_found: bool = False
+    """The message named an adapter the engine does not have."""
+
+
 class OutputBatch(msgspec.Struct, tag="outputs", array_like=True):
     """What one engine step (or one round of client messages) produced, and the engine's figures after it."""
 
@@ -85,6 +115,8 @@ class OutputBatch(msgspec.Struct, tag="outputs", array_like=True):
     rejected: dict[str, str]
     """Requests refused at ``add`` (request id -> why); they never started."""
     stats: dict[str, Any]
+    replies: dict[str, ControlReply] = {}
+    """Answers to the LoRA load / unload messages handled since the last batch, by ``call_id``."""
 
 
 CoreMessage = Union[Ready, StartFailed, OutputBatch]

@@ -34,11 +34,14 @@ from telechat.engine.core_messages import (
     AbortRequests,
     AddRequest,
     ClientMessage,
+    ControlReply,
     EngineInfo,
+    LoadLoraAdapter,
     OutputBatch,
     Ready,
     Shutdown,
     StartFailed,
+    UnloadLoraAdapter,
 )
 from telechat.engine.request import RequestOutput
 
@@ -69,6 +72,8 @@ class EngineSpec:
     engine_config: EngineConfig | None = None
     lora: str | None = None
     """A LoRA adapter folder merged into the weights after loading."""
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters requests may choose by name (name -> folder); needs ``engine_config.max_loras``."""
     config_overrides: dict = field(default_factory=dict)
     """Config values replaced for this load (``rope_mode``, ``training_seqlen``, ...)."""
     log_level: str = "INFO"
@@ -87,14 +92,18 @@ def build_engine(spec: EngineSpec):
     if spec.lora:
         model = merge_adapter(model, spec.lora)
     grammars = GrammarCompiler.from_path(spec.path, model.config.vocab_size)  # built on first use
-    return LLMEngine(model, spec.engine_config, grammars=grammars)
+    engine = LLMEngine(model, spec.engine_config, grammars=grammars)
+    for name, folder in spec.lora_modules.items():
+        engine.load_adapter(name, folder)
+    return engine
 
 
 def engine_info(engine) -> EngineInfo:
     """The figures the API process needs about ``engine`` (it holds no model)."""
     stats = engine.stats()
     return EngineInfo(max_model_len=stats["max_model_len"], kv_capacity_tokens=stats["kv_capacity_tokens"],
-                      vocab_size=engine.model.config.vocab_size)
+                      vocab_size=engine.model.config.vocab_size, max_loras=engine.config.max_loras,
+                      lora_adapters={name: a.path for name, a in engine.adapters.items()})
 
 
 class CoreLoop:
@@ -104,6 +113,7 @@ class CoreLoop:
     def __init__(self, engine):
         self.engine = engine
         self._rejected: dict[str, str] = {}
+        self._replies: dict[str, ControlReply] = {}
         self._deadline: float | None = None
         self._failed_steps = 0
 
@@ -111,7 +121,7 @@ class CoreLoop:
         """Apply one client message."""
         if isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(msg.prompt_ids, msg.params, msg.request_id, after=msg.after)
+                self.engine.add_request(msg.prompt_ids, msg.params, msg.request_id, after=msg.after, lora=msg.lora)
             except ValueError as e:
                 self._rejected[msg.request_id] = str(e)
         elif isinstance(msg, AbortRequests):
@@ -119,8 +129,26 @@ class CoreLoop:
                 self.engine.abort(rid, msg.error)
         elif isinstance(msg, AbortAll):
             self._abort_all(msg.error)
+        elif isinstance(msg, (LoadLoraAdapter, UnloadLoraAdapter)):
+            self._replies[msg.call_id] = self._adapter_change(msg)
         elif isinstance(msg, Shutdown):
             self._deadline = time.monotonic() + msg.grace_s
+
+    def _adapter_change(self, msg: LoadLoraAdapter | UnloadLoraAdapter) -> ControlReply:
+        """Load or unload a LoRA adapter; what went wrong as a reply, never an exception."""
+        try:
+            if isinstance(msg, LoadLoraAdapter):
+                self.engine.load_adapter(msg.name, msg.path)
+            else:
+                self.engine.unload_adapter(msg.name)
+        except KeyError as e:
+            return ControlReply(e.args[0], not_found=True)
+        except ValueError as e:
+            return ControlReply(str(e))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory reading a huge folder: this call fails alone
+            log.exception("changing LoRA adapter %r failed", msg.name)
+            return ControlReply(f"internal error ({type(e).__name__}: {e})")
+        return ControlReply()
 
     def _abort_all(self, error: str) -> None:
         for rid in list(self.engine.requests):
@@ -144,8 +172,8 @@ class CoreLoop:
                 outputs = [RequestOutput(rid, [], finished=True, finish_reason="error", error=STEP_ERROR)
                            for rid in list(self.engine.requests)]
                 self._abort_all(STEP_ERROR)
-        batch = OutputBatch(outputs, self._rejected, self.engine.stats())
-        self._rejected = {}
+        batch = OutputBatch(outputs, self._rejected, self.engine.stats(), self._replies)
+        self._rejected, self._replies = {}, {}
         return batch
 
     def run(self, receive: Callable[[float], list[ClientMessage]], send: Callable[[OutputBatch], None],

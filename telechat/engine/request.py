@@ -12,9 +12,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from telechat.engine.sampling import SamplingParams
 from telechat.model.rope import RopeParams
+
+if TYPE_CHECKING:
+    from telechat.model.lora import LoraAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -56,10 +60,14 @@ class Request:
     """RoPE base and mscale, fixed by the prompt length (NTK scaling) when the request is added."""
     cache_salt: tuple = ()
     """Extra key of its first KV block's hash: everything besides the tokens that changes the cached KV
-    (the RoPE base and mscale fixed by the prompt length; later an adapter name)."""
+    (the RoPE base and mscale fixed by the prompt length; the LoRA adapter's load id)."""
     after: str | None = None
     """Id of a sibling (another choice of the same prompt, ``n`` > 1): this request is admitted once that
     one has its first token, so the prompt's full blocks are in the prefix cache and shared, not recomputed."""
+    lora: LoraAdapter | None = None
+    """The LoRA adapter this request runs with (None: the base model); the scheduler only reads its ``id``."""
+    lora_slot: int | None = None
+    """The device slot holding its adapter, held like ``row`` from the first admission to the end."""
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -32,6 +32,7 @@ from telechat.engine.sampling import adjust_logits, needs_adjusting, sample_on_d
 from telechat.engine.scheduler_output import SchedulerOutput
 from telechat.model.forward_batch import ForwardBatch
 from telechat.model.kernels import GEMV_MAX_M, tune_gemv
+from telechat.model.lora import LoraSlots
 from telechat.model.rope import inv_freq
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ class ModelRunner:
     """
 
     def __init__(self, model, cache: PagedKVCache, *, max_num_seqs: int, max_model_len: int, num_rows: int,
-                 seed: int = 0, cuda_graphs: bool | None = None, compile: bool = False):
+                 seed: int = 0, cuda_graphs: bool | None = None, compile: bool = False, max_loras: int = 0,
+                 max_lora_rank: int = 64):
         model.fuse_projections()
         self.model = model
         self.cache = cache
@@ -147,6 +149,10 @@ class ModelRunner:
         self.rope.row(model.rope_params(1).base)  # row 0: the base of short prompts
         self.row_rope = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
         self.row_mscale = torch.ones(num_rows + 1, dtype=torch.float32, device=dev)
+        self.lora = LoraSlots(model, max_loras, max_lora_rank) if max_loras else None
+        """Per-request LoRA adapter slots (``max_loras`` > 0); the decode graphs capture the LoRA path."""
+        self.row_lora = torch.full((num_rows + 1,), -1, dtype=torch.long, device=dev)
+        """Each row's LoRA slot (-1: base model); a fixed-address buffer, read inside the decode graphs."""
         self.presence = torch.zeros(num_rows, self.vocab_size, dtype=torch.bool, device=dev)
         """Tokens seen per row (prompt + output), kept for rows whose request has a repetition penalty."""
         self.output_counts: torch.Tensor | None = None
@@ -280,14 +286,17 @@ class ModelRunner:
             self._generators.pop(row, None)
         for row in sched.reset_rows:
             self._synced[row] = 0
+        for slot, adapter in sched.lora_loads:
+            self.lora.load(slot, adapter)
         if not sched.new_rows:
             return
-        rows, rope_rows, mscales = [], [], []
+        rows, rope_rows, mscales, lora_slots = [], [], [], []
         for req in sched.new_rows:
             rope = req.rope or self.model.rope_params(len(req.prompt_ids))
             rows.append(req.row)
             rope_rows.append(self.rope.row(rope.base))
             mscales.append(rope.mscale)
+            lora_slots.append(-1 if req.lora_slot is None else req.lora_slot)
             self._synced[req.row] = 0
             if req.params.seed is not None:
                 self._generators[req.row] = torch.Generator(device=self.device).manual_seed(req.params.seed)
@@ -308,6 +317,7 @@ class ModelRunner:
         idx = to_device(rows, torch.long, self.device)
         self.row_rope[idx] = to_device(rope_rows, torch.long, self.device)
         self.row_mscale[idx] = to_device(mscales, torch.float32, self.device)
+        self.row_lora[idx] = to_device(lora_slots, torch.long, self.device)
 
     def _sync_blocks(self, req: Request, rows: list[int], cols: list[int], blocks: list[int]) -> None:
         """Stage the blocks of ``req``'s table that the device does not have yet (tables only grow
@@ -348,7 +358,8 @@ class ModelRunner:
             prefills=prefills,
         )
         batch = ForwardBatch(positions=positions, inv_freq=self.rope.table[self.row_rope[rows]],
-                             mscale=self.row_mscale[rows], attention=attention, logits_rows=logits_rows)
+                             mscale=self.row_mscale[rows], attention=attention, logits_rows=logits_rows,
+                             lora=self.lora.batch(self.row_lora[rows]) if self.lora is not None else None)
         return self.model.forward_batch(ids, batch)
 
     def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

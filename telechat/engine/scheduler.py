@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from telechat.engine.block_pool import BlockPool, hash_block
+from telechat.engine.lora_slots import LoraSlotTable
 from telechat.engine.request import Request, RequestOutput, RequestStatus
 from telechat.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from telechat.engine.stop import finish_reason, out_of_room
@@ -48,6 +49,8 @@ class SchedulerConfig:
     num_rows: int | None = None
     """Rows of the runner's per-request state; default ``2 * max_num_seqs``: the running requests plus
     as many preempted ones waiting to resume (they keep their row)."""
+    max_loras: int = 0
+    """LoRA adapter slots on the device: requests admitted at once use at most this many distinct adapters."""
 
     def __post_init__(self) -> None:
         if self.num_rows is None:
@@ -81,6 +84,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.tokens_generated = 0
         self._free_rows = list(range(config.num_rows - 1, -1, -1))  # pop() hands out the lowest row
+        self.lora_slots = LoraSlotTable(config.max_loras)
         self._freed_rows: list[int] = []  # released since the last schedule, reported by the next one
         self._aborted: list[Request] = []
         self._hashes: dict[str, list[bytes]] = {}  # request id -> digests of its full known blocks
@@ -191,6 +195,8 @@ class Scheduler:
                 continue
             if request.row is None and not self._free_rows:
                 return
+            if request.lora is not None and request.lora_slot is None and not self.lora_slots.can_take(request.lora.id):
+                continue  # every slot serves other adapters' running requests: it waits, others may go
             # Never the whole context from the cache: the last token is computed, it yields the logits.
             cached = self._find_cached(request, (request.num_tokens - 1) // bs)
             computed = len(cached) * bs
@@ -208,6 +214,10 @@ class Scheduler:
             if request.row is None:
                 request.row = self._free_rows.pop()
                 request.num_cached_tokens = computed
+                if request.lora is not None:
+                    request.lora_slot, load = self.lora_slots.take(request.lora.id)
+                    if load:
+                        out.lora_loads.append((request.lora_slot, request.lora))
                 out.new_rows.append(request)
             out.prefills.append(self._chunk(request, n))
             budget -= n
@@ -357,6 +367,8 @@ class Scheduler:
         request.block_ids = []
         if request.row is not None:
             self._freed_rows.append(request.row)
+        if request.lora_slot is not None:
+            self.lora_slots.release(request.lora_slot)
         del self.requests[request.request_id]
         self._hashes.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)

@@ -42,6 +42,8 @@ class SchedulerOutput:
     table starts again from nothing."""
     freed_rows: list[int] = field(default_factory=list)
     """Rows released since the last step (requests finished or aborted): the runner forgets them."""
+    lora_loads: list[tuple[int, object]] = field(default_factory=list)
+    """``(slot, LoraAdapter)``: adapters to copy into device slots before this step runs."""
     finished: list[RequestOutput] = field(default_factory=list)
     """Requests that ended while scheduling (aborted): reported with this step's outputs."""
 

@@ -12,12 +12,15 @@ for one sequence without a cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from telechat.model.attention import attention
 from telechat.model.rope import apply_rope, cos_sin
+
+if TYPE_CHECKING:
+    from telechat.model.lora import LoraBatch
 
 
 class AttentionBackend(Protocol):
@@ -44,6 +47,8 @@ class ForwardBatch:
     """Does the attention of every layer (and owns the KV cache, if any)."""
     logits_rows: torch.Tensor | None = None
     """``[R]`` int64: the tokens whose logits are returned, in this order; None = every token."""
+    lora: LoraBatch | None = None
+    """Per-request LoRA adapters of the tokens (:mod:`telechat.model.lora`); None = the base model only."""
 
     def rope_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[T, d]`` of every token, computed in float32 and cast to ``dtype``."""

@@ -145,10 +145,11 @@ class TelechatAttention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward_batch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      attention: AttentionBackend) -> torch.Tensor:
-        """Attention output ``[T, H]`` for flat tokens ``x [T, H]``; ``attention`` rotates, caches and attends."""
-        q, k, v = self.project(x, lin=linear)
-        return linear(attention.attend(self.layer_idx, q, k, v, cos, sin).reshape(x.shape[0], -1), self.dense)
+                      attention: AttentionBackend, lin=linear) -> torch.Tensor:
+        """Attention output ``[T, H]`` for flat tokens ``x [T, H]``; ``attention`` rotates, caches and attends;
+        ``lin`` applies the projections (per-request LoRA: :meth:`~telechat.model.lora.LoraBatch.linear`)."""
+        q, k, v = self.project(x, lin=lin)
+        return lin(attention.attend(self.layer_idx, q, k, v, cos, sin).reshape(x.shape[0], -1), self.dense)
 
     def forward(
         self,
@@ -224,18 +225,18 @@ class TelechatBlock(GradientCheckpointingLayer):
         return (normed if self.post_ln_residual else h) + F.dropout(out, self.hidden_dropout, self.training)
 
     def forward_batch(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                      attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+                      attention: AttentionBackend, lin=linear) -> tuple[torch.Tensor, torch.Tensor]:
         """Serving form of :meth:`forward` (inference, flat tokens): the block's input is ``x + residual``
         (``residual=None``: ``x``) and it returns ``(mlp_out, residual)`` whose sum is its output, so
         each residual add runs fused into the next norm."""
         normed, residual = self.input_layernorm.add_forward(x, residual)
         if self.post_ln_residual:
             residual = normed
-        attn = self.self_attention.forward_batch(normed, cos, sin, attention)
+        attn = self.self_attention.forward_batch(normed, cos, sin, attention, lin)
         normed, residual = self.post_attention_layernorm.add_forward(attn, residual)
         if self.post_ln_residual:
             residual = normed
-        return self.mlp(normed, linear), residual
+        return self.mlp(normed, lin), residual
 
 
 class TelechatPreTrainedModel(PreTrainedModel):
@@ -361,9 +362,10 @@ class TelechatModel(TelechatPreTrainedModel):
         if self.word_embeddings_layernorm is not None:
             x = self.word_embeddings_layernorm(x)
         cos, sin = batch.rope_tables(x.dtype)
+        lin = linear if batch.lora is None else batch.lora.linear
         residual = None
         for block in self.h:
-            x, residual = block.forward_batch(x, residual, cos, sin, batch.attention)
+            x, residual = block.forward_batch(x, residual, cos, sin, batch.attention, lin)
         if batch.logits_rows is not None:  # the last norm and the head only where logits are wanted
             x, residual = x[batch.logits_rows], residual[batch.logits_rows]
         return self.ln_f.add_forward(x, residual)[0]
