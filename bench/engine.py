@@ -9,6 +9,7 @@ bytes) are measured in the same process. Prints one JSON line per measurement, t
 
     python bench/engine.py --preset 7B --concurrency 1,16,64,256 --long-prompt 32768
     python bench/engine.py --model /tmp/telechat-bench/7B --concurrency 64 --json engine.json
+    python bench/engine.py --preset 12B --concurrency 64 --constrained-fraction 0,0.25,1 --skip-hf --long-prompt 0
     python bench/engine.py --preset tiny --concurrency 2 --new-tokens 8 --ttft-prompt 32 --long-prompt 0 \\
         --max-model-len 512                                                      # CPU smoke run
 """
@@ -82,12 +83,25 @@ def hf_generate_tps(model, prompt_len: int, new: int) -> float:
     return new / (time.perf_counter() - t)
 
 
-def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int) -> dict:
-    """Submit all prompts at once, run to completion; return timing figures."""
+CONSTRAINED_GRAMMAR = r'''root ::= "[" obj (", " obj)*
+obj ::= "{\"id\": " [0-9]+ ", \"name\": \"" [a-zA-Z ]* "\", \"tags\": [" tag (", " tag)* "]}"
+tag ::= "\"a\"" | "\"b\""
+'''
+"""The grammar of ``--constrained-fraction`` requests: a JSON list of objects (integers, strings, enums)
+that never closes, so every token of the reply is masked whatever the random weights pick."""
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrained: float = 0.0) -> dict:
+    """Submit all prompts at once (the first ``constrained`` fraction with a JSON-schema grammar), run to
+    completion; return timing figures."""
+    from telechat.engine.guided import GrammarSpec
+
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    guided = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True,
+                            guided=GrammarSpec("ebnf", CONSTRAINED_GRAMMAR))
     t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
+    for i, p in enumerate(prompts):
+        engine.add_request(p, guided if i < round(constrained * len(prompts)) else params)
     first: dict[str, float] = {}
     tokens = 0
     while engine.has_unfinished():
@@ -129,6 +143,11 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers generate() baseline")
+    p.add_argument("--constrained-fraction", default="", metavar="F,F,...",
+                   help="also measure each --concurrency level with these fractions of JSON-schema constrained "
+                        "requests (e.g. 0,0.25,1; structured output, docs/engine.md)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer of the constrained requests' grammar (default: --model, else the 12B fixture)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here (rewritten after each)")
     args = p.parse_args()
     if args.model and args.layers:
@@ -149,7 +168,19 @@ def main() -> None:
             torch.cuda.empty_cache()  # the engine sizes its KV pool from free memory
     t = time.perf_counter()
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=max_len, max_num_batched_tokens=8192)
-    engine = LLMEngine(model, config)
+    grammars = None
+    if args.constrained_fraction:
+        from telechat.engine.guided import GrammarCompiler
+
+        tokenizer = args.tokenizer or args.model or Path(__file__).resolve().parents[1] / "tests/fixtures/tokenizer-12b"
+        grammars = GrammarCompiler.from_path(str(tokenizer), vocab)
+    engine = LLMEngine(model, config, grammars=grammars)
+    if grammars is not None:  # the first compile builds the tokenizer's token table: not part of decoding
+        from telechat.engine.guided import GrammarSpec
+
+        t = time.perf_counter()
+        grammars.compile(GrammarSpec("ebnf", CONSTRAINED_GRAMMAR))
+        record("grammar_compile", seconds=round(time.perf_counter() - t, 2))
     record("engine_start", seconds=round(time.perf_counter() - t, 1),
            kv_capacity_tokens=engine.stats().get("kv_capacity_tokens"), compiled=config.compile)
     run_requests(engine, [random_prompt(16, vocab, 1)], 16)  # warm-up
@@ -166,6 +197,10 @@ def main() -> None:
         prompts = [random_prompt(args.prompt_len, vocab, 1000 * c + i) for i in range(c)]
         r = run_requests(engine, prompts, args.new_tokens)
         record("engine_concurrency", concurrency=c, **r)
+        for f in [float(x) for x in args.constrained_fraction.split(",") if x]:
+            prompts = [random_prompt(args.prompt_len, vocab, 1000 * c + 500 + i) for i in range(c)]
+            r = run_requests(engine, prompts, args.new_tokens, constrained=f)
+            record("engine_constrained", concurrency=c, constrained_fraction=f, **r)
     if args.long_prompt:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -111,12 +111,6 @@ def test_non_finite_floats_are_refused(demo_server):
 
 
 @pytest.mark.parametrize("extra, field", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}],
-      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-    ({"functions": [{"name": "f"}], "function_call": {"name": "f"}}, "function_call"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
@@ -290,5 +284,5 @@ def test_openapi_says_what_the_server_answers(demo_server):
     chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert chat["stop"]["anyOf"][0]["minLength"] == 1
     roles = spec["components"]["schemas"]["ChatMessage"]["properties"]["role"]["enum"]
-    assert sorted(roles) == ["assistant", "bot", "system", "user"]
+    assert sorted(roles) == ["assistant", "bot", "system", "tool", "user"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

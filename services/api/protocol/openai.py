@@ -5,10 +5,12 @@ Validation is strict (no string → number, no bool → number coercion; floats 
 is in the published schema. Unknown fields are ignored (clients send many). Fields we cannot honour
 get a 400 naming the field where ignoring them would change the answer: ``n`` > 1, ``logprobs``,
 ``top_logprobs``, ``logit_bias``, non-zero ``frequency_penalty``/``presence_penalty``,
-``response_format`` json_object/json_schema, ``tool_choice`` "required" or a named function (and
-the same for ``function_call``), ``echo``, ``suffix``, ``best_of`` > 1, non-text content parts.
-``tools``/``functions`` with ``tool_choice`` absent, "auto" or "none" are accepted and answered in
-text, as OpenAI's own semantics allow (Open WebUI sends its built-in tools with every chat).
+``echo``, ``suffix``, ``best_of`` > 1, non-text content parts.
+Structured output (``response_format`` json_object/json_schema, ``guided_*``) and forced tool calls
+(``tool_choice`` "required" or a named function, legacy ``function_call``) are enforced by
+grammar-constrained decoding (docs/engine.md). ``tools``/``functions`` with ``tool_choice`` absent,
+"auto" or "none" are answered in text: the TeleChat v1 chat format defines no tool-call syntax to
+parse (Open WebUI sends its built-in tools with every chat).
 """
 
 from __future__ import annotations
@@ -89,14 +91,6 @@ def refuse_unsupported(data: Any, *, chat: bool) -> None:
         v = data.get(name)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0 and -2 <= v <= 2:
             raise unsupported(name, "a non-zero value", "use repetition_penalty (> 1 discourages repeats)")
-    fmt = data.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        raise unsupported("response_format", f"{fmt['type']!r} (structured output)", "only 'text' is")
-    for name in ("tool_choice", "function_call"):
-        v = data.get(name)
-        if v == "required" or isinstance(v, dict):
-            raise unsupported(name, "forcing a tool call (\"required\" or a named function)",
-                              "tools are accepted with \"auto\" or \"none\" and answered in text")
     if not chat:
         if (_int(data, "best_of") or 1) > 1:
             raise unsupported("best_of", "a value above 1")
@@ -122,16 +116,24 @@ class TextPart(_Request):
     text: Text
 
 
-Role = Literal["system", "user", "assistant", "bot"]
+Role = Literal["system", "user", "assistant", "bot", "tool"]
 
 
 class ChatMessage(_Request):
     role: Role
-    """system | user | assistant (``bot``, the TeleChat name, is accepted as assistant)."""
-    content: Text | list[TextPart]
-    """A string, or text parts that are joined (the model takes text only)."""
+    """system | user | assistant (``bot``, the TeleChat name, is accepted as assistant) | tool (a tool's
+    result, rendered as in docs/chat-format.md)."""
+    content: Text | list[TextPart] | None = None
+    """A string, or text parts that are joined (the model takes text only); may be null in an
+    assistant message with ``tool_calls``."""
     name: Text | None = None
     """Accepted and not used."""
+    tool_calls: list[MessageToolCall] | None = None
+    """Calls an assistant message made (history)."""
+    tool_call_id: Text | None = None
+    """The call a tool message answers."""
+    function_call: FunctionCall | None = None
+    """The call an assistant message made (deprecated ``functions`` API, history)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -141,6 +143,8 @@ class ChatMessage(_Request):
             return data
         content = data.get("content")
         if content is None:
+            if data.get("role") == "assistant" and (data.get("tool_calls") or data.get("function_call")):
+                return data
             raise ValueError("content is required (a string or a list of text parts)")
         if isinstance(content, list):
             for part in content:
@@ -156,12 +160,50 @@ class ChatMessage(_Request):
         """The content as one string."""
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
-        return self.content
+        return self.content or ""
+
+
+class JSONSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """The JSON schema the reply must validate against (absent: any JSON object)."""
+    strict: bool | None = None
+    """Accepted; the schema is always enforced (grammar-constrained decoding)."""
 
 
 class ResponseFormat(_Request):
-    type: Literal["text"]
-    """Only plain text is supported."""
+    type: Literal["text", "json_object", "json_schema"]
+    """``text``; ``json_object``: the reply is a JSON object; ``json_schema``: it validates against ``json_schema.schema``."""
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object "
+                             "({'name': ..., 'schema': {...}})")
+        return self
+
+
+class FunctionName(_Request):
+    name: NonEmptyText
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Request):
+    name: NonEmptyText
+    arguments: Text
+    """The arguments as JSON text (as the model wrote them)."""
+
+
+class MessageToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 StopField = Annotated[NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None,
@@ -222,10 +264,11 @@ class ChatCompletionRequest(_SamplingFields):
     model: Text | None = None
     """Served model id; optional here (not in OpenAI spec: there it is required)."""
     frequency_penalty: OpenAIPenalty = None
-    function_call: Literal["none", "auto"] | None = None
-    """Deprecated by OpenAI; the answer is text (forcing a call is not supported)."""
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    """Deprecated by OpenAI: ``{"name": ...}`` forces a call of that function (grammar-constrained);
+    "auto"/"none": the answer is text."""
     functions: list[dict[str, Any]] | None = None
-    """Deprecated by OpenAI; accepted, the answer is text."""
+    """Deprecated by OpenAI: the functions ``function_call`` may name."""
     logit_bias: NoLogitBias = None
     logprobs: Literal[False] | None = None
     """Only false is supported."""
@@ -236,16 +279,17 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     presence_penalty: OpenAIPenalty = None
     response_format: ResponseFormat | None = None
-    """Only ``{"type": "text"}`` is supported."""
+    """``text``, ``json_object`` or ``json_schema`` (enforced by grammar-constrained decoding)."""
     seed: Seed | None = None
     stop: StopField = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: Temperature = None
-    tool_choice: Literal["none", "auto"] | None = None
-    """The answer is text (forcing a tool call is not supported)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """"required" or a named function: the reply is tool calls whose arguments validate against the
+    tools' parameter schemas; "auto"/"none": the answer is text."""
     tools: list[dict[str, Any]] | None = None
-    """Accepted; the answer is text (no tool calls)."""
+    """Functions the model may call (``{"type": "function", "function": {"name", "parameters", ...}}``)."""
     top_logprobs: int | None = Field(None, ge=0, le=0)
     """Only 0 is supported."""
     top_p: TopP = None
@@ -255,6 +299,12 @@ class ChatCompletionRequest(_SamplingFields):
     repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (benchmarks)."""
+    guided_json: dict[str, Any] | Text | None = None
+    """The reply validates against this JSON schema (vLLM's extension; like ``response_format`` json_schema)."""
+    guided_regex: Text | None = None
+    """The reply matches this regular expression (vLLM's extension)."""
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    """The reply is exactly one of these strings (vLLM's extension)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -308,6 +358,14 @@ class CompletionRequest(_SamplingFields):
     top_k: TopK = None
     repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    """Structured output as in chat requests (vLLM's extension of completions)."""
+    guided_json: dict[str, Any] | Text | None = None
+    """The reply validates against this JSON schema (vLLM's extension; like ``response_format`` json_schema)."""
+    guided_regex: Text | None = None
+    """The reply matches this regular expression (vLLM's extension)."""
+    guided_choice: Annotated[list[NonEmptyText], Field(min_length=1)] | None = None
+    """The reply is exactly one of these strings (vLLM's extension)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -357,16 +415,39 @@ class Usage(BaseModel):
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+    """JSON text."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """Null when the reply is ``tool_calls``."""
+    tool_calls: list[ToolCall] | None = None
+    function_call: ToolCallFunction | None = None
+    """The deprecated ``functions`` API's one call."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_calls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k == "content"}
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -378,11 +459,34 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: ``index``, ``id``, ``type`` and the name first, then arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     """Only the fields a chunk carries: ``{"role", "content"}`` first, ``{"content"}`` next, ``{}`` last."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
@@ -393,7 +497,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

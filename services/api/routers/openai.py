@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
 
-from services.api import serving
+from services.api import serving, structured
 from services.api.deps import RuntimeDep, StateDep, require_api_key
 from services.api.protocol.openai import (
     APIError,
@@ -23,6 +25,7 @@ from services.api.protocol.openai import (
     Usage,
     new_id,
 )
+from telechat.chat_tools import flatten_tool_messages, with_tools
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
 STREAM = {"content": {"text/event-stream": {"description": "with `stream: true`: `data: {chunk}` events, "
@@ -49,20 +52,33 @@ async def list_models(rt: RuntimeDep) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
     """Chat in the TeleChat format; streams SSE chunks with ``stream: true``."""
     serving.check_model(rt, body.model)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    plan = structured.tool_plan(body)
+    messages = flatten_tool_messages([m.model_dump(include={"role", "tool_calls", "function_call"}) | {"content": m.text()}
+                                      for m in body.messages])
+    if plan is not None:
+        messages = with_tools(messages, plan.functions.values())
     serving.check_prompt_size(rt, [m["content"] for m in messages], "messages")
     prompt = await serving.encode(lambda: rt.chat.encode_prompt(messages), "messages")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
-    params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
+    guided = structured.grammar_spec(body, max_tokens, plan)
+    params = serving.build_params(lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens),
+                                                  guided=guided))
     rid = new_id("chatcmpl")
     deltas = await serving.start(state, rt, prompt, params, rid)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
+        if plan is not None:
+            return EventSourceResponse(structured.tool_call_events(rid, rt.name, plan, deltas, usage), sep="\n")
         return EventSourceResponse(serving.chat_events(rid, rt.name, deltas, usage), sep="\n")
     text, last = await serving.collect(request, deltas)
+    message, reason = ResponseMessage(content=text), last.finish_reason
+    if plan is not None and reason == "stop":
+        calls = structured.tool_calls(plan, text)
+        message = (ResponseMessage(content=None, function_call=calls[0].function) if plan.legacy
+                   else ResponseMessage(content=None, tool_calls=calls))
+        reason = "function_call" if plan.legacy else "tool_calls"
     return ChatCompletionResponse(
-        id=rid, model=rt.name, choices=[ChatChoice(message=ResponseMessage(content=text),
-                                                   finish_reason=last.finish_reason)],
+        id=rid, model=rt.name, choices=[ChatChoice(message=message, finish_reason=reason)],
         usage=Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
 
 
@@ -80,7 +96,9 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
-    params = serving.build_params(lambda: body.to_sampling_params(rt.sampling_params, max_tokens))
+    guided = structured.grammar_spec(body, max_tokens)
+    params = serving.build_params(lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens),
+                                                  guided=guided))
     rid = new_id("cmpl")
     deltas = await serving.start(state, rt, prompt, params, rid, continuation=True)
     if body.stream:
