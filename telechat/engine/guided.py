@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,7 +193,8 @@ class GrammarCompiler:
         if self._compiler is None:
             xgr = _xgr()
             info = xgr.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
+                                                 cache_limit_bytes=CACHE_LIMIT_BYTES)
         return self._compiler
 
     def compile(self, spec: GrammarSpec) -> Any:
