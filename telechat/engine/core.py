@@ -185,11 +185,10 @@ class LLMEngine:
             raise AdapterError("this engine serves no per-request LoRA adapters (max_loras is 0)")
         if name in self.adapters:
             raise AdapterError(f"a LoRA adapter named {name!r} is already loaded; unload it first or pick another name")
-        adapter = read_adapter(path, name, self.model, self.runner.lora.max_rank)
+        adapter = read_adapter(path, name, self.model, self.runner.lora.max_rank, dtype=self.model.dtype)
         adapter.id = next(self._adapter_ids)
         if self.device.type == "cuda":  # pinned: the copy into a slot does not wait for the host
-            adapter.weights = {k: (a.to(self.model.dtype).pin_memory(), b.to(self.model.dtype).pin_memory())
-                               for k, (a, b) in adapter.weights.items()}
+            adapter.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in adapter.weights.items()}
         self.adapters[name] = adapter
         log.info("LoRA adapter %r loaded from %s (rank %d)", name, adapter.path, adapter.rank)
         return adapter

@@ -230,7 +230,8 @@ class ModelRunner:
         if step.prev_src.numel():  # the previous step's tokens, still on the device; a failed one (-1) is fed as 0
             inputs[0].index_copy_(0, step.prev_dst, self._prev_ids.index_select(0, step.prev_src).clamp(min=0))
         if sched.prefills:
-            logits = self._pass(*inputs, num_decodes, self._prefill_chunks(step.prefills), step.wanted)
+            logits = self._pass(*inputs, num_decodes, self._prefill_chunks(step.prefills), step.wanted,
+                                lora=any(c.request.lora_slot is not None for c in sched.chunks))
         else:
             if bucket in (self.graphs or {}):
                 graph, out = self.graphs[bucket]
@@ -346,8 +347,9 @@ class ModelRunner:
         return chunks
 
     def _pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, num_decodes: int,
-              prefills: list[PrefillChunk], logits_rows: torch.Tensor | None) -> torch.Tensor:
-        """Logits of one flat batch: tokens ``ids`` at ``positions`` of the sequences in ``rows``."""
+              prefills: list[PrefillChunk], logits_rows: torch.Tensor | None, lora: bool = True) -> torch.Tensor:
+        """Logits of one flat batch: tokens ``ids`` at ``positions`` of the sequences in ``rows``; ``lora``
+        False skips the LoRA path (no row of the batch has an adapter: same result, less work)."""
         bs = self.block_size
         slots = self.tables[rows, positions // bs].long() * bs + positions % bs
         decoding = rows[:num_decodes]
@@ -359,7 +361,7 @@ class ModelRunner:
         )
         batch = ForwardBatch(positions=positions, inv_freq=self.rope.table[self.row_rope[rows]],
                              mscale=self.row_mscale[rows], attention=attention, logits_rows=logits_rows,
-                             lora=self.lora.batch(self.row_lora[rows]) if self.lora is not None else None)
+                             lora=self.lora.batch(self.row_lora[rows]) if self.lora is not None and lora else None)
         return self.model.forward_batch(ids, batch)
 
     def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

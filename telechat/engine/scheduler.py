@@ -186,6 +186,7 @@ class Scheduler:
         """Admit waiting requests in order while seats, rows, blocks (``keep_free`` left for the decodes)
         and budget allow; a request whose last tokens are still on the device waits for them."""
         bs = self.config.block_size
+        slot_wait = False  # a request waits for a LoRA slot: no other adapter request is admitted before it
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
@@ -195,8 +196,12 @@ class Scheduler:
                 continue
             if request.row is None and not self._free_rows:
                 return
-            if request.lora is not None and request.lora_slot is None and not self.lora_slots.can_take(request.lora.id):
-                continue  # every slot serves other adapters' running requests: it waits, others may go
+            if request.lora is not None and request.lora_slot is None and (
+                    slot_wait or not self.lora_slots.can_take(request.lora.id)):
+                # Every slot serves other adapters' running requests. Base requests behind it may go; adapter
+                # requests wait too, so the slots drain and it gets the first one freed (no starvation).
+                slot_wait = True
+                continue
             # Never the whole context from the cache: the last token is computed, it yields the logits.
             cached = self._find_cached(request, (request.num_tokens - 1) // bs)
             computed = len(cached) * bs

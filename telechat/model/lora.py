@@ -156,10 +156,12 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{folder} has no adapter_model.safetensors")
 
 
-def read_adapter(folder: str | Path, name: str, model, max_rank: int) -> LoraAdapter:
+def read_adapter(folder: str | Path, name: str, model, max_rank: int,
+                 dtype: torch.dtype = torch.float32) -> LoraAdapter:
     """Read the PEFT LoRA adapter in ``folder`` for ``model`` (its served layout), ranks padded to
-    ``max_rank``. Raises :class:`AdapterError` for a missing folder, a folder that is no LoRA adapter, a
-    rank above ``max_rank``, or modules, layers or shapes the model does not have."""
+    ``max_rank``, tensors in ``dtype`` (scales applied in float32 first). Raises :class:`AdapterError`
+    for a missing folder, a folder that is no LoRA adapter, a rank above ``max_rank``, or modules,
+    layers or shapes the model does not have."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise AdapterError(f"the adapter folder {folder} does not exist")
@@ -197,8 +199,8 @@ def read_adapter(folder: str | Path, name: str, model, max_rank: int) -> LoraAda
         if all(ab is None for _, ab in found):
             continue
         n_in, n_out = _shape(module)
-        a = torch.zeros(len(parts) * max_rank, n_in)
-        b = torch.zeros(n_out, len(parts) * max_rank)
+        a = torch.zeros(len(parts) * max_rank, n_in, dtype=dtype)
+        b = torch.zeros(n_out, len(parts) * max_rank, dtype=dtype)
         for i, ab in found:
             if ab is None:
                 continue

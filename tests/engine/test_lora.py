@@ -211,9 +211,9 @@ def test_bad_adapter_folders(model, adapters, tmp_path):
 # ---------------------------------------------------------------------------------------------- scheduler only
 
 def test_scheduler_admits_no_more_distinct_adapters_than_slots():
-    """Pure scheduler: with 2 slots and requests for 3 adapters, the third adapter's request waits (the
-    base request behind it is admitted), a slot is reused only once its last user ended, and a slot whose
-    adapter is still loaded is not reloaded."""
+    """Pure scheduler: with 2 slots and requests for 3 adapters, the third adapter's request waits, and so do
+    adapter requests behind it (the slots drain), while a base request behind it is admitted; freed slots are
+    reloaded least recently used first; a slot that still holds the adapter asked for is not reloaded."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_blocks=64,
                                       max_model_len=64, max_loras=2))
     x, y, z = (LoraAdapter(name, "", 4, {}, id=i) for i, name in enumerate("xyz", 1))
@@ -222,25 +222,30 @@ def test_scheduler_admits_no_more_distinct_adapters_than_slots():
     def add(rid: str, adapter):
         sched.add_request(Request(rid, [1, 2, 3], params, max_len=64, lora=adapter))
 
+    def step() -> SchedulerOutput:
+        out = sched.schedule()
+        sched.update_from_output(out, [7] * len(out.sampled))
+        return out
+
     for rid, adapter in (("x1", x), ("y1", y), ("z1", z), ("base", None), ("x2", x)):
         add(rid, adapter)
-    out = sched.schedule()
-    assert [c.request.request_id for c in out.prefills] == ["x1", "y1", "base", "x2"]
+    out = step()
+    assert [c.request.request_id for c in out.prefills] == ["x1", "y1", "base"]
     assert [(slot, a.name) for slot, a in out.lora_loads] == [(0, "x"), (1, "y")]
-    assert sched.requests["x1"].lora_slot == sched.requests["x2"].lora_slot == 0
-    sched.update_from_output(out, [7] * len(out.sampled))
-    # y1 finishes (max_tokens 2): its slot goes idle and z1 takes it, with a load.
-    out = sched.schedule()
-    sched.update_from_output(out, [7] * len(out.sampled))
-    assert "y1" not in sched.requests and "x1" not in sched.requests
-    out = sched.schedule()
-    assert [c.request.request_id for c in out.prefills] == ["z1"]
-    assert [(slot, a.name) for slot, a in out.lora_loads] == [(1, "z")]
-    sched.update_from_output(out, [7] * len(out.sampled))
-    # x is still in slot 0 (idle now): a new x request takes it without a load.
+    out = step()  # decodes; x1, y1 and base finish (max_tokens 2), z1 and x2 still wait
+    assert out.prefills == [] and set(sched.requests) == {"z1", "x2"}
+    out = step()
+    assert [c.request.request_id for c in out.prefills] == ["z1", "x2"]
+    assert [(slot, a.name) for slot, a in out.lora_loads] == [(0, "z"), (1, "x")]  # x's old slot 0 went first
     add("x3", x)
-    out = sched.schedule()
-    assert out.lora_loads == [] and sched.requests["x3"].lora_slot == 0
+    out = step()
+    assert out.lora_loads == [] and sched.requests["x3"].lora_slot == 1  # joins x2 in slot 1
+    step()
+    step()
+    assert not sched.requests and sched.lora_slots.in_use == 0
+    add("z2", z)
+    out = step()
+    assert out.lora_loads == [] and out.prefills[0].request.lora_slot == 0  # z is still in slot 0
 
 
 def test_in_process_engine_loads_uses_and_unloads(model, adapters):
@@ -267,3 +272,28 @@ def test_in_process_engine_loads_uses_and_unloads(model, adapters):
         front.shutdown(0)
     assert tokens == merged_tokens(model, adapters["a"], p)
     assert front.lora_adapters == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_with_two_adapters_equals_eager(model, adapters):
+    """On CUDA, decode steps replayed from graphs (slot ids read from the fixed-address row buffer) give
+    the tokens of eager decode steps and of each merged model, with two adapters and the base batched."""
+    requests = [(prompt(9, 21), "a"), (prompt(14, 22), None), (prompt(7, 23), "b"), (prompt(11, 24), "a")]
+
+    def run(cuda_graphs: bool) -> list[list[int]]:
+        engine = LLMEngine(copy.deepcopy(model).cuda(), EngineConfig(
+            max_num_seqs=8, block_size=16, max_loras=2, max_lora_rank=8, kv_cache_memory=64 << 20,
+            cuda_graphs=cuda_graphs))
+        for name, folder in adapters.items():
+            engine.load_adapter(name, str(folder))
+        assert (engine.runner.graphs is not None) == cuda_graphs
+        return _run(engine, requests)
+
+    graphed = run(True)
+    assert graphed == run(False)
+    for (p, name), tokens in zip(requests, graphed):
+        ref = model if name is None else merged(model, adapters[name])
+        want = LLMEngine(copy.deepcopy(ref).cuda(), EngineConfig(max_num_seqs=2, block_size=16,
+                                                                 kv_cache_memory=64 << 20)).generate([p], GREEDY)[0]
+        assert tokens == want, name
