@@ -6,6 +6,7 @@ answers chat messages.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -82,6 +83,7 @@ class Runtime:
         dtype: str = "auto",
         engine_config: EngineConfig | None = None,
         lora: str | Path | None = None,
+        lora_modules: dict[str, str] | None = None,
         content_markers: ContentMarkers = "text",
         engine_process: bool = True,
         **config_overrides,
@@ -93,7 +95,8 @@ class Runtime:
         while this one loads the tokenizer (:class:`~telechat.engine.core_client.EngineClient`), or
         in a thread of this process (:class:`~telechat.engine.async_engine.AsyncEngine`).
         ``content_markers``: how marker strings typed inside chat contents are read (see
-        :class:`~telechat.chat_format.ChatFormat`)."""
+        :class:`~telechat.chat_format.ChatFormat`). ``lora_modules``: LoRA adapters (name -> folder)
+        requests choose by name, batched with the base (needs ``engine_config.max_loras``)."""
         from telechat.chat_format import ChatFormat
         from telechat.engine.async_engine import AsyncEngine
         from telechat.engine.core_client import EngineClient
@@ -106,7 +109,8 @@ class Runtime:
         if lora:
             lora = check_adapter(lora)
         spec = EngineSpec(str(path), device=device, dtype=dtype, engine_config=engine_config,
-                          lora=str(lora) if lora else None, config_overrides=config_overrides,
+                          lora=str(lora) if lora else None, lora_modules=dict(lora_modules or {}),
+                          config_overrides=config_overrides,
                           log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         engine = EngineClient(spec) if engine_process else AsyncEngine(build_engine(spec))
         try:
@@ -148,8 +152,9 @@ class Runtime:
         return SamplingParams(**values)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     *, continuation: bool = False) -> AsyncIterator[StreamDelta]:
-        """Generate and stream text deltas; closing the iterator early aborts the request.
+                     *, continuation: bool = False, lora: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Generate and stream text deltas (``lora``: with that loaded adapter); closing the iterator early
+        aborts the request.
 
         ``continuation``: the text continues the prompt (raw completions), so it is decoded in the
         prompt's context; chat replies start fresh after ``<_bot>``.
@@ -158,7 +163,7 @@ class Runtime:
                           prompt_ids=prompt_ids if continuation else None)
         prompt_tokens = len(prompt_ids)
         completion = cached = 0
-        agen = self.engine.generate(prompt_ids, params, request_id)
+        agen = self.engine.generate(prompt_ids, params, request_id, lora=lora)
         try:
             async for out in agen:
                 completion = out.num_output_tokens or completion  # an engine that stopped reports no counts
@@ -192,6 +197,25 @@ def check_adapter(adapter: str | Path) -> Path:
         raise CheckpointError(f"{adapter} has no adapter_config.json; pass the LoRA adapter folder written by "
                               "`telechat finetune --method lora`")
     return adapter
+
+
+DEFAULT_MAX_LORA_RANK = 64
+"""LoRA rank the adapter slots hold unless an adapter given at start needs more."""
+
+
+def lora_slot_rank(adapters: dict[str, str], requested: int | None) -> int:
+    """The rank of the LoRA slots: ``requested``, else :data:`DEFAULT_MAX_LORA_RANK` or the largest ``r`` in
+    the ``adapter_config.json`` of ``adapters`` (name -> folder) when higher."""
+    if requested:
+        return requested
+    ranks = [DEFAULT_MAX_LORA_RANK]
+    for folder in adapters.values():
+        try:
+            cfg = json.loads((Path(folder).expanduser() / "adapter_config.json").read_text(encoding="utf-8"))
+            ranks.append(int(cfg.get("r", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # the engine reports what is wrong with the folder when it loads it
+    return max(ranks)
 
 
 def merge_adapter(model, adapter: str | Path):

@@ -33,6 +33,25 @@ ApiHost = Annotated[str, Field(description="bind address; 0.0.0.0 = every interf
                                json_schema_extra={"flags": ["--host"]})]
 ApiPort = Annotated[int, Field(ge=0, le=65535, description="port", json_schema_extra={"flags": ["--port"]})]
 ApiKey = Annotated[str | None, Field(description="bearer token required on model routes; unset = open")]
+LoraModules = Annotated[str | None, Field(
+    description="LoRA adapters that requests choose by their `model` field, batched with the base model: "
+    "name=folder, several separated by commas or spaces (PEFT folders, as `telechat finetune --method lora` "
+    "writes them)",
+    json_schema_extra={"nargs": "+"})]
+
+
+def parse_lora_modules(value: str | None) -> dict[str, str]:
+    """``"a=/x,b=/y"`` (or spaces) → ``{"a": "/x", "b": "/y"}``; ``ValueError`` for an entry without a
+    name or folder or a name given twice."""
+    modules: dict[str, str] = {}
+    for entry in (value or "").replace(",", " ").split():
+        name, sep, folder = entry.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"{entry!r} is not name=folder")
+        if name in modules:
+            raise ValueError(f"the adapter name {name!r} is given twice")
+        modules[name] = folder
+    return modules
 
 
 class ModelSettings(CliSettings):

@@ -38,7 +38,7 @@ from services import settings_cli
 from services.api.deps import ServerState
 from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
-from services.api.routers import docs, health, legacy, openai
+from services.api.routers import docs, health, legacy, lora, openai
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
@@ -53,7 +53,7 @@ def load_runtime(settings: Settings):
     """Load the configured model (the built-in demo when none is) and start its engine."""
     from telechat.model.checkpoint import inspect_checkpoint
     from telechat.engine.core import EngineConfig
-    from telechat.runtime import Runtime, resolve_model_path
+    from telechat.runtime import Runtime, lora_slot_rank, resolve_model_path
 
     path, _ = resolve_model_path(settings.model_path)
     info = inspect_checkpoint(path, need_tokenizer=True)
@@ -61,9 +61,12 @@ def load_runtime(settings: Settings):
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.prefix_caching, kv_cache_dtype=settings.kv_cache_dtype,
-                          gpu_memory_utilization=settings.gpu_memory_utilization)
+                          gpu_memory_utilization=settings.gpu_memory_utilization,
+                          max_loras=settings.max_loras if settings.lora_enabled else 0,
+                          max_lora_rank=lora_slot_rank(settings.lora_module_map, settings.max_lora_rank))
     return Runtime.load(info, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
-                        lora=settings.lora_path, content_markers=settings.content_markers, rope_mode=settings.rope_mode,
+                        lora=settings.lora_path, lora_modules=settings.lora_module_map,
+                        content_markers=settings.content_markers, rope_mode=settings.rope_mode,
                         training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
 
 
@@ -281,7 +284,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
                   description="OpenAI-compatible and legacy TeleChat routes over a continuous-batching engine. "
                   "Send `Authorization: Bearer <API_KEY>` when the server has an API key.")
     app.state.server = state
-    for router in (openai.router, legacy.router, health.router, docs.router):
+    for router in (openai.router, lora.router, legacy.router, health.router, docs.router):
         app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
@@ -356,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         from telechat.model.checkpoint import inspect_checkpoint
 
         inspect_checkpoint(Path(settings.model_path), need_tokenizer=True)
-    if settings.lora_path:
+    if settings.lora_path or settings.lora_modules:
         from telechat.runtime import check_adapter
 
-        check_adapter(settings.lora_path)
+        for folder in ([settings.lora_path] if settings.lora_path else []) + list(settings.lora_module_map.values()):
+            check_adapter(folder)
     server: uvicorn.Server | None = None
 
     def stop() -> None:

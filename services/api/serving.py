@@ -36,11 +36,16 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def check_model(rt: Runtime, requested: str | None) -> None:
-    """404 unless ``requested`` is empty or the served model's id."""
-    if requested and requested != rt.name:
-        raise APIError(404, f"the model {requested!r} does not exist; this server serves {rt.name!r} "
-                       "(see GET /v1/models)", code="model_not_found", param="model")
+def check_model(rt: Runtime, requested: str | None) -> str | None:
+    """The LoRA adapter ``requested`` names (None: the base model); 404 unless it is empty, the served
+    model's id or a loaded adapter's name."""
+    if not requested or requested == rt.name:
+        return None
+    if requested in rt.engine.lora_adapters:
+        return requested
+    served = ", ".join(repr(m) for m in [rt.name, *rt.engine.lora_adapters])
+    raise APIError(404, f"the model {requested!r} does not exist; this server serves {served} "
+                   "(see GET /v1/models)", code="model_not_found", param="model")
 
 
 def resolve_max_tokens(rt: Runtime, prompt_len: int, requested: int | None) -> int:
@@ -93,19 +98,20 @@ async def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
 
 
 async def start(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                request_id: str, *, continuation: bool = False) -> AsyncIterator[StreamDelta]:
-    """Admit a request (429 raised here, before any response starts) and return its delta stream.
+                request_id: str, *, continuation: bool = False, lora: str | None = None) -> AsyncIterator[StreamDelta]:
+    """Admit a request (429 raised here, before any response starts) and return its delta stream
+    (``lora``: generated with that loaded adapter).
 
     The stream is already started, so even a response that never iterates it releases the slot
     when it is closed or garbage-collected.
     """
-    agen = _generate(state, rt, prompt_ids, params, request_id, continuation)
+    agen = _generate(state, rt, prompt_ids, params, request_id, continuation, lora)
     await agen.__anext__()  # runs admission
     return agen
 
 
 async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str, continuation: bool) -> AsyncIterator[StreamDelta | None]:
+                    request_id: str, continuation: bool, lora: str | None) -> AsyncIterator[StreamDelta | None]:
     state.admit()
     m = state.metrics
     try:
@@ -114,7 +120,7 @@ async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], para
         t0 = last = time.perf_counter()
         tokens = 0
         reason = "abort"  # unless the engine says otherwise (e.g. the client left)
-        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation):
+        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora):
             now = time.perf_counter()
             if tokens == 0 and d.completion_tokens:
                 m.time_to_first_token.observe(now - t0)

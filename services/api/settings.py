@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from telechat.chat_format import ContentMarkers
-from telechat.settings import ApiHost, ApiKey, ApiPort, ModelName, ModelSettings
+from telechat.settings import ApiHost, ApiKey, ApiPort, LoraModules, ModelName, ModelSettings, parse_lora_modules
 
 MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted (1 MiB), checked before any parsing; larger bodies get 413."""
@@ -34,6 +34,13 @@ class Settings(ModelSettings):
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="KV cache element type: `auto` = the model's dtype, `fp8` = E4M3 (twice the tokens "
         "in the same memory; needs an Ada/Hopper GPU or the CPU)")
+    lora_modules: LoraModules = None
+    enable_lora: bool = Field(False, description="serve LoRA adapters chosen per request (on with --lora-modules); "
+                              "POST /v1/load_lora_adapter adds adapters at run time")
+    max_loras: int = Field(4, ge=1, description="LoRA adapters on the GPU at once (slots); more may be loaded, "
+                           "a request for one waits until a slot is free")
+    max_lora_rank: int | None = Field(None, ge=1, description="largest LoRA rank the slots hold; unset = 64, or "
+                                      "the largest rank among --lora-modules when higher")
     max_queue: int = Field(128, ge=0, description="requests allowed to wait beyond the running ones; "
                            "past it the API answers 429")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="share of GPU memory the engine may use")
@@ -49,6 +56,22 @@ class Settings(ModelSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _lora_modules(cls, v: str | None) -> str | None:
+        parse_lora_modules(v)
+        return v
+
+    @property
+    def lora_module_map(self) -> dict[str, str]:
+        """``lora_modules`` as name -> folder."""
+        return parse_lora_modules(self.lora_modules)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Per-request LoRA adapters are served (``enable_lora`` or adapters given at start)."""
+        return self.enable_lora or bool(self.lora_module_map)
 
     @model_validator(mode="after")
     def _step_budget(self) -> Settings:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from telechat.engine.paged_attention import dequantize, paged_decode_attention
+from telechat.engine.paged_attention import paged_decode_attention, read_kv
 from telechat.model.attention import attention
-from telechat.model.kernels import FP8_DTYPE, quantize_kv, rope_and_cache
+from telechat.model.kernels import FP8_DTYPE, rope_and_cache, store_kv
 from telechat.model.rope import apply_rope
 
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -115,10 +115,10 @@ class StepAttention:
             return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, cache.block_size, ks, vs)
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q, k = apply_rope(q, c, s), apply_rope(k, c, s)
-        kc[self.write_slots] = quantize_kv(k, ks, kc.dtype)
-        vc[self.write_slots] = quantize_kv(v, vs, vc.dtype)
+        store_kv(kc, self.write_slots, k, ks)
+        store_kv(vc, self.write_slots, v, vs)
         if cache.is_fp8:  # attend to what the cache holds (see the module doc)
-            k, v = dequantize(kc[self.write_slots], ks, q.dtype), dequantize(vc[self.write_slots], vs, q.dtype)
+            k, v = read_kv(kc, self.write_slots, ks, q.dtype), read_kv(vc, self.write_slots, vs, q.dtype)
         out = torch.empty_like(q)
         if self.decode_rows:
             n = self.decode_rows
@@ -130,7 +130,7 @@ class StepAttention:
                 kk, vv = (t[rows].transpose(0, 1).unsqueeze(0) for t in (k, v))
                 o = attention(qc, kk, vv, causal=True)
             else:
-                kk, vv = (dequantize(t[chunk.context_slots], scale, q.dtype).transpose(0, 1).unsqueeze(0)
+                kk, vv = (read_kv(t, chunk.context_slots, scale, q.dtype).transpose(0, 1).unsqueeze(0)
                           for t, scale in ((kc, ks), (vc, vs)))  # (1, Hkv, end, d)
                 qpos = torch.arange(chunk.start, chunk.end, device=q.device)
                 mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]

@@ -156,18 +156,19 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
     return out
 
 
-def dequantize(cached: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """Cache values as ``dtype``: FP8 entries times their scale; others as they are."""
-    if cached.dtype == dtype:
-        return cached
-    return (cached.float() * scale).to(dtype)
+def read_kv(cache: torch.Tensor, slots: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``cache[slots]`` as ``dtype``: FP8 entries (read through a byte view: CUDA has no indexed read for
+    float8 tensors) times their scale; others as they are."""
+    if cache.dtype != torch.float8_e4m3fn:
+        return cache[slots].to(dtype)
+    return (cache.view(torch.uint8)[slots].view(cache.dtype).float() * scale).to(dtype)
 
 
 def _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale):
     lmax = int(seq_lens.max())
     pos = torch.arange(lmax, device=q.device)
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B, Lmax]
-    keys = dequantize(k_cache[slots], k_scale, q.dtype).transpose(1, 2)  # [B, n_kv, Lmax, d]
-    vals = dequantize(v_cache[slots], v_scale, q.dtype).transpose(1, 2)
+    keys = read_kv(k_cache, slots, k_scale, q.dtype).transpose(1, 2)  # [B, n_kv, Lmax, d]
+    vals = read_kv(v_cache, slots, v_scale, q.dtype).transpose(1, 2)
     mask = (pos[None, :] < seq_lens[:, None])[:, None, None, :]
     return attention(q.unsqueeze(2), keys, vals, mask=mask).squeeze(2)

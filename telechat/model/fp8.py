@@ -146,6 +146,26 @@ class Fp8Linear(nn.Module):
             module.input_scale.fill_(input_scale)
         return module
 
+    @classmethod
+    def stack(cls, parts: list[tuple[Fp8Linear, torch.Tensor | None]]) -> Fp8Linear:
+        """One bias-free module whose output rows are the rows of ``parts`` in order: each part is a
+        module and the output rows it gives (None: all), e.g. the K rows of a fused ``key_value``. Exact:
+        rows keep their FP8 values and per-channel scales (a per-tensor scale becomes each row's);
+        static input scales (of modules reading the same input) become their max."""
+        first = parts[0][0]
+        weights, scales = [], []
+        for module, rows in parts:
+            scale = module.weight_scale.expand(module.out_features, 1)
+            weights.append(module.weight if rows is None else module.weight[rows])
+            scales.append(scale if rows is None else scale[rows])
+        w = torch.cat(weights)
+        fused = cls(first.in_features, w.shape[0], bias=False, activations=first.activations, device=w.device)
+        fused.weight.copy_(w)
+        fused.weight_scale.copy_(torch.cat(scales))
+        if first.input_scale is not None:
+            fused.input_scale.copy_(torch.stack([m.input_scale for m, _ in parts]).amax(0))
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.activations is not None and self.gemm_shapes_ok:
             return self.forward_scaled_mm(x)

@@ -200,7 +200,7 @@ if triton is not None:
             base = k_ptr + t * stride_kt + h * stride_kh
             x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            dst = kc_ptr + slot * stride_cs + h * stride_ch
+            kdst = kc_ptr + slot * stride_cs + h * stride_ch
             vbase = v_ptr + t * stride_vt + h * stride_vh
             vdst = vc_ptr + slot * stride_cs + h * stride_ch
             k1, k2 = x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
@@ -218,8 +218,8 @@ if triton is not None:
             else:
                 tl.store(vdst + offs, tl.load(vbase + offs, mask=mask), mask=mask)
                 tl.store(vdst + HALF + offs, tl.load(vbase + HALF + offs, mask=mask), mask=mask)
-            tl.store(dst + offs, k1.to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(dst + HALF + offs, k2.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(kdst + offs, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(kdst + HALF + offs, k2.to(kc_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale: float = 1.0,
@@ -231,8 +231,8 @@ def rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale: float = 
 
     if not _use_triton(q) or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or cos.stride() != sin.stride():
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        k_cache[slots] = quantize_kv(apply_rope(k, c, s), k_scale, k_cache.dtype)
-        v_cache[slots] = quantize_kv(v, v_scale, v_cache.dtype)
+        store_kv(k_cache, slots, apply_rope(k, c, s), k_scale)
+        store_kv(v_cache, slots, v, v_scale)
         return apply_rope(q, c, s)
     return _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale)
 
@@ -242,6 +242,16 @@ def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
     if dtype != FP8_DTYPE:
         return x.to(dtype)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """``cache[slots] = x`` as the cache stores it (:func:`quantize_kv`). FP8 caches are written through a
+    byte view: CUDA has no indexed write for float8 tensors."""
+    values = quantize_kv(x, scale, cache.dtype)
+    if cache.dtype == FP8_DTYPE:
+        cache.view(torch.uint8)[slots] = values.view(torch.uint8)
+    else:
+        cache[slots] = values
 
 
 def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale):
@@ -288,21 +298,26 @@ class GemvConfig:
 
     @property
     def max_m(self) -> int:
-        """Most rows of x this tiling takes: any up to 8 with tensor cores; FMA tiles keep ≤ 128 fp32
-        products per thread."""
+        """Most rows of x this tiling takes: with tensor cores up to 64 (x padded to 16, 32 or 64 rows)
+        while the pipelined tiles fit a Hopper SM's shared memory; FMA tiles keep ≤ 128 fp32 products
+        per thread (8 rows at most)."""
         if self.kind != "fma":
-            return GEMV_MAX_M
+            fits = [p for p in (16, 32, 64) if self.num_stages * self.block_k * 2 * (self.block_n + p) <= SMEM_BYTES]
+            return min(max(fits, default=0), GEMV_MAX_M)
         m = 1
-        while m < GEMV_MAX_M and 2 * m * self.block_n * self.block_k <= 128 * 32 * self.num_warps:
+        while m < 8 and 2 * m * self.block_n * self.block_k <= 128 * 32 * self.num_warps:
             m *= 2
         return m
 
 
 GEMV_KINDS = ("fma", "dot", "dot_w")
-GEMV_MAX_M = 8
-"""Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets)."""
-GEMV_BUCKETS = (1, 2, 4, 8)
-"""Row counts tuned; other counts up to 8 use the next bucket's choice."""
+GEMV_MAX_M = 64
+"""Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets);
+FMA tilings take at most 8, tensor-core tilings all (x padded to 16, 32 or 64 rows)."""
+SMEM_BYTES = 232448
+"""Shared memory one program may use on an H100/H200 (227 KiB): bounds the rows a tensor-core tiling takes."""
+GEMV_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Row counts tuned; other counts up to 64 use the next bucket's choice."""
 GEMV_DEFAULT = GemvConfig(16, 256, kind="dot")
 """A tiling for any row count up to 8 (what :func:`gemv` uses unless told)."""
 GEMV_CANDIDATES = (
@@ -334,6 +349,8 @@ GEMV_CANDIDATES = (
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
     GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
     GemvConfig(64, 256, split_k=2, kind="dot_w", serial_reduce=True, num_stages=3),
+    # FP8 weights (one byte each): longer rows per iteration
+    GemvConfig(8, 1024, num_stages=3),
 )
 """Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
 GEMV_CONFIGS = (
@@ -343,6 +360,9 @@ GEMV_CONFIGS = (
     GemvConfig(64, 256, kind="dot_w", num_stages=3),
     GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
     GemvConfig(64, 256, split_k=2, kind="dot_w", serial_reduce=True, num_stages=3),
+    # FP8 weights (one byte each): longer rows per iteration
+    GemvConfig(8, 1024, num_stages=3),
+    GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
@@ -384,10 +404,14 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr):
-        """Store ``acc [M_PAD, BLOCK_N]`` (fp32): the output (+ bias), or this split's partial; with
-        SERIAL, the split arriving last for this row block sums all partials into the output."""
+    def _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
+                     stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SERIAL: tl.constexpr):
+        """Store ``acc [M_PAD, BLOCK_N]`` (fp32) times the weight scales (FP8 weights): the output (+ bias),
+        or this split's partial; with SERIAL, the split arriving last for this row block sums all partials
+        into the output."""
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
@@ -411,8 +435,9 @@ if triton is not None:
                     tl.store(cnt_ptr + pid_n, 0)
 
     @triton.jit
-    def _gemv_fma_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
-                         stride_wn, stride_om, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _gemv_fma_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
+                         stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                          EVEN_K: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -439,12 +464,13 @@ if triton is not None:
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                     HAS_BIAS, SPLIT_K, SERIAL)
+        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
+                     stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
     @triton.jit
-    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
-                         stride_wn, stride_om, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
+                         stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                          EVEN_K: tl.constexpr, SWAP: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -461,7 +487,7 @@ if triton is not None:
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
-            w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+            w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K).to(x_ptr.dtype.element_ty)  # FP8 weights: to x's type
             x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
             if SWAP:
                 acc_t += tl.dot(w, tl.trans(x))
@@ -469,8 +495,8 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w))
         if SWAP:
             acc = tl.trans(acc_t)
-        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                     HAS_BIAS, SPLIT_K, SERIAL)
+        _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
+                     stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
     @triton.jit
     def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
@@ -499,18 +525,23 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig = GEMV_DEFAULT) -> torch.Tensor:
+         config: GemvConfig = GEMV_DEFAULT, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]`` of at most ``config.max_m`` rows and ``weight [N, K]``
-    (same dtype, unit column stride) with the Triton kernel: fp32 accumulation, one rounding."""
+    (unit column stride) with the Triton kernel: fp32 accumulation, one rounding. ``weight`` has ``x``'s
+    dtype, or is FP8 (E4M3) with ``scale`` (``[N, 1]`` per output channel or ``[1]`` per tensor, float32):
+    ``x @ (weight * scale).T`` with activations as they are (weight-only dequantization, read at one byte
+    per weight)."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if not 0 < m <= config.max_m or weight.stride(-1) != 1 or x.dtype != weight.dtype:
-        raise ValueError(f"gemv takes 1 to {config.max_m} rows and a weight of the input's dtype with unit column "
-                         f"stride, got {m} rows, {x.dtype} input, {weight.dtype} weight")
+    fp8 = weight.dtype == FP8_DTYPE
+    if not 0 < m <= config.max_m or weight.stride(-1) != 1 or (x.dtype != weight.dtype and not fp8) \
+            or fp8 != (scale is not None):
+        raise ValueError(f"gemv takes 1 to {config.max_m} rows and a weight of the input's dtype (or FP8 with a scale) "
+                         f"with unit column stride, got {m} rows, {x.dtype} input, {weight.dtype} weight")
     split = config.split_k
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     grid = (triton.cdiv(n, config.block_n), split)
@@ -519,14 +550,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     serial = split > 1 and config.serial_reduce
     counters = _split_counters(x.device, grid[0]) if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
-    common = dict(HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
+    scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
+    common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
                   SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages)
-    args = (x2, weight, b, out, ws, counters, m, n, k, k_per_split, x2.stride(0), weight.stride(0), out.stride(0))
+    args = (x2, weight, b, scales, out, ws, counters, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
+            scales.stride(0) if fp8 and scales.numel() > 1 else 0, out.stride(0))
     if config.kind == "fma":
         _gemv_fma_kernel[grid](*args, M_PAD=triton.next_power_of_2(m), **common)
     else:
-        _gemv_dot_kernel[grid](*args, M_PAD=16, SWAP=config.kind == "dot_w", **common)
+        _gemv_dot_kernel[grid](*args, M_PAD=max(16, triton.next_power_of_2(m)), SWAP=config.kind == "dot_w", **common)
     if split > 1 and not serial:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
                                                          SPLIT_K=split, BLOCK=1024)
@@ -537,15 +570,25 @@ def _plan_key(weight: torch.Tensor, has_bias: bool, m: int) -> tuple:
     return weight.shape[0], weight.shape[1], gemv_bucket(m), weight.dtype, has_bias
 
 
+def _gemv_scale(layer: nn.Module) -> torch.Tensor | None:
+    """The weight scales of an FP8 Linear (:class:`~telechat.model.fp8.Fp8Linear`), else None."""
+    return getattr(layer, "weight_scale", None) if layer.weight.dtype == FP8_DTYPE else None
+
+
+def _gemv_able(layer: nn.Module) -> bool:
+    """A dense Linear, or an FP8 Linear with its weight scales, whose weight the GEMV can read."""
+    return type(layer) is nn.Linear or (getattr(layer, "weight", None) is not None and _gemv_scale(layer) is not None)
+
+
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """``layer(x)``; a dense Linear with few rows goes through the Triton GEMV where :func:`tune_gemv`
-    found it faster for this shape (CUDA inference only)."""
-    if _gemv_plan and type(layer) is nn.Linear and _use_triton(x):
+    """``layer(x)``; a dense or FP8 Linear with few rows goes through the Triton GEMV where
+    :func:`tune_gemv` found it faster for this shape (CUDA inference only)."""
+    if _gemv_plan and _use_triton(x) and _gemv_able(layer):
         m = x.numel() // x.shape[-1]
         if 0 < m <= GEMV_MAX_M:
             config = _gemv_plan.get(_plan_key(layer.weight, layer.bias is not None, m))
             if config is not None:
-                return gemv(x, layer.weight, layer.bias, config)
+                return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer))
     return layer(x)
 
 
@@ -574,8 +617,9 @@ def time_per_call(fn, calls: int, reps: int = 7, graph: bool = False) -> float:
 
 @torch.inference_mode()
 def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) -> list[dict]:
-    """Time cuBLAS and every Triton tiling on each dense bf16/fp16 Linear shape of ``model`` at each row
-    bucket up to ``max(batch_sizes)``, and let :func:`linear` use the winners.
+    """Time cuBLAS (or the FP8 layer's own GEMM) and every Triton tiling on each dense bf16/fp16 or FP8
+    Linear shape of ``model`` at each row bucket up to ``max(batch_sizes)``, and let :func:`linear` use
+    the winners.
 
     Each shape is timed over all of the model's layers of that shape in turn, so the weights come
     from HBM as in a real forward, not from L2, and replayed from a CUDA graph, as decode steps run. A
@@ -586,26 +630,29 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
         return []
     groups: dict[tuple, list[nn.Linear]] = defaultdict(list)
     for module in model.modules():
-        w = module.weight if type(module) is nn.Linear else None
-        if w is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and w.stride(-1) == 1:
+        w = module.weight if _gemv_able(module) else None
+        if w is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16, FP8_DTYPE) and w.stride(-1) == 1:
             groups[(w.shape[0], w.shape[1], w.dtype, module.bias is not None)].append(module)
     buckets = sorted({gemv_bucket(b) for b in batch_sizes if b <= GEMV_MAX_M})
     t0 = time.perf_counter()
     rows = []
     for (n, k, dtype, has_bias), layers in groups.items():
+        scale = _gemv_scale(layers[0])
+        act = dtype if scale is None else next(model.parameters()).dtype  # FP8 weights are buffers
+        # FP8: the GEMV dequantizes weights only; its reference is the dequantized weight times x
+        w0 = layers[0].weight if scale is None else (layers[0].weight.float() * scale).to(act)
         for m in buckets:
-            x = torch.randn(m, k, dtype=dtype, device=layers[0].weight.device)
-            ref = F.linear(x, layers[0].weight, layers[0].bias).float()
-            cublas = time_per_call(lambda: [F.linear(x, lyr.weight, lyr.bias) for lyr in layers], len(layers),
-                                   graph=True)
+            x = torch.randn(m, k, dtype=act, device=layers[0].weight.device)
+            ref = F.linear(x, w0, layers[0].bias).float()
+            cublas = time_per_call(lambda: [lyr(x) for lyr in layers], len(layers), graph=True)
             best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
             for config in configs:
                 if m > config.max_m:
                     continue
                 try:
-                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config) for lyr in layers], len(layers),
-                                      graph=True)
-                    out = gemv(x, layers[0].weight, layers[0].bias, config).float()
+                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config, _gemv_scale(lyr))
+                                               for lyr in layers], len(layers), graph=True)
+                    out = gemv(x, layers[0].weight, layers[0].bias, config, scale).float()
                     if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
                         log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)
                         continue

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from telechat.model.attention import attention
 from telechat.model.checkpoint import split_key_value
 from telechat.model.config import Telechat2Config, TelechatConfig
+from telechat.model.fp8 import Fp8Linear
 from telechat.model.forward_batch import AttentionBackend, ForwardBatch
 from telechat.model.kernels import fused_add_rms_norm, linear, rms_norm, silu_mul, swiglu
 from telechat.model.losses import chunked_causal_lm_loss
@@ -86,6 +87,13 @@ def _fused_linear(weights: list[torch.Tensor]) -> nn.Linear:
     return fused
 
 
+def _fp8_linears(*layers: nn.Module) -> bool:
+    """True when every layer is a bias-free :class:`~telechat.model.fp8.Fp8Linear` with the same activation
+    scheme, on one device."""
+    return (all(type(m) is Fp8Linear and m.bias is None for m in layers)
+            and len({m.activations for m in layers}) == 1 and len({m.weight.device for m in layers}) == 1)
+
+
 def _plain_linears(*layers: nn.Module) -> bool:
     """True when every layer is exactly a bias-free ``nn.Linear`` (not GPTQ, not a LoRA wrapper) of one dtype."""
     return (all(type(m) is nn.Linear and m.bias is None for m in layers)
@@ -114,11 +122,19 @@ class TelechatAttention(nn.Module):
         """Serving only (:meth:`fuse`): rows of every q head, then K of every kv head, then V of every kv head."""
 
     def fuse(self) -> None:
-        """Replace ``query`` + ``key_value`` by one ``qkv`` Linear (plain bias-free Linears only; idempotent)."""
-        if self.qkv is not None or not _plain_linears(self.query, self.key_value):
+        """Replace ``query`` + ``key_value`` by one ``qkv`` Linear (bias-free plain or FP8 Linears only;
+        idempotent)."""
+        if self.qkv is not None:
             return
-        k, v = split_key_value(self.key_value.weight.data, self.n_kv, self.head_dim)
-        self.qkv = _fused_linear([self.query.weight.data, k, v])
+        if _plain_linears(self.query, self.key_value):
+            k, v = split_key_value(self.key_value.weight.data, self.n_kv, self.head_dim)
+            self.qkv = _fused_linear([self.query.weight.data, k, v])
+        elif _fp8_linears(self.query, self.key_value):
+            rows = torch.arange(self.key_value.out_features, device=self.key_value.weight.device)
+            k, v = split_key_value(rows, self.n_kv, self.head_dim)
+            self.qkv = Fp8Linear.stack([(self.query, None), (self.key_value, k), (self.key_value, v)])
+        else:
+            return
         del self.query, self.key_value
 
     def project(
@@ -183,10 +199,16 @@ class TelechatMLP(nn.Module):
         """Serving only (:meth:`fuse`): ``gate_proj`` rows, then ``up_proj`` rows."""
 
     def fuse(self) -> None:
-        """Replace ``gate_proj`` + ``up_proj`` by one ``gate_up`` Linear (plain bias-free Linears only; idempotent)."""
-        if self.gate_up is not None or not _plain_linears(self.gate_proj, self.up_proj):
+        """Replace ``gate_proj`` + ``up_proj`` by one ``gate_up`` Linear (bias-free plain or FP8 Linears only;
+        idempotent)."""
+        if self.gate_up is not None:
             return
-        self.gate_up = _fused_linear([self.gate_proj.weight.data, self.up_proj.weight.data])
+        if _plain_linears(self.gate_proj, self.up_proj):
+            self.gate_up = _fused_linear([self.gate_proj.weight.data, self.up_proj.weight.data])
+        elif _fp8_linears(self.gate_proj, self.up_proj):
+            self.gate_up = Fp8Linear.stack([(self.gate_proj, None), (self.up_proj, None)])
+        else:
+            return
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, lin=_call) -> torch.Tensor:

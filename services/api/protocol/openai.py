@@ -544,6 +544,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "telechat-stack"
     # --- not in OpenAI spec
+    root: str | None = None
+    """Where the weights come from (vLLM): the checkpoint folder, or a LoRA adapter's folder."""
+    parent: str | None = None
+    """A LoRA adapter's base model id (vLLM); None for the base model."""
     max_model_len: int
     telechat_demo: bool
     generation_defaults: GenerationDefaultsInfo

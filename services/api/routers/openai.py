@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from sse_starlette import EventSourceResponse
@@ -27,6 +28,9 @@ from services.api.protocol.openai import (
 )
 from telechat.chat_tools import flatten_tool_messages, with_tools
 
+if TYPE_CHECKING:
+    from telechat.runtime import Runtime
+
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503)}
 STREAM = {"content": {"text/event-stream": {"description": "with `stream: true`: `data: {chunk}` events, "
                                             "then `data: [DONE]`"}}}
@@ -38,20 +42,31 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 
 @router.get("/models", response_model=ModelList)
 async def list_models(rt: RuntimeDep) -> ModelList:
-    """The served model, with its context length and sampling defaults (TeleChat extensions)."""
+    """The served model, its aliases (``--served-model-name``), then its LoRA adapters (``parent`` = the model),
+    with context length and sampling defaults (TeleChat extensions)."""
+    adapters = rt.engine.lora_adapters.items()
+    main = model_card(rt)
+    return ModelList(data=[main] + [main.model_copy(update={"id": alias}) for alias in rt.aliases]
+                     + [model_card(rt, name, path) for name, path in adapters])
+
+
+def model_card(rt: Runtime, adapter: str | None = None, path: str | None = None) -> ModelCard:
+    """The card of the served model, or of its LoRA adapter ``adapter`` loaded from ``path``."""
     d = rt.defaults
     defaults = GenerationDefaultsInfo(do_sample=d.do_sample, temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
                                       repetition_penalty=d.repetition_penalty,
                                       max_tokens=min(DEFAULT_UI_MAX_TOKENS, rt.max_model_len // 2))
-    card = ModelCard(id=rt.name, created=int(rt.loaded_at), max_model_len=rt.max_model_len,
+    return ModelCard(id=adapter or rt.name, created=int(rt.loaded_at), root=path or str(rt.path),
+                     parent=rt.name if adapter else None, max_model_len=rt.max_model_len,
                      telechat_demo=rt.is_demo, generation_defaults=defaults)
-    return ModelList(data=[card])
+
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: STREAM})
 async def chat_completions(body: ChatCompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
     """Chat in the TeleChat format; streams SSE chunks with ``stream: true``."""
-    serving.check_model(rt, body.model)
+    lora = serving.check_model(rt, body.model)
+    model = lora or rt.name
     plan = structured.tool_plan(body)
     messages = flatten_tool_messages([m.model_dump(include={"role", "tool_calls", "function_call"}) | {"content": m.text()}
                                       for m in body.messages])
@@ -64,12 +79,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
     params = serving.build_params(lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens),
                                                   guided=guided))
     rid = new_id("chatcmpl")
-    deltas = await serving.start(state, rt, prompt, params, rid)
+    deltas = await serving.start(state, rt, prompt, params, rid, lora=lora)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         if plan is not None:
-            return EventSourceResponse(structured.tool_call_events(rid, rt.name, plan, deltas, usage), sep="\n")
-        return EventSourceResponse(serving.chat_events(rid, rt.name, deltas, usage), sep="\n")
+            return EventSourceResponse(structured.tool_call_events(rid, model, plan, deltas, usage), sep="\n")
+        return EventSourceResponse(serving.chat_events(rid, model, deltas, usage), sep="\n")
     text, last = await serving.collect(request, deltas)
     message, reason = ResponseMessage(content=text), last.finish_reason
     if plan is not None and reason == "stop":
@@ -78,7 +93,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
                    else ResponseMessage(content=None, tool_calls=calls))
         reason = "function_call" if plan.legacy else "tool_calls"
     return ChatCompletionResponse(
-        id=rid, model=rt.name, choices=[ChatChoice(message=message, finish_reason=reason)],
+        id=rid, model=model, choices=[ChatChoice(message=message, finish_reason=reason)],
         usage=Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
 
 
@@ -86,7 +101,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
 async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep, state: StateDep):
     """Continue a raw prompt: a string or token ids. No chat format is applied, and marker strings in
     a string prompt are read as the markers (raw access, as the official tokenizer does)."""
-    serving.check_model(rt, body.model)
+    lora = serving.check_model(rt, body.model)
+    model = lora or rt.name
     text = body.prompt_value
     if isinstance(text, str):
         serving.check_prompt_size(rt, [text], "prompt")
@@ -100,11 +116,11 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
     params = serving.build_params(lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens),
                                                   guided=guided))
     rid = new_id("cmpl")
-    deltas = await serving.start(state, rt, prompt, params, rid, continuation=True)
+    deltas = await serving.start(state, rt, prompt, params, rid, continuation=True, lora=lora)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(serving.completion_events(rid, rt.name, deltas, usage), sep="\n")
+        return EventSourceResponse(serving.completion_events(rid, model, deltas, usage), sep="\n")
     text, last = await serving.collect(request, deltas)
-    return CompletionResponse(id=rid, model=rt.name,
+    return CompletionResponse(id=rid, model=model,
                               choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
                               usage=Usage.of(last.prompt_tokens, last.completion_tokens, last.cached_tokens))

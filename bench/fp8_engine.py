@@ -1,0 +1,133 @@
+"""FP8 weights and the FP8 KV cache against bf16 on the same engine, in one process (issue 20).
+
+Random weights of a released shape (default the 7B) in bf16; then the same weights quantized in memory
+to FP8 (:meth:`Fp8Linear.from_linear`: per-channel weight scales, dynamic per-token activations — what
+``telechat quantize --method fp8`` writes). For each of bf16, bf16 + FP8 KV, FP8, FP8 + FP8 KV: batch-1
+decode and 64 concurrent requests (128 in / 256 out), and the KV capacity the engine sizes from the same
+memory share; then, on the bf16 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each
+cache, and how many such requests each cache holds at once. Prints one JSON line per measurement, then a table;
+``--json PATH`` also writes them with the run's provenance and the speedups.
+
+    python bench/fp8_engine.py --json bench/results/h200-fp8.json
+    python bench/fp8_engine.py --preset tiny --concurrency 4 --new-tokens 8 --long-prompt 0   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import RESULTS, random_prompt, record, run_requests  # noqa: E402
+from bench.random_checkpoint import PRESET_NAMES, bench_config  # noqa: E402
+from bench.report import write_json  # noqa: E402
+from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
+from telechat.model.fp8 import Fp8Linear  # noqa: E402
+from telechat.model.modeling import TelechatForCausalLM  # noqa: E402
+
+LINEARS = ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def quantize_in_place(model: TelechatForCausalLM) -> None:
+    """Every decoder Linear to FP8 (the head stays bf16, as the quant job leaves it)."""
+    for layer in model.transformer.h:
+        for name in LINEARS:
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(label: str, model, args, kv: str, vocab: int) -> dict:
+    """bs1 and concurrent throughput of one engine over ``model`` with a ``kv`` cache."""
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
+                                           max_num_batched_tokens=8192, kv_cache_dtype=kv))
+    run_requests(engine, [random_prompt(16, vocab, 1)], 16)  # warm-up
+    bs1 = run_requests(engine, [random_prompt(args.prompt_len, vocab, 2)], args.new_tokens)
+    prompts = [random_prompt(args.prompt_len, vocab, 1000 + i) for i in range(args.concurrency)]
+    many = run_requests(engine, prompts, args.new_tokens)
+    row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1["tok_s"], concurrent=args.concurrency,
+               concurrent_tok_s=many["tok_s"], kv_capacity_tokens=engine.capacity_tokens)
+    record("fp8_engine", **row)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def long_request(model, args, kv: str, vocab: int) -> dict:
+    """One ``--long-prompt`` prefill + 16 decoded tokens; how many such requests the cache holds at once."""
+    need = args.long_prompt + 16
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=16, max_model_len=need, max_num_batched_tokens=8192,
+                                           kv_cache_dtype=kv))
+    fits = engine.capacity_tokens // need
+    r = run_requests(engine, [random_prompt(args.long_prompt, vocab, 7)], 16) if fits else {}
+    row = dict(kv_cache=kv, prompt_tokens=args.long_prompt, kv_capacity_tokens=engine.capacity_tokens,
+               concurrent_long_requests=fits, wall_s=r.get("wall_s"))
+    record("fp8_long_request", **row)
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="7B", choices=PRESET_NAMES, help="shape of the random weights")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--long-prompt", type=int, default=96 * 1024, help="0 skips the long-request measurement")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = TelechatForCausalLM(bench_config(args.preset, seq_length=max(args.max_model_len,
+                                                                             args.long_prompt + 16))).to(dtype).eval()
+    vocab = model.config.vocab_size
+    rows = [measure("bf16", model, args, "auto", vocab), measure("bf16", model, args, "fp8", vocab)]
+    # the same bf16 weights with either cache: the capacity difference is the cache's alone
+    long_rows = [long_request(model, args, kv, vocab) for kv in ("auto", "fp8")] if args.long_prompt else []
+    del model
+    gc.collect()
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = TelechatForCausalLM(bench_config(args.preset, seq_length=max(args.max_model_len,
+                                                                             args.long_prompt + 16))).to(dtype).eval()
+    quantize_in_place(model)
+    rows += [measure("fp8", model, args, "auto", vocab), measure("fp8", model, args, "fp8", vocab)]
+    base, fp8, fp8_kv = rows[0], rows[2], rows[3]
+    summary = dict(
+        fp8_bs1_speedup=round(fp8["bs1_tok_s"] / base["bs1_tok_s"], 3),
+        fp8_c64_speedup=round(fp8_kv["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
+        fp8_c64_speedup_weights_only=round(fp8["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
+    )
+    # capacities of the long-request engines (16 × 96K wanted: the memory share decides, not the cap)
+    caps = long_rows if long_rows else rows[:2]
+    summary["fp8_kv_capacity_ratio"] = round(caps[1]["kv_capacity_tokens"] / caps[0]["kv_capacity_tokens"], 3)
+    if len(long_rows) == 2 and long_rows[0]["concurrent_long_requests"]:
+        summary["fp8_long_requests_ratio"] = round(long_rows[1]["concurrent_long_requests"]
+                                                   / long_rows[0]["concurrent_long_requests"], 3)
+    record("fp8_summary", **summary)
+    print("\n| weights | KV cache | bs1 tok/s | c%d tok/s | KV capacity |\n|---|---|---|---|---|" % args.concurrency)
+    for r in rows:
+        print(f"| {r['weights']} | {r['kv_cache']} | {r['bs1_tok_s']} | {r['concurrent_tok_s']} | "
+              f"{r['kv_capacity_tokens']} |")
+    if args.json:
+        write_json(args.json, RESULTS, **summary)
+
+
+if __name__ == "__main__":
+    main()
