@@ -184,7 +184,8 @@ async def tool_call_events(rid: str, model: str, plan: ToolPlan, deltas: AsyncIt
     """``chat.completion.chunk`` payloads of a forced tool call: the role, then per call a chunk with
     ``index``, ``id``, ``type`` and the function name, then its arguments (a named call streams them as
     they are generated; "required" sends each call's once the list is complete), then
-    ``finish_reason`` "tool_calls" ("length" if the budget ran out first), usage, ``[DONE]``."""
+    ``finish_reason`` "tool_calls" ("length" if the budget ran out first), usage, ``[DONE]``. A call
+    forced through the deprecated ``function_call`` streams ``delta.function_call`` the same way."""
     from services.api.serving import _check, _terminated, sse_json
 
     created = int(time.time())
@@ -195,8 +196,11 @@ async def tool_call_events(rid: str, model: str, plan: ToolPlan, deltas: AsyncIt
                                             usage=usage).model_dump_json(exclude=exclude))
 
     def call_chunk(index: int, name: str | None = None, arguments: str = "") -> str:
+        function = DeltaFunction(name=name, arguments=arguments)
+        if plan.legacy:
+            return chunk([ChatChunkChoice(delta=DeltaMessage(function_call=function))])
         head = dict(id=new_call_id(), type="function") if name is not None else {}
-        call = DeltaToolCall(index=index, function=DeltaFunction(name=name, arguments=arguments), **head)
+        call = DeltaToolCall(index=index, function=function, **head)
         return chunk([ChatChunkChoice(delta=DeltaMessage(tool_calls=[call]))])
 
     async def body() -> AsyncIterator[str]:
@@ -211,7 +215,7 @@ async def tool_call_events(rid: str, model: str, plan: ToolPlan, deltas: AsyncIt
                 yield call_chunk(0, arguments=d.text)
             if not final:
                 continue
-            reason = "tool_calls" if d.finish_reason == "stop" else d.finish_reason
+            reason = ("function_call" if plan.legacy else "tool_calls") if d.finish_reason == "stop" else d.finish_reason
             if plan.named is None and reason == "tool_calls":
                 for i, f in enumerate(parse_calls(plan, "".join(parts))):
                     yield call_chunk(i, f.name)

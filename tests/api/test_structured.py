@@ -91,7 +91,7 @@ def test_guided_regex_choice_and_json(client):
 def test_free_requests_are_unchanged_beside_constrained_ones(client):
     """Greedy replies to free requests sent together with constrained ones equal those sent alone."""
     free = [dict(model="", messages=[{"role": "user", "content": q}], max_tokens=40, temperature=0)
-            for q in ("你好", "What is TeleChat?", "写一首诗")]
+            for q in ("你好", "谢谢", "写一首诗")]
     alone = [client.chat.completions.create(**kw).choices[0].message.content for kw in free]
     guided = dict(model="", messages=ASK, max_tokens=300, temperature=1.0,
                   response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
@@ -156,6 +156,24 @@ def test_streamed_tool_calls_reassemble(client, tool_choice):
         jsonschema.validate(json.loads(call["arguments"]), params[call["name"]])
     if isinstance(tool_choice, dict):
         assert [c["name"] for c in calls.values()] == ["get_weather"]
+
+
+def test_streamed_legacy_function_call(client):
+    """A call forced through the deprecated function_call streams delta.function_call: name, then arguments."""
+    name, arguments, reason = None, "", None
+    for chunk in client.chat.completions.create(model="", messages=ASK, functions=[WEATHER["function"]], max_tokens=300,
+                                                function_call={"name": "get_weather"}, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            assert not delta.tool_calls and not delta.content
+            if delta.function_call is not None:
+                if delta.function_call.name:
+                    assert name is None and not arguments
+                    name = delta.function_call.name
+                arguments += delta.function_call.arguments or ""
+            reason = chunk.choices[0].finish_reason or reason
+    assert (name, reason) == ("get_weather", "function_call")
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
 
 
 def test_tool_history_renders_into_the_prompt(client, demo_server):

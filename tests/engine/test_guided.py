@@ -191,3 +191,30 @@ def test_bad_grammar_is_refused_alone(demo):
     with pytest.raises(GrammarError):  # an engine without a compiler refuses constrained requests
         LLMEngine(model, EngineConfig(max_num_seqs=2)).add_request(
             p, SamplingParams(max_tokens=8, guided=GrammarSpec("regex", "[a-z]+")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_constrained_rows_on_cuda_with_graphs_and_overlap(demo_model_dir):
+    """On the GPU (overlap and decode CUDA graphs on by default): the masks reach the device through the
+    pinned step copy, constrained replies validate, free rows are unchanged."""
+    from telechat.model.checkpoint import inspect_checkpoint
+    from telechat.model.loader import load_model
+    from telechat.tokenizer import load_tokenizer
+
+    info = inspect_checkpoint(demo_model_dir, need_tokenizer=True)
+    model = load_model(info, device="cuda", dtype="float32")
+    tokenizer = load_tokenizer(demo_model_dir)
+    chat = ChatFormat(tokenizer, info.generation)
+    compiler = GrammarCompiler.from_path(str(demo_model_dir), model.config.vocab_size)
+    questions = ["你好", "谢谢", "写一首诗", "讲个笑话"] * 4
+    free = SamplingParams(max_tokens=60, temperature=0, stop_token_ids=chat.stop_token_ids)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=32), grammars=compiler)
+    assert engine.overlap and engine.runner.graphs is not None
+    alone = run(engine, [prompt(chat, q) for q in questions], [free] * len(questions))
+    constrained = [schema_params(chat, PERSON, temperature=1.0, seed=s) for s in range(len(questions))]
+    mixed = run(engine, [prompt(chat, q) for q in questions] * 2, [free] * len(questions) + constrained)
+    assert mixed[:len(questions)] == alone
+    for ids, reason in mixed[len(questions):]:
+        assert reason == "stop"
+        jsonschema.validate(json.loads(tokenizer.decode(ids)), PERSON)

@@ -487,6 +487,8 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    function_call: DeltaFunction | None = None
+    """The deprecated ``functions`` API's call, streamed: the name first, then the arguments."""
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
