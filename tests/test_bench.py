@@ -131,3 +131,15 @@ def test_serving_suite_tiny_reports_every_figure(tmp_path):
         # Every turn resends the history and adds a reply and a user message.
         assert r["last_turn_prompt_tokens"] > r["first_turn_prompt_tokens"] >= TINY.history_tokens * 0.75
         assert r["fresh_prompt_tokens"] == pytest.approx(TINY.fresh_tokens, rel=0.25)
+
+
+def test_engine_bench_measures_constrained_fractions(tmp_path):
+    """bench/engine.py --constrained-fraction: one row per fraction, every request generating its tokens."""
+    path = tmp_path / "engine.json"
+    proc = run_script("bench/engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
+                      "--ttft-prompt", "16", "--long-prompt", "0", "--max-model-len", "256", "--skip-hf",
+                      "--constrained-fraction", "0,0.5,1", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in json.loads(path.read_text())["results"] if r["measure"] == "engine_constrained"]
+    assert [r["constrained_fraction"] for r in rows] == [0.0, 0.5, 1.0]
+    assert all(r["output_tokens"] == 4 * 8 and r["tok_s"] > 0 for r in rows)
