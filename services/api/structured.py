@@ -166,17 +166,23 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_calls(plan: ToolPlan, text: str) -> list[ToolCallFunction]:
-    """The calls in a complete constrained reply (it matches the plan's grammar)."""
-    if plan.named is not None:
-        return [ToolCallFunction(name=plan.named, arguments=text)]
-    return [ToolCallFunction(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))
-            for c in json.loads(text)]
+def parse_calls(plan: ToolPlan, text: str) -> list[ToolCallFunction] | None:
+    """The calls in a complete constrained reply, or None when the text is not one (a ``stop`` string
+    cut it short): the reply is then answered as text."""
+    try:
+        if plan.named is not None:
+            json.loads(text)
+            return [ToolCallFunction(name=plan.named, arguments=text)]
+        return [ToolCallFunction(name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))
+                for c in json.loads(text)]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
-def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall]:
-    """:func:`parse_calls` as ``tool_calls`` entries with fresh ids."""
-    return [ToolCall(id=new_call_id(), function=f) for f in parse_calls(plan, text)]
+def tool_calls(plan: ToolPlan, text: str) -> list[ToolCall] | None:
+    """:func:`parse_calls` as ``tool_calls`` entries with fresh ids (None: answer in text)."""
+    calls = parse_calls(plan, text)
+    return None if calls is None else [ToolCall(id=new_call_id(), function=f) for f in calls]
 
 
 async def tool_call_events(rid: str, model: str, plan: ToolPlan, deltas: AsyncIterator, include_usage: bool
@@ -215,12 +221,13 @@ async def tool_call_events(rid: str, model: str, plan: ToolPlan, deltas: AsyncIt
                 yield call_chunk(0, arguments=d.text)
             if not final:
                 continue
-            reason = ("function_call" if plan.legacy else "tool_calls") if d.finish_reason == "stop" else d.finish_reason
-            if plan.named is None and reason == "tool_calls":
-                for i, f in enumerate(parse_calls(plan, "".join(parts))):
+            calls = parse_calls(plan, "".join(parts)) if d.finish_reason == "stop" else None
+            reason = ("function_call" if plan.legacy else "tool_calls") if calls is not None else d.finish_reason
+            if plan.named is None and calls is not None:
+                for i, f in enumerate(calls):
                     yield call_chunk(i, f.name)
                     yield call_chunk(i, arguments=f.arguments)
-            elif plan.named is None:  # cut by the budget: what was generated, as text
+            elif plan.named is None:  # cut by the budget or a stop string: what was generated, as text
                 yield chunk([ChatChunkChoice(delta=DeltaMessage(content="".join(parts)))])
             yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=reason)])
             if include_usage:

@@ -257,3 +257,12 @@ def test_langchain_tool_round_trip(demo_server):
 
 def demo_model_name(server) -> str:
     return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_a_stop_string_that_cuts_a_forced_call_leaves_it_text(client):
+    """A stop string inside the constrained reply ends it early: the reply is text, not a broken call."""
+    r = client.chat.completions.create(model="", messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=300,
+                                       stop=['"arguments"'])
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert choice.message.content == '[{"name": "get_weather", '

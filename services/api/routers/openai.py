@@ -87,8 +87,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         return EventSourceResponse(serving.chat_events(rid, model, deltas, usage), sep="\n")
     text, last = await serving.collect(request, deltas)
     message, reason = ResponseMessage(content=text), last.finish_reason
-    if plan is not None and reason == "stop":
-        calls = structured.tool_calls(plan, text)
+    calls = structured.tool_calls(plan, text) if plan is not None and reason == "stop" else None
+    if calls is not None:
         message = (ResponseMessage(content=None, function_call=calls[0].function) if plan.legacy
                    else ResponseMessage(content=None, tool_calls=calls))
         reason = "function_call" if plan.legacy else "tool_calls"
