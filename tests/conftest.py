@@ -82,7 +82,8 @@ def demo_tokenizer(demo_tokenizer_dir: Path):
 # ---------------------------------------------------------------------------------------------- API server
 
 API_ENV = ("MODEL_PATH", "MODEL_NAME", "API_HOST", "API_PORT", "API_KEY", "CORS_ORIGINS", "DEVICE", "DTYPE",
-           "MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_QUEUE", "GPU_MEMORY_UTILIZATION", "LORA_PATH", "ROPE_MODE",
+           "MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_QUEUE", "GPU_MEMORY_UTILIZATION", "LORA_PATH", "LORA_MODULES",
+           "ENABLE_LORA", "MAX_LORAS", "MAX_LORA_RANK", "ROPE_MODE",
            "TRAINING_SEQLEN", "BASE_SEQLEN", "SHUTDOWN_GRACE_S", "LOG_LEVEL")
 """Settings variables of services/api; cleared for test servers so the developer's shell cannot leak in."""
 

@@ -177,8 +177,9 @@ def _sidebar(db: Database, user: UserInfo, conv: Conversation | None, lang: Lang
         st.segmented_control(t("language", lang), list(LANGS), format_func=LANGS.get, key="lang",
                              required=True)
         ids = [m.id for m in models]
+        labels = {m.id: t("lora_of", lang, name=m.id, parent=m.parent) for m in models if m.parent}
         picked = st.selectbox(t("model", lang), ids, key="model", disabled=not ids,
-                              placeholder=t("no_model", lang))
+                              placeholder=t("no_model", lang), format_func=lambda i: labels.get(i, i))
         model = next((m for m in models if m.id == picked), None)
         cap = (model.max_model_len if model and model.max_model_len else MAX_TOKENS_CAP)
         defaults = model.defaults if model else GenerationDefaults()

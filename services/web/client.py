@@ -203,6 +203,8 @@ class ModelInfo:
     max_model_len: int | None = None
     demo: bool = False
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
+    parent: str | None = None
+    """For a LoRA adapter served on a base model (vLLM's field): the base model's id."""
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,7 @@ class APIClient:
                     max_model_len=m.get("max_model_len"),
                     demo=bool(m.get("telechat_demo", m["id"] == DEMO_MODEL_ID)),
                     defaults=GenerationDefaults.from_json(m.get("generation_defaults")),
+                    parent=str(m["parent"]) if m.get("parent") else None,
                 )
                 for m in entries
             ]

@@ -18,6 +18,7 @@ _LABELS: dict[str, tuple[str, str]] = {
     "generation": ("生成参数", "Generation"),
     "model": ("模型", "Model"),
     "no_model": ("（无可用模型）", "(no model available)"),
+    "lora_of": ("{name}（{parent} 的 LoRA 适配器）", "{name} (LoRA adapter on {parent})"),
     "demo_badge": ("演示模型", "Demo model"),
     "demo_help": (
         "API 正在使用内置的小型演示模型，回答仅用于演示流程。",

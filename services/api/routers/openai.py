@@ -42,12 +42,10 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], dependencies=[Depen
 
 @router.get("/models", response_model=ModelList)
 async def list_models(rt: RuntimeDep) -> ModelList:
-    """The served model, its aliases (``--served-model-name``), then its LoRA adapters (``parent`` = the model),
-    with context length and sampling defaults (TeleChat extensions)."""
+    """The served model, then its LoRA adapters (``parent`` = the model), with context length and sampling
+    defaults (TeleChat extensions)."""
     adapters = rt.engine.lora_adapters.items()
-    main = model_card(rt)
-    return ModelList(data=[main] + [main.model_copy(update={"id": alias}) for alias in rt.aliases]
-                     + [model_card(rt, name, path) for name, path in adapters])
+    return ModelList(data=[model_card(rt)] + [model_card(rt, name, path) for name, path in adapters])
 
 
 def model_card(rt: Runtime, adapter: str | None = None, path: str | None = None) -> ModelCard:
@@ -59,7 +57,6 @@ def model_card(rt: Runtime, adapter: str | None = None, path: str | None = None)
     return ModelCard(id=adapter or rt.name, created=int(rt.loaded_at), root=path or str(rt.path),
                      parent=rt.name if adapter else None, max_model_len=rt.max_model_len,
                      telechat_demo=rt.is_demo, generation_defaults=defaults)
-
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses={200: STREAM})
