@@ -123,6 +123,13 @@ class _Parser(argparse.ArgumentParser):
         raise SettingsError(f"{message} (see {self.prog} --help)")
 
 
+class _JoinValues(argparse.Action):
+    """Store a flag's several values as one comma-separated string (the form the env variable takes)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, ",".join(values))
+
+
 def _default_text(field: FieldInfo) -> str:
     default = field.get_default(call_default_factory=True)
     if default is None:
@@ -145,6 +152,8 @@ def build_parser(model: type[BaseSettings], *, prog: str, description: str,
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(name, field),
                                   "metavar": env_name(name, field)}
         choices = _choices(field.annotation)
+        if _extra(field).get("nargs"):  # several values, kept as one comma-separated string
+            kwargs.update(nargs=_extra(field)["nargs"], action=_JoinValues)
         if _is_bool(field.annotation):
             kwargs.update(nargs="?", const="true", metavar="true|false")
         elif choices:

@@ -33,8 +33,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 USER, BOT, END, SYSTEM = "<_user>", "<_bot>", "<_end>", "<_system>"
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "bot": "assistant"}
-"""Accepted roles; ``bot`` (official TeleChat) is the same as ``assistant`` (OpenAI)."""
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "bot": "assistant"}
+"""Accepted roles; ``bot`` (official TeleChat) is the same as ``assistant``, ``developer`` (OpenAI's newer
+name for instructions) the same as ``system``, as vLLM reads it."""
 
 Turn = tuple[str, str]  # (role, content) with role in system|user|assistant
 ContentMarkers = Literal["text", "control"]
@@ -164,17 +165,28 @@ class ChatFormat:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return list(dict.fromkeys([self.end_id] + ([eos] if eos is not None else [])))
 
-    def encode_prompt(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None) -> list[int]:
+    def encode_prompt(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None, *,
+                      continue_final: bool = False, add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for the answer to the last (user) message.
 
+        ``continue_final``: the last message is the assistant's unfinished answer, which the reply
+        continues (``<_bot>`` and its content, no ``<_end>``: vLLM's ``continue_final_message``).
+        ``add_generation_prompt`` False leaves the closing ``<_bot>`` after the last user message out.
         With ``max_tokens``, the prompt is made to fit: whole oldest history turns (user + assistant)
         are dropped first; if the system prompt plus the last user message still do not fit, the
         system prompt is dropped; if the last user message alone does not fit, its content is
         left-truncated (its newest tokens are kept).
         """
         turns = validate_messages(messages)
-        if turns[-1][0] != "user":
+        partial: list[int] = []
+        if continue_final:
+            if turns[-1][0] != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the assistant's")
+            partial = self.ids(turns[-1][1])
+            turns = turns[:-1]
+        elif turns[-1][0] != "user":
             raise ValueError("the last message must come from the user to build a prompt")
+        bot = [self.bot_id] + partial if continue_final or add_generation_prompt else []
         system, body = _split(turns)
         history = [
             self._user_ids(body[i][1]) + [self.bot_id] + self._answer_ids(body[i + 1][1])
@@ -183,18 +195,19 @@ class ChatFormat:
         question = self.ids(body[-1][1])
         head = self._system_ids(system)
         if max_tokens is None:
-            return head + [t for turn in history for t in turn] + [self.user_id] + question + [self.bot_id]
-        if max_tokens < 3:
-            raise ValueError(f"max_tokens={max_tokens} cannot hold a prompt (<_user>, one token, <_bot>)")
-        tail_len = len(question) + 2
+            return head + [t for turn in history for t in turn] + [self.user_id] + question + bot
+        if max_tokens < 2 + len(bot):
+            raise ValueError(f"max_tokens={max_tokens} cannot hold a prompt (<_user>, one token, <_bot>, the "
+                             "answer to continue)")
+        tail_len = len(question) + 1 + len(bot)
         total = len(head) + sum(map(len, history)) + tail_len
         while history and total > max_tokens:
             total -= len(history.pop(0))
         if total > max_tokens:
             head = []
         if tail_len > max_tokens:
-            question = question[len(question) - (max_tokens - 2) :]
-        return head + [t for turn in history for t in turn] + [self.user_id] + question + [self.bot_id]
+            question = question[len(question) - (max_tokens - 1 - len(bot)) :]
+        return head + [t for turn in history for t in turn] + [self.user_id] + question + bot
 
     def encode_turns(self, messages: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int]]]:
         """``(prompt_ids, answer_ids)`` per assistant answer, for SFT loss masking.
@@ -220,24 +233,28 @@ class ChatFormat:
 
         return {"user": text(self.user_id), "bot": text(self.bot_id), "end": text(self.end_id), "system": text(self.system_id)}
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               continue_final: bool = False) -> str:
         """Text form of the conversation, e.g. ``<_user>q1<_bot>a1<_end><_user>q2<_bot>``.
 
-        ``add_generation_prompt`` appends ``<_bot>`` and needs the last message to be the user's.
+        ``add_generation_prompt`` appends ``<_bot>`` and needs the last message to be the user's;
+        ``continue_final`` leaves the last (assistant) message open: no ``<_end>`` after it.
         """
         turns = validate_messages(messages)
-        if add_generation_prompt and turns[-1][0] != "user":
+        if continue_final and turns[-1][0] != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if add_generation_prompt and not continue_final and turns[-1][0] != "user":
             raise ValueError("the last message must come from the user to add a generation prompt")
         mark = self.markers()
         parts = []
-        for role, content in turns:
+        for i, (role, content) in enumerate(turns):
             if role == "system":
                 parts.append((mark["system"] or "") + content)
             elif role == "user":
                 parts.append(mark["user"] + content)
             else:
-                parts.append(mark["bot"] + content + mark["end"])
-        return "".join(parts) + (mark["bot"] if add_generation_prompt else "")
+                parts.append(mark["bot"] + content + ("" if continue_final and i == len(turns) - 1 else mark["end"]))
+        return "".join(parts) + (mark["bot"] if add_generation_prompt and not continue_final else "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ class StreamDelta:
     error: str | None = None
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
+    logprobs: list[tuple[int, float, list[int], list[float]]] | None = None
+    """With ``SamplingParams.logprobs``: per token behind this text (stop tokens left out), its id,
+    log-probability, and the ids and log-probabilities of the most likely alternatives."""
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Runtime:
     engine: EngineFront
     defaults: GenerationDefaults
     is_demo: bool = False
+    aliases: list[str] = field(default_factory=list)
+    """Other names requests may give the model (``--served-model-name`` after the first)."""
     loaded_at: float = field(default_factory=time.time)
     max_token_bytes: int = field(init=False)
     """UTF-8 bytes of the longest vocabulary entry, measured once from the tokenizer."""
@@ -79,6 +84,7 @@ class Runtime:
         path: str | Path | CheckpointInfo,
         *,
         name: str | None = None,
+        aliases: list[str] | None = None,
         device: str = "auto",
         dtype: str = "auto",
         engine_config: EngineConfig | None = None,
@@ -120,8 +126,14 @@ class Runtime:
         except BaseException:
             engine.shutdown(0)
             raise
-        return cls(name=name or path.name, path=path, tokenizer=tokenizer, chat=chat, engine=engine,
+        return cls(name=name or path.name, aliases=list(aliases or []), path=path, tokenizer=tokenizer, chat=chat,
+                   engine=engine,
                    defaults=GenerationDefaults.from_config(info.generation), is_demo=info.is_demo)
+
+    @property
+    def names(self) -> list[str]:
+        """Every name of the served model: its id, then its aliases."""
+        return [self.name, *self.aliases]
 
     @property
     def max_model_len(self) -> int:
@@ -152,32 +164,40 @@ class Runtime:
         return SamplingParams(**values)
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     *, continuation: bool = False, lora: str | None = None) -> AsyncIterator[StreamDelta]:
-        """Generate and stream text deltas (``lora``: with that loaded adapter); closing the iterator early
-        aborts the request.
+                     *, continuation: bool = False, lora: str | None = None,
+                     after: str | None = None) -> AsyncIterator[StreamDelta]:
+        """Generate and stream text deltas (``lora``: with that loaded adapter; ``after``: the id of a
+        sibling choice of the same prompt, see ``Request.after``); closing the iterator early aborts the
+        request.
 
         ``continuation``: the text continues the prompt (raw completions), so it is decoded in the
         prompt's context; chat replies start fresh after ``<_bot>``.
         """
         text = TextStream(self.tokenizer, params.stop, skip_token_ids=params.stop_token_ids,
-                          prompt_ids=prompt_ids if continuation else None)
+                          prompt_ids=prompt_ids if continuation else None, min_tokens=params.min_tokens,
+                          include_stop=params.include_stop_str_in_output)
         prompt_tokens = len(prompt_ids)
         completion = cached = 0
-        agen = self.engine.generate(prompt_ids, params, request_id, lora=lora)
+        skip = set(params.stop_token_ids)
+        logprobs: list | None = [] if params.logprobs is not None else None  # entries whose text is not sent yet
+        agen = self.engine.generate(prompt_ids, params, request_id, lora=lora, after=after)
         try:
             async for out in agen:
                 completion = out.num_output_tokens or completion  # an engine that stopped reports no counts
                 cached = max(cached, out.num_cached_tokens)
                 delta = text.feed(out.new_token_ids, finished=out.finished)
+                if logprobs is not None and out.logprobs:
+                    logprobs += [(t, *lp) for t, lp in zip(out.new_token_ids, out.logprobs) if t not in skip]
                 if text.stopped and not out.finished:
-                    yield StreamDelta(delta, "stop", prompt_tokens, completion, cached_tokens=cached)
+                    yield StreamDelta(delta, "stop", prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs)
                     return
                 if out.finished:
                     reason = "stop" if text.stopped else out.finish_reason
-                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error, cached)
+                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error, cached, logprobs)
                     return
                 if delta:
-                    yield StreamDelta(delta, None, prompt_tokens, completion, cached_tokens=cached)
+                    yield StreamDelta(delta, None, prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs)
+                    logprobs = [] if logprobs is not None else None
         finally:
             await agen.aclose()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from services.settings_cli import CliSettings
 from telechat.model.config import ROPE_MODES, RopeMode
@@ -27,8 +27,26 @@ RopeModeSetting = Annotated[RopeMode | None, Field(
     "(ntk+scaling, the official behaviour)")]
 
 # The server side, shared by ``telechat serve`` and the vLLM launcher (same flags and env names).
-ModelName = Annotated[str | None, Field(description="served model id (/v1/models); unset = the folder name, "
-                                        "or telechat-demo for the demo model")]
+def _names(value: str | None) -> str | None:
+    if value is None:
+        return None
+    names = split_names(value)
+    if not names:
+        return None
+    if len(set(names)) != len(names):
+        raise ValueError(f"the served model names repeat one: {', '.join(names)}")
+    return ",".join(names)
+
+
+def split_names(value: str | None) -> list[str]:
+    """The names of a ``model_name`` setting (comma-separated; blanks dropped)."""
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
+
+
+ModelName = Annotated[str | None, AfterValidator(_names), Field(
+    description="served model id (/v1/models); several (comma-separated, or several flag values) = the first "
+    "is the main id, the others aliases a request may name too; unset = the folder name, or telechat-demo for "
+    "the demo model", json_schema_extra={"nargs": "+"})]
 ApiHost = Annotated[str, Field(description="bind address; 0.0.0.0 = every interface",
                                json_schema_extra={"flags": ["--host"]})]
 ApiPort = Annotated[int, Field(ge=0, le=65535, description="port", json_schema_extra={"flags": ["--port"]})]

@@ -38,7 +38,7 @@ from services import settings_cli
 from services.api.deps import ServerState
 from services.api.protocol.legacy import FAILED, MISSING, LegacyError, code_for
 from services.api.protocol.openai import APIError
-from services.api.routers import docs, health, legacy, lora, openai
+from services.api.routers import docs, health, legacy, lora, openai, tokenize
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
@@ -57,14 +57,16 @@ def load_runtime(settings: Settings):
 
     path, _ = resolve_model_path(settings.model_path)
     info = inspect_checkpoint(path, need_tokenizer=True)
-    name = info.served_name(settings.model_name)
+    names = settings.served_names
+    name = info.served_name(names[0] if names else None)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.prefix_caching, kv_cache_dtype=settings.kv_cache_dtype,
                           gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_loras=settings.max_loras if settings.lora_enabled else 0,
                           max_lora_rank=lora_slot_rank(settings.lora_module_map, settings.max_lora_rank))
-    return Runtime.load(info, name=name, device=settings.device, dtype=settings.dtype, engine_config=config,
+    return Runtime.load(info, name=name, aliases=names[1:], device=settings.device, dtype=settings.dtype,
+                        engine_config=config,
                         lora=settings.lora_path, lora_modules=settings.lora_module_map,
                         content_markers=settings.content_markers, rope_mode=settings.rope_mode,
                         training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
@@ -114,8 +116,9 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"], status,
-                     (time.perf_counter() - t0) * 1000, rid)
+            user = scope.get("state", {}).get("user")  # the request's OpenAI ``user``, set by the route
+            log.info("%s %s %d %.1fms id=%s%s", scope["method"], scope["path"], status,
+                     (time.perf_counter() - t0) * 1000, rid, f" user={user[:64]!r}" if user else "")
             self.state.metrics.requests.labels(status=str(status)).inc()
 
 
@@ -284,7 +287,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
                   description="OpenAI-compatible and legacy TeleChat routes over a continuous-batching engine. "
                   "Send `Authorization: Bearer <API_KEY>` when the server has an API key.")
     app.state.server = state
-    for router in (openai.router, lora.router, legacy.router, health.router, docs.router):
+    for router in (openai.router, tokenize.router, lora.router, legacy.router, health.router, docs.router):
         app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)

@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
 
 from services.api.deps import SHUTTING_DOWN, ServerState
+from services.api.logprobs import CompletionLogprobsBuilder, TokenTexts, chat_logprobs
 from services.api.protocol.openai import (
     APIError,
     ChatChunkChoice,
@@ -29,23 +30,44 @@ from services.api.protocol.openai import (
 )
 
 if TYPE_CHECKING:
+    from services.api.choices import Choices
     from telechat.engine.sampling import SamplingParams
     from telechat.runtime import Runtime, StreamDelta
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------- checks
 
 def check_model(rt: Runtime, requested: str | None) -> str | None:
     """The LoRA adapter ``requested`` names (None: the base model); 404 unless it is empty, the served
-    model's id or a loaded adapter's name."""
-    if not requested or requested == rt.name:
+    model's id (or one of its aliases, ``--served-model-name``) or a loaded adapter's name."""
+    if not requested or requested in rt.names:
         return None
     if requested in rt.engine.lora_adapters:
         return requested
-    served = ", ".join(repr(m) for m in [rt.name, *rt.engine.lora_adapters])
+    served = ", ".join(repr(m) for m in [*rt.names, *rt.engine.lora_adapters])
     raise APIError(404, f"the model {requested!r} does not exist; this server serves {served} "
                    "(see GET /v1/models)", code="model_not_found", param="model")
+
+
+def served_name(rt: Runtime, requested: str | None) -> str:
+    """The model id a response carries: the name the request used when it is one of the served
+    model's names, else its main name."""
+    return requested if requested in rt.names else rt.name
+
+
+def check_request_fields(rt: Runtime, body, request: Request) -> None:
+    """Checks of a generation request against the loaded model: the token ids it names
+    (``logit_bias``, ``stop_token_ids``) are in the vocabulary (400 otherwise). Its ``user`` goes to the
+    request's log line (not stored)."""
+    vocab = rt.vocab_size
+    bad = [t for t in body.token_ids_used() if t >= vocab]
+    if bad:
+        param = "stop_token_ids" if bad[0] in (body.stop_token_ids or []) else "logit_bias"
+        raise APIError(400, f"token id {bad[0]} is not in this model's vocabulary [0, {vocab})", param=param)
+    if body.user:
+        request.state.user = body.user
 
 
 def resolve_max_tokens(rt: Runtime, prompt_len: int, requested: int | None) -> int:
@@ -98,20 +120,23 @@ async def encode(fn: Callable[[], list[int]], param: str) -> list[int]:
 
 
 async def start(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                request_id: str, *, continuation: bool = False, lora: str | None = None) -> AsyncIterator[StreamDelta]:
+                request_id: str, *, continuation: bool = False, lora: str | None = None,
+                after: str | None = None) -> AsyncIterator[StreamDelta]:
     """Admit a request (429 raised here, before any response starts) and return its delta stream
-    (``lora``: generated with that loaded adapter).
+    (``lora``: generated with that loaded adapter; ``after``: a sibling choice it follows, see
+    ``Request.after``).
 
     The stream is already started, so even a response that never iterates it releases the slot
     when it is closed or garbage-collected.
     """
-    agen = _generate(state, rt, prompt_ids, params, request_id, continuation, lora)
+    agen = _generate(state, rt, prompt_ids, params, request_id, continuation, lora, after)
     await agen.__anext__()  # runs admission
     return agen
 
 
 async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str, continuation: bool, lora: str | None) -> AsyncIterator[StreamDelta | None]:
+                    request_id: str, continuation: bool, lora: str | None,
+                    after: str | None = None) -> AsyncIterator[StreamDelta | None]:
     state.admit()
     m = state.metrics
     try:
@@ -120,7 +145,7 @@ async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], para
         t0 = last = time.perf_counter()
         tokens = 0
         reason = "abort"  # unless the engine says otherwise (e.g. the client left)
-        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora):
+        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora, after=after):
             now = time.perf_counter()
             if tokens == 0 and d.completion_tokens:
                 m.time_to_first_token.observe(now - t0)
@@ -149,26 +174,31 @@ async def collect(request: Request, deltas: AsyncIterator[StreamDelta]) -> tuple
             last = d
         return "".join(parts), last
 
+    text, last = await until_disconnect(request, run())
+    if not completed(last):
+        raise failure(last)
+    return text, last
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """The result of ``work`` (a coroutine reading delta streams); if the client disconnects first,
+    ``work`` is cancelled (the cancellation unwinds through the streams, whose cleanup aborts their
+    requests in the engine) and a 499 is raised."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    work, watch = asyncio.create_task(run()), asyncio.create_task(disconnected())
+    task, watch = asyncio.ensure_future(work), asyncio.create_task(disconnected())
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not work.done():
-            # The client left (or this handler was cancelled): the cancellation unwinds through the
-            # delta stream, whose cleanup aborts the request in the engine.
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-    if work.cancelled():
+        if not task.done():  # the client left (or this handler was cancelled)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
         raise APIError(499, "the client disconnected", code="client_closed_request")
-    text, last = work.result()
-    if not completed(last):
-        raise failure(last)
-    return text, last
+    return task.result()
 
 
 def completed(d: StreamDelta | None) -> bool:
@@ -248,10 +278,11 @@ async def _terminated(rid: str, deltas: AsyncIterator[StreamDelta], events: Asyn
     yield "[DONE]"
 
 
-async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
+async def chat_events(rid: str, model: str, deltas: Choices, include_usage: bool, texts: TokenTexts | None = None
                       ) -> AsyncIterator[str]:
-    """``chat.completion.chunk`` payloads: role first, then content, then ``finish_reason``, then
-    (with ``include_usage``) one chunk with ``choices: []`` and ``usage``, then ``[DONE]``."""
+    """``chat.completion.chunk`` payloads: per choice (``index``) role first, then content (with
+    ``logprobs`` when ``texts`` is given: the request asked), then ``finish_reason``; then (with
+    ``include_usage``) one chunk with ``choices: []`` and ``usage``, then ``[DONE]``."""
     created = int(time.time())
     # With include_usage every chunk carries "usage": null except the last (OpenAI reference).
     exclude = None if include_usage else {"usage"}
@@ -260,27 +291,35 @@ async def chat_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], 
         return sse_json(ChatCompletionChunk(id=rid, created=created, model=model, choices=choices,
                                             usage=usage).model_dump_json(exclude=exclude))
 
-    content = text_chunks(lambda text: chunk([ChatChunkChoice(delta=DeltaMessage(content=text))]))
+    content = [text_chunks(lambda text, i=i: chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=text))]))
+               for i in range(len(deltas))]
 
     async def body() -> AsyncIterator[str]:
-        yield chunk([ChatChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        async for d in deltas:
+        for i in range(len(deltas)):
+            yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        finals = {}
+        async for i, d in deltas.merged():
             final = _check(d)
-            if d.text:
-                yield content(d.text)
+            if texts is not None and d.logprobs:
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=d.text),
+                                             logprobs=chat_logprobs(d.logprobs, texts))])
+            elif d.text:
+                yield content[i](d.text)
             if final:
-                yield chunk([ChatChunkChoice(delta=DeltaMessage(), finish_reason=d.finish_reason)])
-                if include_usage:
-                    yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens, d.cached_tokens))
+                finals[i] = d
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=d.finish_reason)])
+        if include_usage:
+            yield chunk([], deltas.usage(finals))
 
     async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
         async for event in events:
             yield event
 
 
-async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDelta], include_usage: bool
-                            ) -> AsyncIterator[str]:
-    """``text_completion`` payloads: text chunks, a last one with ``finish_reason``, optional usage, ``[DONE]``."""
+async def completion_events(rid: str, model: str, deltas: Choices, include_usage: bool,
+                            texts: TokenTexts | None = None) -> AsyncIterator[str]:
+    """``text_completion`` payloads: per choice (``index``) text chunks (with ``logprobs`` when ``texts``
+    is given), a last one with ``finish_reason``; then optional usage, ``[DONE]``."""
     created = int(time.time())
     exclude = None if include_usage else {"usage"}
 
@@ -288,17 +327,24 @@ async def completion_events(rid: str, model: str, deltas: AsyncIterator[StreamDe
         return sse_json(CompletionResponse(id=rid, created=created, model=model, choices=choices,
                                            usage=usage).model_dump_json(exclude=exclude))
 
-    text = text_chunks(lambda t: chunk([CompletionChoice(text=t, finish_reason=None)]))
+    text = [text_chunks(lambda t, i=i: chunk([CompletionChoice(text=t, index=i, finish_reason=None)]))
+            for i in range(len(deltas))]
+    builders = [CompletionLogprobsBuilder(texts) for _ in range(len(deltas))] if texts is not None else None
 
     async def body() -> AsyncIterator[str]:
-        async for d in deltas:
+        finals = {}
+        async for i, d in deltas.merged():
             final = _check(d)
-            if final:
-                yield chunk([CompletionChoice(text=d.text, finish_reason=d.finish_reason)])
+            logprobs = builders[i].build(d.logprobs) if builders is not None and d.logprobs is not None else None
+            if final or logprobs is not None:
+                yield chunk([CompletionChoice(text=d.text, index=i, logprobs=logprobs,
+                                              finish_reason=d.finish_reason if final else None)])
             elif d.text:
-                yield text(d.text)
-            if final and include_usage:
-                yield chunk([], Usage.of(d.prompt_tokens, d.completion_tokens, d.cached_tokens))
+                yield text[i](d.text)
+            if final:
+                finals[i] = d
+        if include_usage:
+            yield chunk([], deltas.usage(finals))
 
     async with aclosing(_terminated(rid, deltas, body())) as events:  # a client leaving closes it at once
         async for event in events:

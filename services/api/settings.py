@@ -8,7 +8,16 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from telechat.chat_format import ContentMarkers
-from telechat.settings import ApiHost, ApiKey, ApiPort, LoraModules, ModelName, ModelSettings, parse_lora_modules
+from telechat.settings import (
+    ApiHost,
+    ApiKey,
+    ApiPort,
+    LoraModules,
+    ModelName,
+    ModelSettings,
+    parse_lora_modules,
+    split_names,
+)
 
 MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted (1 MiB), checked before any parsing; larger bodies get 413."""
@@ -18,7 +27,8 @@ class Settings(ModelSettings):
     """Everything ``telechat serve`` can be told: the model settings plus the server's. Flags, env names
     (upper-case field name) and ``--help`` are derived from the fields (``services/settings_cli.py``)."""
 
-    model_name: ModelName = None
+    model_name: ModelName = Field(None, json_schema_extra={"flags": ["--model-name", "--served-model-name"],
+                                                           "nargs": "+"})
     api_host: ApiHost = "0.0.0.0"
     api_port: ApiPort = 8070
     api_key: ApiKey = None
@@ -79,6 +89,11 @@ class Settings(ModelSettings):
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({self.max_num_seqs}): every running request decodes one token per step")
         return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """``model_name`` split: the main id first, then the aliases (empty: the default name)."""
+        return split_names(self.model_name)
 
     @property
     def cors_origin_list(self) -> list[str]:

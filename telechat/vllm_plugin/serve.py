@@ -38,7 +38,7 @@ class VllmServeSettings(settings_cli.CliSettings):
     """The launcher's settings: the same names, flags and env variables as our API's where they overlap."""
 
     model_path: ModelPath = None
-    model_name: ModelName = Field(None, json_schema_extra={"flags": ["--served-model-name"]})
+    model_name: ModelName = Field(None, json_schema_extra={"flags": ["--served-model-name"], "nargs": "+"})
     api_host: ApiHost = "0.0.0.0"
     api_port: ApiPort = 8070
     api_key: ApiKey = None
@@ -81,7 +81,7 @@ def vllm_argv(settings: VllmServeSettings, served_name: str, model: Path, templa
               extra: list[str]) -> list[str]:
     """The vLLM server command line for these settings."""
     argv = [sys.executable, "-m", VLLM_SERVER, "--model", str(model), "--chat-template", str(template),
-            "--served-model-name", served_name]
+            "--served-model-name", *served_name.split(",")]
     for key, flag in VLLM_FLAGS.items():
         if getattr(settings, key) is not None:
             argv += [flag, str(getattr(settings, key))]

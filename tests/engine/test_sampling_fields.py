@@ -143,3 +143,31 @@ def test_bad_values_are_refused():
                {"logprobs": 21}, {"logprobs": -1}):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_with_graphs_and_overlap(model):
+    """The same on the GPU: decode steps replay CUDA graphs, tokens and log-probabilities are read one
+    step later; batch-mates that ask for nothing are unchanged by those that do."""
+    gpu = TelechatForCausalLM(model.config).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.cuda()
+    engine = LLMEngine(gpu, EngineConfig(max_num_seqs=4, overlap=True, cuda_graphs=True))
+    plain = SamplingParams(max_tokens=8, temperature=0)
+    ids, lps = run(engine, PROMPT, SamplingParams(max_tokens=8, temperature=0, logprobs=3, logit_bias={7: 2.0},
+                                                  frequency_penalty=0.5, min_tokens=2))
+    logp = torch.log_softmax(full_logits(model, PROMPT + ids), dim=-1)[len(PROMPT) - 1 :]
+    for step, (token, (own, top_ids, _)) in enumerate(zip(ids, lps)):
+        assert own == pytest.approx(logp[step, token].item(), abs=1e-3)
+        assert top_ids == logp[step].topk(3).indices.tolist()
+    alone = run(engine, PROMPT, plain)[0]
+    a = engine.add_request(PROMPT, plain, "plain")
+    engine.add_request(PROMPT, SamplingParams(max_tokens=8, temperature=1.0, seed=1, logprobs=5,
+                                              logit_bias={3: 50}, presence_penalty=1.0), "busy")
+    got: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == a:
+                got += out.new_token_ids
+    assert got == alone

@@ -3,9 +3,8 @@ grouped at the end of each request and marked "not in OpenAI spec" (as vLLM does
 
 Validation is strict (no string → number, no bool → number coercion; floats finite) and every range
 is in the published schema. Unknown fields are ignored (clients send many). Fields we cannot honour
-get a 400 naming the field where ignoring them would change the answer: ``n`` > 1, ``logprobs``,
-``top_logprobs``, ``logit_bias``, non-zero ``frequency_penalty``/``presence_penalty``,
-``echo``, ``suffix``, ``best_of`` > 1, non-text content parts.
+get a 400 naming the field where ignoring them would change the answer: ``echo``, ``suffix``,
+``best_of`` > 1, non-text content parts.
 Structured output (``response_format`` json_object/json_schema, ``guided_*``) and forced tool calls
 (``tool_choice`` "required" or a named function, legacy ``function_call``) are enforced by
 grammar-constrained decoding (docs/engine.md). ``tools``/``functions`` with ``tool_choice`` absent,
@@ -41,6 +40,10 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 MIN_TEMPERATURE = 1e-3
 """Smallest positive temperature: below it logits / temperature overflow; 0 means greedy."""
 MAX_TOP_K = 2**31 - 1
+MAX_CHOICES = 128
+"""Most choices one request may ask for (OpenAI's limit on ``n``; with a prompt list, prompts × n)."""
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat ``top_logprobs``
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on completions ``logprobs``
 
 
 class APIError(Exception):
@@ -79,18 +82,6 @@ def refuse_unsupported(data: Any, *, chat: bool) -> None:
     says what is missing rather than "should be less than or equal to 1"."""
     if not isinstance(data, dict):
         return
-    if (_int(data, "n") or 1) > 1:
-        raise unsupported("n", "more than one choice per request", "send n = 1")
-    if data.get("logprobs") is True or (_int(data, "logprobs") or 0) > 0:
-        raise unsupported("logprobs", "returning log probabilities")
-    if (_int(data, "top_logprobs") or 0) > 0:
-        raise unsupported("top_logprobs", "returning log probabilities")
-    if isinstance(data.get("logit_bias"), dict) and data["logit_bias"]:
-        raise unsupported("logit_bias", "biasing token logits")
-    for name in ("frequency_penalty", "presence_penalty"):
-        v = data.get(name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v != 0 and -2 <= v <= 2:
-            raise unsupported(name, "a non-zero value", "use repetition_penalty (> 1 discourages repeats)")
     if not chat:
         if (_int(data, "best_of") or 1) > 1:
             raise unsupported("best_of", "a value above 1")
@@ -116,12 +107,13 @@ class TextPart(_Request):
     text: Text
 
 
-Role = Literal["system", "user", "assistant", "bot", "tool"]
+Role = Literal["system", "developer", "user", "assistant", "bot", "tool"]
 
 
 class ChatMessage(_Request):
     role: Role
-    """system | user | assistant (``bot``, the TeleChat name, is accepted as assistant) | tool (a tool's
+    """system | developer (read as system, as vLLM does) | user | assistant (``bot``, the TeleChat name, is
+    accepted as assistant) | tool (a tool's
     result, rendered as in docs/chat-format.md)."""
     content: Text | list[TextPart] | None = None
     """A string, or text parts that are joined (the model takes text only); may be null in an
@@ -217,13 +209,34 @@ class _SamplingFields(_Request):
     def _sampling_overrides(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return dict(temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=stop,
-                    top_k=self.top_k, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos)
+                    top_k=self.top_k, repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
+                    frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                    logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, min_p=self.min_p,
+                    min_tokens=self.min_tokens, logprobs=self.logprobs_count,
+                    include_stop_str_in_output=self.include_stop_str_in_output)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """Alternatives to return per token (None: no log-probabilities)."""
+        raise NotImplementedError
+
+    @property
+    def choices_per_prompt(self) -> int:
+        """``n``."""
+        return self.n or 1
 
     def to_sampling_params(self, defaults: Callable[..., SamplingParams], max_tokens: int) -> SamplingParams:
         """Engine parameters: request values > the checkpoint's generation_config (``defaults``, e.g.
         ``Runtime.sampling_params``) > OpenAI defaults. ``max_tokens`` is already resolved against the context.
-        Raises ``ValueError`` for values the engine refuses."""
-        return defaults(max_tokens=max_tokens, **self._sampling_overrides())
+        ``stop_token_ids`` add to the chat format's. Raises ``ValueError`` for values the engine refuses."""
+        params = defaults(max_tokens=max_tokens, **self._sampling_overrides())
+        if self.stop_token_ids:
+            params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *self.stop_token_ids]))
+        return params
+
+    def token_ids_used(self) -> list[int]:
+        """Token ids the request names (``logit_bias`` keys, ``stop_token_ids``), to check against the vocabulary."""
+        return [int(k) for k in self.logit_bias or {}] + list(self.stop_token_ids or [])
 
 
 _CHAT_EXAMPLE = {
@@ -251,8 +264,29 @@ TopP = Annotated[float | None, Field(gt=0, le=1)]
 TopK = Annotated[int | None, Field(ge=0, le=MAX_TOP_K, description="Keep the k most likely tokens; 0 keeps all.")]
 RepetitionPenalty = Annotated[float | None, Field(ge=0.01, le=100, description=">1 discourages repeats "
                                                   "(TeleChat generation_config uses 1.01-1.03).")]
-OpenAIPenalty = Annotated[float | None, Field(ge=0, le=0, description="Only 0 is supported; use repetition_penalty.")]
-NoLogitBias = Annotated[dict[str, float] | None, Field(max_length=0, description="Only empty is supported.")]
+OpenAIPenalty = Annotated[float | None, Field(ge=-2, le=2, description="OpenAI's additive penalty: subtracted from "
+                                              "a token's logit per occurrence (frequency) or once (presence) in "
+                                              "the reply so far.")]
+
+
+def _token_id_keys(v: dict[str, float] | None) -> dict[str, float] | None:
+    for key in v or {}:
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"logit_bias keys are token ids written as strings of digits (e.g. \"1234\"), got {key!r}")
+    return v
+
+
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None, AfterValidator(_token_id_keys),
+                      Field(description="Token id (as a string) -> value added to its logit before sampling, "
+                                        "-100 (ban) to 100 (force).")]
+MinP = Annotated[float | None, Field(ge=0, le=1, description="Drop tokens whose probability is below min_p "
+                                     "times the most likely one's (after temperature).")]
+MinTokens = Annotated[int, Field(ge=0, description="Stop tokens and stop strings are ignored until the reply "
+                                 "has this many tokens.")]
+StopTokenIds = Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(description="Token ids that end the "
+                         "reply too (besides the chat format's end token); not included in it.")]
+N = Annotated[int | None, Field(ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt "
+                                f"(1 to {MAX_CHOICES}); they share the prompt's KV cache.")]
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -269,13 +303,12 @@ class ChatCompletionRequest(_SamplingFields):
     "auto"/"none": the answer is text."""
     functions: list[dict[str, Any]] | None = None
     """Deprecated by OpenAI: the functions ``function_call`` may name."""
-    logit_bias: NoLogitBias = None
-    logprobs: Literal[False] | None = None
-    """Only false is supported."""
+    logit_bias: LogitBias = None
+    logprobs: bool | None = None
+    """Return each reply token's log-probability (the model's raw distribution)."""
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    n: int | None = Field(None, ge=1, le=1)
-    """Only 1 is supported."""
+    n: N = None
     parallel_tool_calls: bool | None = None
     presence_penalty: OpenAIPenalty = None
     response_format: ResponseFormat | None = None
@@ -290,8 +323,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools' parameter schemas; "auto"/"none": the answer is text."""
     tools: list[dict[str, Any]] | None = None
     """Functions the model may call (``{"type": "function", "function": {"name", "parameters", ...}}``)."""
-    top_logprobs: int | None = Field(None, ge=0, le=0)
-    """Only 0 is supported."""
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """The most likely alternatives to return with each token (needs ``logprobs: true``)."""
     top_p: TopP = None
     user: Text | None = None
     # --- not in OpenAI spec
@@ -299,6 +332,16 @@ class ChatCompletionRequest(_SamplingFields):
     repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (benchmarks)."""
+    min_p: MinP = None
+    min_tokens: MinTokens = 0
+    stop_token_ids: StopTokenIds = None
+    include_stop_str_in_output: bool = False
+    """Keep the stop string that ended the reply at its end."""
+    continue_final_message: bool | None = None
+    """Continue the last (assistant) message instead of starting a new one (vLLM's semantics); unset: on
+    exactly when the last message is the assistant's (Open WebUI's "Continue Response")."""
+    add_generation_prompt: bool = True
+    """End the prompt with the assistant marker ``<_bot>`` (false: leave it out; unused when continuing)."""
     guided_json: dict[str, Any] | Text | None = None
     """The reply validates against this JSON schema (vLLM's extension; like ``response_format`` json_schema)."""
     guided_regex: Text | None = None
@@ -311,6 +354,30 @@ class ChatCompletionRequest(_SamplingFields):
     def _unsupported(cls, data: Any) -> Any:
         refuse_unsupported(data, chat=True)
         return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.continue_final_message and self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: a continued "
+                             "message gets no new assistant marker")
+        last = self.messages[-1].role
+        if self.continue_final_message and last not in ("assistant", "bot"):
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if self.continue_final_message is False and last in ("assistant", "bot"):
+            raise ValueError("the last message is the assistant's: leave continue_final_message unset (or true) "
+                             "to continue it, or end with a user message")
+        return self
+
+    @property
+    def continues_final_message(self) -> bool:
+        """The reply continues the last (assistant) message."""
+        return self.messages[-1].role in ("assistant", "bot") and self.continue_final_message is not False
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -330,20 +397,20 @@ class CompletionRequest(_SamplingFields):
 
     model: Text | None = None
     """Served model id; optional here (not in OpenAI spec)."""
-    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)] | TokenIds
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
-    """One prompt: a string or token ids (a list holding exactly one of them is accepted too)."""
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=MAX_CHOICES)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
+    """A prompt (a string or token ids) or a list of prompts (strings or token-id lists), each answered by
+    ``n`` choices: choice ``index`` = prompt position × n + j."""
     best_of: int | None = Field(None, ge=1, le=1)
     """Only 1 is supported."""
     echo: Literal[False] = False
     """Only false is supported."""
     frequency_penalty: OpenAIPenalty = None
-    logit_bias: NoLogitBias = None
-    logprobs: int | None = Field(None, ge=0, le=0)
-    """Only 0 is supported."""
+    logit_bias: LogitBias = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """Return each token's log-probability and this many most likely alternatives."""
     max_tokens: int | None = Field(16, ge=1)
-    n: int | None = Field(None, ge=1, le=1)
-    """Only 1 is supported."""
+    n: N = None
     presence_penalty: OpenAIPenalty = None
     seed: Seed | None = None
     stop: StopField = None
@@ -358,6 +425,10 @@ class CompletionRequest(_SamplingFields):
     top_k: TopK = None
     repetition_penalty: RepetitionPenalty = None
     ignore_eos: bool = False
+    min_p: MinP = None
+    min_tokens: MinTokens = 0
+    stop_token_ids: StopTokenIds = None
+    include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
     """Structured output as in chat requests (vLLM's extension of completions)."""
     guided_json: dict[str, Any] | Text | None = None
@@ -380,17 +451,30 @@ class CompletionRequest(_SamplingFields):
         def ids_ok(x: Any) -> bool:
             return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
 
-        one = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)) else v
-        if (isinstance(one, str) and one) or ids_ok(one):
+        if (isinstance(v, str) and v) or ids_ok(v):
             return v
-        raise ValueError("send one prompt: a non-empty string or a non-empty list of token ids (integers >= 0), "
-                         "or a list holding exactly one of them")
+        if isinstance(v, list) and 0 < len(v) <= MAX_CHOICES and (all(isinstance(p, str) and p for p in v)
+                                                                   or all(ids_ok(p) for p in v)):
+            return v
+        raise ValueError("send a prompt: a non-empty string or a non-empty list of token ids (integers >= 0), or a "
+                         f"list of 1 to {MAX_CHOICES} prompts of one kind (strings, or token-id lists)")
+
+    @model_validator(mode="after")
+    def _choice_count(self) -> CompletionRequest:
+        if len(self.prompt_values) * self.choices_per_prompt > MAX_CHOICES:
+            raise ValueError(f"{len(self.prompt_values)} prompts × n={self.choices_per_prompt} choices is more than "
+                             f"{MAX_CHOICES} choices in one request")
+        return self
 
     @property
-    def prompt_value(self) -> str | list[int]:
-        """The one prompt: a string or token ids."""
+    def prompt_values(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids."""
         p = self.prompt
-        return p[0] if isinstance(p, list) and isinstance(p[0], (str, list)) else p
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -443,10 +527,36 @@ class ResponseMessage(BaseModel):
 FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    """The token's UTF-8 bytes (a token may hold part of a character)."""
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+    """The most likely tokens at this position, most likely first (``top_logprobs`` of them)."""
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    """One entry per reply token."""
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    """Per token, the ``logprobs`` most likely tokens and their log-probabilities."""
+    text_offset: list[int]
+    """Where each token's text starts in the reply (characters)."""
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -498,7 +608,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -515,7 +625,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
