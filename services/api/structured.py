@@ -131,7 +131,7 @@ def grammar_spec(body: ChatCompletionRequest | CompletionRequest, max_tokens: in
     if body.guided_choice is not None:
         asked.append(("guided_choice", "choice", body.guided_choice))
     if plan is not None:
-        asked.append(("tool_choice" if not plan.legacy else "function_call", "tools", plan))
+        asked.append(("functions" if plan.legacy else "tools", "tools", plan))
     if len(asked) > 1:
         names = ", ".join(p for p, _, _ in asked)
         raise APIError(400, f"{names}: only one of them may constrain the reply", param=asked[1][0])

@@ -106,7 +106,7 @@ def bound_json_schema(schema: Any, max_chars: int, max_items: int) -> Any:
     out = {k: bound_json_schema(v, max_chars, max_items) if isinstance(v, (dict, list)) and k not in _SCALAR_KEYS
            else v for k, v in schema.items()}
     kinds = out.get("type")
-    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    kinds = {k for k in (kinds if isinstance(kinds, list) else [kinds]) if isinstance(k, str)}
     free = not any(k in out for k in _SCALAR_KEYS)
     if "string" in kinds and free and "maxLength" not in out:
         out["maxLength"] = max(max_chars, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)

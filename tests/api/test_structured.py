@@ -198,6 +198,10 @@ BAD = [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objx"}}}], "tool_choice": "required"},
+     "tools"),
+    ({"guided_json": {"type": "string", "minLength": 5, "maxLength": 2}}, "guided_json"),
+    ({"guided_regex": "(?<=a)b"}, "guided_regex"),
 ]
 
 
