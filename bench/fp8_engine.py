@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import sys
 from pathlib import Path
 
@@ -89,7 +90,11 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--long-prompt", type=int, default=96 * 1024, help="0 skips the long-request measurement")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    p.add_argument("--show-gemv", action="store_true", help="print the GEMV tuning (cuBLAS/scaled_mm vs Triton)")
     args = p.parse_args()
+    if args.show_gemv:
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("telechat.engine.runner").setLevel(logging.DEBUG)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -27,12 +27,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine size (default: --batch)")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = TelechatForCausalLM(preset(args.preset, seq_length=args.max_model_len)).to(torch.bfloat16).eval()
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=max(args.batch, 1), max_model_len=args.max_model_len,
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=args.max_num_seqs or max(args.batch, 1), max_model_len=args.max_model_len,
                                            compile=args.compile))
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     for i in range(args.batch):

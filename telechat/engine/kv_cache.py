@@ -14,7 +14,7 @@ computes what the uncached turn computes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -103,6 +103,26 @@ class StepAttention:
     seq_lens: torch.Tensor | None
     """``[decode_rows]`` int32: context length of each decode, its new token included."""
     prefills: Sequence[PrefillChunk] = ()
+    _fresh: list[tuple[slice | torch.Tensor, int, int]] | None = field(default=None, repr=False)
+
+    def fresh_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int]]:
+        """The fresh prompts (no cached context) grouped by length, each group attended in one batched call
+        (a burst of same-length prompts costs one kernel per layer, not one per prompt): ``(rows, count,
+        length)`` with ``rows`` a slice when the group's rows are consecutive, else an index. Built once per step."""
+        if self._fresh is None:
+            by_length: dict[int, list[int]] = {}
+            for chunk in self.prefills:
+                if chunk.context_slots is None:
+                    by_length.setdefault(chunk.end - chunk.start, []).append(chunk.row)
+            groups = []
+            for n, firsts in by_length.items():
+                if all(b == a + n for a, b in zip(firsts, firsts[1:])):
+                    rows: slice | torch.Tensor = slice(firsts[0], firsts[0] + n * len(firsts))
+                else:
+                    rows = torch.tensor([r + i for r in firsts for i in range(n)], device=device)
+                groups.append((rows, len(firsts), n))
+            self._fresh = groups
+        return self._fresh
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,17 +143,17 @@ class StepAttention:
         if self.decode_rows:
             n = self.decode_rows
             out[:n] = paged_decode_attention(q[:n], kc, vc, self.block_tables, self.seq_lens, cache.block_size, ks, vs)
+        for rows, count, n in self.fresh_groups(q.device):  # fresh sequences: their own keys, causal
+            qg, kg, vg = (t[rows].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (G, H, n, d)
+            out[rows] = attention(qg, kg, vg, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
         for chunk in self.prefills:
+            if chunk.context_slots is None:
+                continue
             rows = slice(chunk.row, chunk.row + chunk.end - chunk.start)
             qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, C, d)
-            if chunk.context_slots is None:  # a fresh sequence: its own keys, causal
-                kk, vv = (t[rows].transpose(0, 1).unsqueeze(0) for t in (k, v))
-                o = attention(qc, kk, vv, causal=True)
-            else:
-                kk, vv = (read_kv(t, chunk.context_slots, scale, q.dtype).transpose(0, 1).unsqueeze(0)
-                          for t, scale in ((kc, ks), (vc, vs)))  # (1, Hkv, end, d)
-                qpos = torch.arange(chunk.start, chunk.end, device=q.device)
-                mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
-                o = attention(qc, kk, vv, mask=mask)
-            out[rows] = o.squeeze(0).transpose(0, 1)
+            kk, vv = (read_kv(t, chunk.context_slots, scale, q.dtype).transpose(0, 1).unsqueeze(0)
+                      for t, scale in ((kc, ks), (vc, vs)))  # (1, Hkv, end, d)
+            qpos = torch.arange(chunk.start, chunk.end, device=q.device)
+            mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
+            out[rows] = attention(qc, kk, vv, mask=mask).squeeze(0).transpose(0, 1)
         return out

@@ -38,6 +38,11 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 """448: E4M3's largest finite value (FP8 weights and the FP8 KV cache saturate to it)."""
 
 
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (CUDA builds of torch ship Triton; CPU installs do not)."""
+    return triton is not None
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
@@ -168,6 +173,48 @@ def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tens
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
                                                               BLOCK=block)
     return out
+
+
+# ---------------------------------------------------------------------------- FP8 activation quantization
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, stride_x, stride_q, inv_max, min_scale,
+                              STATIC: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        x_row = x_ptr + row * stride_x
+        if STATIC:
+            scale = tl.load(static_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(0, n_cols, BLOCK):
+                offs = c + tl.arange(0, BLOCK)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_row + offs, mask=offs < n_cols, other=0.0).to(tl.float32)))
+            # times 1/448 in fp32: how PyTorch on CUDA divides a tensor by a Python number
+            scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
+        tl.store(s_ptr + row, scale)
+        for c in range(0, n_cols, BLOCK):
+            offs = c + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            q = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+            tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows_fp8(x: torch.Tensor, static_scale: torch.Tensor | None, min_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 ``q [M, K]`` and float32 ``scale [M, 1]`` with ``x ≈ q * scale`` for a CUDA ``x [M, K]``, in one
+    launch: per row ``scale = max(max|x| / 448, min_scale)`` (or ``static_scale [1]`` for every row), then
+    ``q = clamp(x / scale, ±448)`` — the numbers of :func:`telechat.model.fp8.quantize_activation`."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = static_scale if static_scale is not None else scale
+    _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), 1.0 / FP8_MAX, min_scale,
+                                STATIC=static_scale is not None, BLOCK=min(4096, triton.next_power_of_2(k)),
+                                num_warps=8)
+    return q, scale
 
 
 # ---------------------------------------------------------------------------- rotary + KV write

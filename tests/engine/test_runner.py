@@ -137,6 +137,16 @@ def test_from_previous_decodes_read_the_previous_steps_device_tokens(model):
         assert tokens[r] == hf_generate(model, r.prompt_ids, 9)[0]
 
 
+def test_same_length_prompts_batched_in_one_step_match_generate(model):
+    """Fresh prompts of equal length are attended in one batched call per layer, whether their rows are
+    consecutive (a, b) or not (c after d): every prompt's logits still equal generate()'s."""
+    s = Steps(model)
+    a, b, d, c = (s.request(prompt(n, seed)) for n, seed in ((11, 21), (11, 22), (6, 23), (11, 24)))
+    s.run(prefills=[s.chunk(r, 0, len(r.prompt_ids)) for r in (a, b, d, c)], new=[a, b, d, c])
+    for i, r in enumerate((a, b, d, c)):
+        torch.testing.assert_close(s.last_logits[i], hf_generate(model, r.prompt_ids, 1)[1][0], rtol=1e-4, atol=1e-4)
+
+
 def test_failed_row_is_fed_as_zero_and_fails_alone(model):
     """A row whose sampling fails returns None; the next step still feeds its placeholder (-1 clamped
     to 0) without error, and its batch-mate's tokens are untouched."""
