@@ -36,7 +36,8 @@ from torch import nn
 
 from telechat.errors import UserError
 from telechat.model.checkpoint import split_key_value
-from telechat.model.kernels import linear
+from telechat.model.kernels import linear, triton
+from telechat.model.lora_kernels import MAX_ROWS, lora_rows
 
 LORA_TARGETS = ("query", "key_value", "dense", "gate_proj", "up_proj", "down_proj")
 """The PEFT module names of a TeleChat layer an adapter may target."""
@@ -277,5 +278,7 @@ class LoraBatch:
         a = getattr(layer, "lora_a", None)
         if a is None:
             return y
+        if triton is not None and x.is_cuda and x.shape[0] <= MAX_ROWS:  # decode: only the slots in use are read
+            return lora_rows(y, x.contiguous(), a, layer.lora_b, self.slots, layer.lora_parts * self._rank)
         xa = torch.nn.functional.linear(x, a) * self._mask(layer.lora_parts, x.dtype)
         return y.addmm_(xa, layer.lora_b.t())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from telechat.engine.core import EngineConfig, LLMEngine
 from telechat.engine.request import Request
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.scheduler import Scheduler, SchedulerConfig
+from telechat.model import kernels
 from telechat.model.config import TelechatConfig
 from telechat.model.forward_batch import CausalAttention, ForwardBatch
 from telechat.model.lora import AdapterError, LoraAdapter, LoraSlots
@@ -297,3 +299,40 @@ def test_cuda_graph_decode_with_two_adapters_equals_eager(model, adapters):
         want = LLMEngine(copy.deepcopy(ref).cuda(), EngineConfig(max_num_seqs=2, block_size=16,
                                                                  kv_cache_memory=64 << 20)).generate([p], GREEDY)[0]
         assert tokens == want, name
+
+
+@pytest.mark.skipif(kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the Triton LoRA kernels on CPU in Triton's interpreter (TRITON_INTERPRET=1)")
+def test_per_row_kernels_equal_the_masked_gemms_in_the_triton_interpreter():
+    """lora_rows (shrink + expand, each row reading its own slot) adds what the masked GEMMs add: three slots
+    of width 40 (uneven blocks), rows of every slot and of the base (-1, left unchanged)."""
+    _rows_vs_masked(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_per_row_kernels_equal_the_masked_gemms_on_cuda():
+    """The same check with the compiled kernels, bf16 and float32."""
+    _rows_vs_masked(torch.device("cuda"))
+    _rows_vs_masked(torch.device("cuda"), torch.bfloat16)
+
+
+def _rows_vs_masked(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    from telechat.model.lora import LoraBatch
+    from telechat.model.lora_kernels import lora_rows
+
+    torch.manual_seed(0)
+    slots_n, rank, parts, k, n = 3, 20, 2, 300, 200
+    layer = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+    layer.lora_a = (torch.randn(slots_n * parts * rank, k) * 0.1).to(device, dtype)
+    layer.lora_b = (torch.randn(n, slots_n * parts * rank) * 0.1).to(device, dtype)
+    layer.lora_parts = parts
+    slots = torch.tensor([2, -1, 0, 1, 2, -1, 0], device=device)
+    x = torch.randn(len(slots), k, device=device, dtype=dtype)
+    base = layer(x)
+    want = base.float() + ((x.float() @ layer.lora_a.float().t())
+                           * LoraBatch(slots, slots_n, rank)._mask(parts, torch.float32)) @ layer.lora_b.float().t()
+    got = lora_rows(base.clone(), x, layer.lora_a, layer.lora_b, slots, parts * rank).float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got, want, atol=tol, rtol=tol)
+    assert torch.equal(got[slots == -1], base[slots == -1].float())
