@@ -172,6 +172,25 @@ def test_n_siblings_reuse_the_prompt_cache(server):
     assert prefix_cache_hits(server) - before == 3 * full_blocks
 
 
+def test_disconnect_aborts_every_choice(server):
+    """Closing a stream of 3 choices mid-way aborts all three (streamed and non-streamed)."""
+    from tests.api.test_operations import metric, wait_for
+
+    aborted = metric(server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
+    body = {"messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True, "n": 3}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(12):
+            next(lines)
+        assert metric(server, "telechat:num_requests_running") == 3
+    assert wait_for(lambda: metric(server, "telechat:num_requests_running") == 0, timeout=10)
+    assert wait_for(lambda: metric(server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
+                    == aborted + 3)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+    assert wait_for(lambda: metric(server, "telechat:num_requests_running") == 0, timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------- prompt lists
 
 def test_completion_prompt_list_one_choice_per_prompt(server):
@@ -307,6 +326,24 @@ def test_include_stop_str_in_output(server):
     kept = post(server, "/v1/completions", {"prompt": "中国的首都是", "max_tokens": 12, "temperature": 0,
                                             "stop": [stop], "include_stop_str_in_output": True}).json()
     assert cut == text[: text.index(stop)] and kept["choices"][0]["text"] == cut + stop
+
+
+def test_user_is_in_the_log_line(server):
+    client(server).chat.completions.create(model="telechat-demo", messages=HELLO, max_tokens=2, user="alice-42")
+    assert "user='alice-42'" in server.log()
+
+
+def test_served_model_name_flag_and_env():
+    from services import settings_cli
+    from services.api.settings import Settings
+
+    parser = settings_cli.build_parser(Settings, prog="serve", description="")
+    assert settings_cli.load(Settings, parser.parse_args(["--served-model-name", "a", "b"]), environ={}
+                             ).served_names == ["a", "b"]
+    assert settings_cli.load(Settings, {}, environ={"MODEL_NAME": "x, y"}).served_names == ["x", "y"]
+    assert settings_cli.load(Settings, {}, environ={}).served_names == []
+    with pytest.raises(settings_cli.SettingsError, match="repeat"):
+        settings_cli.load(Settings, {}, environ={"MODEL_NAME": "x,x"})
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer routes
