@@ -167,6 +167,8 @@ class ModelRunner:
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
         use_graphs = dev.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if use_graphs else None
+        self._base_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        """With LoRA slots: the decode graphs without the LoRA path, replayed when no row has an adapter."""
         # Fixed-address inputs of decode-only steps: input ids, positions, rows; padding = scratch row.
         self._inputs = torch.zeros(3, self.buckets[-1], dtype=torch.long, device=dev)
         self._inputs[2] = self.scratch_row
@@ -195,13 +197,14 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for b in reversed(self.buckets):
-                for _ in range(2):  # warm-up: compiles kernels, creates cuBLAS handles
-                    self._decode_body(b)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._decode_body(b)
-                self.graphs[b] = (graph, out)
+                for lora in (True, False) if self.lora is not None else (True,):
+                    for _ in range(2):  # warm-up: compiles kernels, creates cuBLAS handles
+                        self._decode_body(b, lora)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = self._decode_body(b, lora)
+                    (self.graphs if lora else self._base_graphs)[b] = (graph, out)
         log.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     # ------------------------------------------------------------------ one step
@@ -233,11 +236,13 @@ class ModelRunner:
             logits = self._pass(*inputs, num_decodes, self._prefill_chunks(step.prefills), step.wanted,
                                 lora=any(c.request.lora_slot is not None for c in sched.chunks))
         else:
-            if bucket in (self.graphs or {}):
-                graph, out = self.graphs[bucket]
+            plain = self.lora is not None and all(c.request.lora_slot is None for c in sched.decodes)
+            graphs = self._base_graphs if plain else self.graphs
+            if bucket in (graphs or {}):
+                graph, out = graphs[bucket]
                 graph.replay()
             else:
-                out = self._decode_fn(*inputs)
+                out = self._decode_fn(*inputs, not plain)
             logits = out[:num_decodes] if step.all_decodes_sample else out[step.wanted]
         return self._sample(sched.sampled, logits, guide() if guide is not None else None)
 
@@ -364,11 +369,12 @@ class ModelRunner:
                              lora=self.lora.batch(self.row_lora[rows]) if self.lora is not None and lora else None)
         return self.model.forward_batch(ids, batch)
 
-    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._pass(ids, positions, rows, ids.shape[0], [], None)
+    def _decode_pass(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                     lora: bool = True) -> torch.Tensor:
+        return self._pass(ids, positions, rows, ids.shape[0], [], None, lora=lora)
 
-    def _decode_body(self, b: int) -> torch.Tensor:
-        return self._decode_fn(*self._inputs[:, :b])
+    def _decode_body(self, b: int, lora: bool = True) -> torch.Tensor:
+        return self._decode_fn(*self._inputs[:, :b], lora)
 
     # ------------------------------------------------------------------ sampling
 

@@ -140,6 +140,17 @@ def test_two_adapters_and_the_base_in_one_batch_match_each_merged_model(model, a
     assert max(steps_with_both) == 2
 
 
+def test_padded_decode_buckets_with_and_without_adapter_rows(model, adapters):
+    """Decode steps bucketed and padded as CUDA graphs run them (the padding rows use slot -1), with adapter
+    rows and with none (the pass without the LoRA path), give the unpadded engine's tokens."""
+    requests = [(prompt(9, 31), "a"), (prompt(6, 32), None), (prompt(13, 33), "b")]
+    plain = _engine(model, adapters, max_loras=2)
+    padded = _engine(model, adapters, max_loras=2)
+    padded.runner.graphs = {}  # bucketed shapes as on CUDA, run eagerly (no capture on CPU)
+    for batch in (requests, [requests[1]]):
+        assert _run(padded, batch) == _run(plain, batch)
+
+
 def test_more_adapters_than_slots_wait_for_a_slot_and_reload(model, adapters):
     """With one slot, requests for two adapters never run together; each still gets its own adapter's
     tokens (the slot is reloaded), and the base request runs alongside either."""
@@ -282,6 +293,7 @@ def test_cuda_graph_decode_with_two_adapters_equals_eager(model, adapters):
     """On CUDA, decode steps replayed from graphs (slot ids read from the fixed-address row buffer) give
     the tokens of eager decode steps and of each merged model, with two adapters and the base batched."""
     requests = [(prompt(9, 21), "a"), (prompt(14, 22), None), (prompt(7, 23), "b"), (prompt(11, 24), "a")]
+    base_only = (prompt(10, 25), None)
 
     def run(cuda_graphs: bool) -> list[list[int]]:
         engine = LLMEngine(copy.deepcopy(model).cuda(), EngineConfig(
@@ -290,11 +302,12 @@ def test_cuda_graph_decode_with_two_adapters_equals_eager(model, adapters):
         for name, folder in adapters.items():
             engine.load_adapter(name, str(folder))
         assert (engine.runner.graphs is not None) == cuda_graphs
-        return _run(engine, requests)
+        mixed = _run(engine, requests)
+        return mixed + _run(engine, [base_only])  # decode steps with no adapter row: the graphs without LoRA
 
     graphed = run(True)
     assert graphed == run(False)
-    for (p, name), tokens in zip(requests, graphed):
+    for (p, name), tokens in zip(requests + [base_only], graphed):
         ref = model if name is None else merged(model, adapters[name])
         want = LLMEngine(copy.deepcopy(ref).cuda(), EngineConfig(max_num_seqs=2, block_size=16,
                                                                  kv_cache_memory=64 << 20)).generate([p], GREEDY)[0]
