@@ -143,6 +143,7 @@ def _config(folder: Path) -> dict:
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by PEFT key (safetensors, or the older adapter_model.bin)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -235,7 +236,6 @@ class LoraSlots:
             module.lora_a = torch.zeros(width, n_in, dtype=param.dtype, device=param.device)
             module.lora_b = torch.zeros(n_out, width, dtype=param.dtype, device=param.device)
             module.lora_parts = len(parts)
-        self.loaded: list[LoraAdapter | None] = [None] * max_loras
 
     def load(self, slot: int, adapter: LoraAdapter) -> None:
         """Copy ``adapter`` into ``slot`` (queued on the device's stream after the steps before it)."""
@@ -249,7 +249,6 @@ class LoraSlots:
             else:
                 module.lora_a[cols].copy_(ab[0], non_blocking=True)
                 module.lora_b[:, cols].copy_(ab[1], non_blocking=True)
-        self.loaded[slot] = adapter
 
     def batch(self, slots: torch.Tensor) -> LoraBatch:
         """The LoRA state of one forward whose token rows use ``slots [T]`` (-1: base model)."""

@@ -168,3 +168,28 @@ def test_adapter_finds_its_base_where_the_pair_is_mounted(lora_run: Path, tiny_m
     assert merge.adapter_base(adapter) == base
     assert merge.main(["--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_the_adapter_serves_per_request_like_the_merged_model(lora_run: Path, tiny_model_dir: Path):
+    """The job's adapter folder loads as it is for per-request serving (``telechat serve --lora-modules``):
+    batched with a base request, its greedy tokens are the job's merged checkpoint's, the base's the base's."""
+    from telechat.engine.core import EngineConfig, LLMEngine
+    from telechat.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=12, temperature=0)
+    prompt = [4, 10, 20, 30, 5, 40, 50, 2, 4, 60]
+    config = EngineConfig(max_num_seqs=4, max_loras=1, max_lora_rank=8, kv_cache_memory=16 << 20)
+    engine = LLMEngine(load_model(tiny_model_dir, device="cpu", dtype="float32"), config)
+    engine.load_adapter("sft", str(lora_run / "adapter"))
+    ids = {engine.add_request(prompt, params, lora="sft"): "sft", engine.add_request(prompt, params): "base"}
+    got: dict[str, list[int]] = {"sft": [], "base": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[ids[out.request_id]] += out.new_token_ids
+
+    def alone(folder: Path) -> list[int]:
+        model = load_model(folder, device="cpu", dtype="float32")
+        return LLMEngine(model, EngineConfig(max_num_seqs=2, kv_cache_memory=16 << 20)).generate([prompt], params)[0]
+
+    assert got == {"sft": alone(lora_run / "model"), "base": alone(tiny_model_dir)}
+    assert got["sft"] != got["base"], "the adapter should change the tokens"
