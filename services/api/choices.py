@@ -1,5 +1,6 @@
-"""Several generations answering one request: ``n`` choices per prompt and /v1/completions prompt
-lists (choice ``index`` = prompt position × n + j, as OpenAI numbers them).
+"""Several generations answering one request: ``n`` choices per prompt (or ``best_of`` candidates of
+which the ``n`` best are returned) and /v1/completions prompt lists (choice ``index`` = prompt
+position × n + j, as OpenAI numbers them).
 
 Each choice is an engine request of its own. The choices of one prompt share its KV cache: the
 first is admitted at once, the others (``after`` it) once it has read its first token, when the
@@ -119,6 +120,24 @@ class Result:
     text: str
     last: StreamDelta
     logprobs: list | None
+
+
+def mean_logprob(result: Result) -> float:
+    """Mean log-probability per token of a choice's text (-inf for an empty one)."""
+    lps = [entry[1] for entry in result.logprobs or []]
+    return sum(lps) / len(lps) if lps else float("-inf")
+
+
+def best(results: list[Result], per_prompt: int, n: int) -> list[Result]:
+    """``best_of``: of each prompt's ``per_prompt`` candidates (consecutive), the ``n`` with the highest mean
+    log-probability per token (OpenAI's "best"), best first; all of them in order when ``per_prompt == n``."""
+    if per_prompt == n:
+        return results
+    out = []
+    for start in range(0, len(results), per_prompt):
+        group = results[start : start + per_prompt]
+        out += sorted(group, key=mean_logprob, reverse=True)[:n]
+    return out
 
 
 async def collect(request: Request, choices: Choices) -> list[Result]:

@@ -127,6 +127,20 @@ def test_n_with_seed_is_reproducible_and_choices_differ(server):
     assert a.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
 
 
+def test_best_of_returns_the_candidates_with_the_best_mean_logprob(server):
+    """best_of=4, n=2 samples the same candidates as n=4 (seed + j) and returns the two whose tokens have
+    the highest mean log-probability, best first; usage counts all four."""
+    c = client(server)
+    kw = dict(model="telechat-demo", prompt=OPEN, max_tokens=10, temperature=1.0, seed=11)
+    every = c.completions.create(**kw, n=4, logprobs=0)
+    mean = [sum(ch.logprobs.token_logprobs) / len(ch.logprobs.token_logprobs) for ch in every.choices]
+    ranked = [every.choices[i].text for i in sorted(range(4), key=lambda i: mean[i], reverse=True)]
+    best = c.completions.create(**kw, n=2, best_of=4)
+    assert [ch.text for ch in best.choices] == ranked[:2] and [ch.index for ch in best.choices] == [0, 1]
+    assert best.choices[0].logprobs is None  # not asked for: used for ranking only
+    assert best.usage.completion_tokens == every.usage.completion_tokens
+
+
 def test_n_streamed_indices_join_to_non_streamed(server):
     kw = dict(model="telechat-demo", messages=[{"role": "user", "content": OPEN}], max_tokens=16,
               temperature=1.0, seed=7, n=2)
@@ -394,7 +408,9 @@ def test_bad_chat_values_are_400(server, extra):
 
 BAD_COMPLETIONS = [
     {"logprobs": 6}, {"logprobs": True}, {"prompt": []}, {"prompt": ["a", [1, 2]]}, {"prompt": ["a", ""]},
-    {"prompt": [[1], []]}, {"prompt": ["x"] * 65, "n": 2}, {"n": 200}, {"best_of": 2}, {"prompt": [[10**9]]},
+    {"prompt": [[1], []]}, {"prompt": ["x"] * 65, "n": 2}, {"n": 200}, {"prompt": [[10**9]]},
+    {"best_of": 21}, {"best_of": 1, "n": 2}, {"best_of": 3, "stream": True}, {"best_of": 0}, {"best_of": "2"},
+    {"prompt": ["x"] * 10, "best_of": 13},
 ]
 
 

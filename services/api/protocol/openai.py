@@ -4,7 +4,7 @@ grouped at the end of each request and marked "not in OpenAI spec" (as vLLM does
 Validation is strict (no string → number, no bool → number coercion; floats finite) and every range
 is in the published schema. Unknown fields are ignored (clients send many). Fields we cannot honour
 get a 400 naming the field where ignoring them would change the answer: ``echo``, ``suffix``,
-``best_of`` > 1, non-text content parts.
+non-text content parts.
 Structured output (``response_format`` json_object/json_schema, ``guided_*``) and forced tool calls
 (``tool_choice`` "required" or a named function, legacy ``function_call``) are enforced by
 grammar-constrained decoding (docs/engine.md). ``tools``/``functions`` with ``tool_choice`` absent,
@@ -44,6 +44,7 @@ MAX_CHOICES = 128
 """Most choices one request may ask for (OpenAI's limit on ``n``; with a prompt list, prompts × n)."""
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat ``top_logprobs``
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on completions ``logprobs``
+MAX_BEST_OF = 20  # OpenAI's limit on ``best_of``
 
 
 class APIError(Exception):
@@ -83,8 +84,6 @@ def refuse_unsupported(data: Any, *, chat: bool) -> None:
     if not isinstance(data, dict):
         return
     if not chat:
-        if (_int(data, "best_of") or 1) > 1:
-            raise unsupported("best_of", "a value above 1")
         if data.get("echo") is True:
             raise unsupported("echo", "echoing the prompt")
         if isinstance(data.get("suffix"), str) and data["suffix"]:
@@ -401,8 +400,9 @@ class CompletionRequest(_SamplingFields):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
     """A prompt (a string or token ids) or a list of prompts (strings or token-id lists), each answered by
     ``n`` choices: choice ``index`` = prompt position × n + j."""
-    best_of: int | None = Field(None, ge=1, le=1)
-    """Only 1 is supported."""
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
+    """Generate this many candidates per prompt and return the ``n`` with the highest mean log-probability
+    per token (OpenAI's "best"); at least ``n``; not with ``stream`` when above ``n``."""
     echo: Literal[False] = False
     """Only false is supported."""
     frequency_penalty: OpenAIPenalty = None
@@ -461,10 +461,19 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _choice_count(self) -> CompletionRequest:
-        if len(self.prompt_values) * self.choices_per_prompt > MAX_CHOICES:
-            raise ValueError(f"{len(self.prompt_values)} prompts × n={self.choices_per_prompt} choices is more than "
-                             f"{MAX_CHOICES} choices in one request")
+        if self.best_of is not None and self.best_of < self.choices_per_prompt:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.choices_per_prompt})")
+        if self.stream and self.candidates_per_prompt > self.choices_per_prompt:
+            raise ValueError("best_of above n cannot be streamed: the best candidates are known only at the end")
+        if len(self.prompt_values) * self.candidates_per_prompt > MAX_CHOICES:
+            raise ValueError(f"{len(self.prompt_values)} prompts × {self.candidates_per_prompt} choices (n, best_of) "
+                             f"is more than {MAX_CHOICES} choices in one request")
         return self
+
+    @property
+    def candidates_per_prompt(self) -> int:
+        """Generations per prompt: ``best_of``, else ``n``."""
+        return self.best_of or self.choices_per_prompt
 
     @property
     def prompt_values(self) -> list[str | list[int]]:

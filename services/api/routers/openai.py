@@ -132,13 +132,17 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
         prompts.append((prompt, serving.build_params(
             lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens), guided=guided))))
     rid = new_id("cmpl")
-    deltas = await choices.start(state, rt, prompts, rid, body.choices_per_prompt, continuation=True, lora=lora)
+    candidates = body.candidates_per_prompt
+    if candidates > body.choices_per_prompt:  # best_of: the candidates are ranked by their log-probabilities
+        prompts = [(p, sp if sp.logprobs is not None else replace(sp, logprobs=0)) for p, sp in prompts]
+    deltas = await choices.start(state, rt, prompts, rid, candidates, continuation=True, lora=lora)
     texts = token_texts(rt.tokenizer) if body.logprobs is not None else None
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(serving.completion_events(rid, model, deltas, usage, texts), sep="\n")
     results = await choices.collect(request, deltas)
+    usage = deltas.usage({i: r.last for i, r in enumerate(results)})  # every candidate's tokens count
     return CompletionResponse(id=rid, model=model, choices=[
         CompletionChoice(text=r.text, index=i, finish_reason=r.last.finish_reason,
                          logprobs=CompletionLogprobsBuilder(texts).build(r.logprobs or []) if texts is not None else None)
-        for i, r in enumerate(results)], usage=deltas.usage({i: r.last for i, r in enumerate(results)}))
+        for i, r in enumerate(choices.best(results, candidates, body.choices_per_prompt))], usage=usage)
