@@ -84,11 +84,12 @@ def hf_generate_tps(model, prompt_len: int, new: int) -> float:
 
 
 CONSTRAINED_GRAMMAR = r'''root ::= "[" obj (", " obj)*
-obj ::= "{\"id\": " [0-9]+ ", \"name\": \"" [a-zA-Z ]* "\", \"tags\": [" tag (", " tag)* "]}"
+obj ::= "{\"id\": " [0-9]+ ", \"name\": \"" [^"\\\r\n]* "\", \"tags\": [" tag (", " tag)* "]}"
 tag ::= "\"a\"" | "\"b\""
 '''
-"""The grammar of ``--constrained-fraction`` requests: a JSON list of objects (integers, strings, enums)
-that never closes, so every token of the reply is masked whatever the random weights pick."""
+"""The grammar of ``--constrained-fraction`` requests: a JSON list of objects (integers, JSON-string
+characters, enums) that never closes, so every token of the reply is masked whatever the random
+weights pick (free text inside a string is the costly state to mask, as in real replies)."""
 
 
 def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrained: float = 0.0) -> dict:
