@@ -318,7 +318,7 @@ def test_cuda_graph_decode_with_two_adapters_equals_eager(model, adapters):
                     reason="runs the Triton LoRA kernels on CPU in Triton's interpreter (TRITON_INTERPRET=1)")
 def test_per_row_kernels_equal_the_masked_gemms_in_the_triton_interpreter():
     """lora_rows (shrink + expand, each row reading its own slot) adds what the masked GEMMs add: three slots
-    of width 40 (uneven blocks), rows of every slot and of the base (-1, left unchanged)."""
+    of width 40 (uneven blocks), K split unevenly, rows of every slot and of the base (-1, left unchanged)."""
     _rows_vs_masked(torch.device("cpu"))
 
 
@@ -335,7 +335,7 @@ def _rows_vs_masked(device: torch.device, dtype: torch.dtype = torch.float32) ->
     from telechat.model.lora_kernels import lora_rows
 
     torch.manual_seed(0)
-    slots_n, rank, parts, k, n = 3, 20, 2, 300, 200
+    slots_n, rank, parts, k, n = 3, 20, 2, 1100, 200  # K over three uneven shrink slices
     layer = torch.nn.Linear(k, n, bias=False).to(device, dtype)
     layer.lora_a = (torch.randn(slots_n * parts * rank, k) * 0.1).to(device, dtype)
     layer.lora_b = (torch.randn(n, slots_n * parts * rank) * 0.1).to(device, dtype)
