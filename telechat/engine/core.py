@@ -89,7 +89,6 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or mc.seq_length
         kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
         check_kv_cache_device(kv_dtype, self.device)
-        kv_scales = getattr(model, "kv_cache_scales", None) or {}
         per_token = PagedKVCache.bytes_per_token(mc.n_layer, mc.num_key_value_heads, mc.head_dim, kv_dtype)
         budget = config.kv_cache_memory or self._default_kv_budget(mc, dtype)
         wanted = math.ceil(config.max_num_seqs * self.max_model_len / config.block_size)
@@ -104,8 +103,7 @@ class LLMEngine:
             self.max_model_len = self.capacity_tokens
         # One extra block: scratch space that padded rows of a captured decode batch write into.
         cache = PagedKVCache(num_layers=mc.n_layer, num_blocks=num_blocks + 1, block_size=config.block_size,
-                             n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=kv_dtype, device=self.device,
-                             **(kv_scales if kv_dtype != dtype else {}))
+                             n_kv=mc.num_key_value_heads, head_dim=mc.head_dim, dtype=kv_dtype, device=self.device)
         num_rows = 2 * config.max_num_seqs  # running sequences plus as many preempted ones waiting to resume
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -5,8 +5,9 @@ Layout per layer: ``k[layer], v[layer]: [num_blocks * block_size, n_kv, head_dim
 array; slot = block * block_size + offset). A sequence owns a list of blocks (its block table).
 
 With ``--kv-cache-dtype fp8`` the cache holds E4M3 values, ``stored = value / scale`` saturated to
-±448, with one K and one V scale per layer (from the checkpoint when it carries them, else 1.0 as
-in vLLM): half the bytes per token, twice the tokens in the same memory. Every read dequantizes, and
+±448, with one K and one V scale per layer (1.0 unless given: vLLM's default without calibrated
+scales; TeleChat's K and V stay far inside ±448): half the bytes per token, twice the tokens in the
+same memory. Every read dequantizes, and
 a fresh prompt attends to the same rounded K/V it stores, so a turn served from the prefix cache
 computes what the uncached turn computes.
 """

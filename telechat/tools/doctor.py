@@ -57,12 +57,14 @@ def main(argv: list[str]) -> int:
         print(f"model         INVALID: {e}")
         return 1
     from telechat.model.config import TelechatConfig
+    from telechat.model.fp8 import QUANT_METHOD as FP8_QUANT_METHOD
 
     cfg = TelechatConfig.from_pretrained(info.path)
+    quant = ("FP8" if info.quant_method == FP8_QUANT_METHOD else "GPTQ") if info.quantized else None
     layout = "7B-style (tied head)" if cfg.tie_word_embeddings else "12B-style (untied lm_head)"
     print(f"model         {info.path}: {cfg.n_layer} layers, hidden {cfg.hidden_size}, heads {cfg.n_head}"
           f"/{cfg.num_key_value_heads} kv, vocab {cfg.vocab_size}, {layout}, {len(info.weight_files)} weight file(s)"
-          f"{', GPTQ' if info.quantized else ''}{', DEMO' if info.is_demo else ''}")
+          f"{', ' + quant if quant else ''}{', DEMO' if info.is_demo else ''}")
     print(f"rope          training_seqlen {cfg.training_seqlen}, NTK base length {cfg.base_seqlen}, "
           f"mode {cfg.rope_mode}")
     if args.load:

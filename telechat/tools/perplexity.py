@@ -84,11 +84,9 @@ def paged_window_nll(model, window: torch.Tensor, *, num_scored: int | None = No
     n = ids.numel()
     num_scored = n - 1 if num_scored is None else num_scored
     blocks = math.ceil(n / block_size)
-    scales = getattr(model, "kv_cache_scales", None) or {}
-    kv_dtype = kv_cache_torch_dtype(kv_cache_dtype, param.dtype)
     cache = PagedKVCache(num_layers=cfg.n_layer, num_blocks=blocks, block_size=block_size,
-                         n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=kv_dtype, device=device,
-                         **(scales if kv_dtype != param.dtype else {}))
+                         n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                         dtype=kv_cache_torch_dtype(kv_cache_dtype, param.dtype), device=device)
     rope = model.rope_params(n)
     freqs = inv_freq(rope.base, cfg.head_dim).to(device=device, dtype=torch.float32)
     first = n - 1 - num_scored
