@@ -17,6 +17,7 @@ bytes) are measured in the same process. Prints one JSON line per measurement, t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -64,6 +65,22 @@ def copy_bandwidth(device: torch.device) -> float:
         dst.copy_(src)
     sync()
     return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
+def free_device_memory() -> None:
+    """Give the memory of dropped engines back to the device (the next engine sizes its KV pool from what is free)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def add_workload_args(p: argparse.ArgumentParser, max_model_len: int = 4096) -> None:
+    """The flags of a fixed-shape comparison run (bench/fp8_engine.py, bench/lora.py): one concurrency level."""
+    p.add_argument("--preset", default="7B", choices=PRESET_NAMES, help="shape of the random weights")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=max_model_len)
 
 
 def random_prompt(n: int, vocab: int, seed: int) -> list[int]:

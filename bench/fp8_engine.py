@@ -15,7 +15,6 @@ cache, and how many such requests each cache holds at once. Prints one JSON line
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import RESULTS, random_prompt, record, run_requests  # noqa: E402
-from bench.random_checkpoint import PRESET_NAMES, bench_config  # noqa: E402
+from bench.engine import RESULTS, add_workload_args, free_device_memory, random_prompt, record, run_requests  # noqa: E402
+from bench.random_checkpoint import bench_config  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
 from telechat.model.fp8 import Fp8Linear  # noqa: E402
@@ -41,9 +40,7 @@ def quantize_in_place(model: TelechatForCausalLM) -> None:
         for name in LINEARS:
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
 
 
 def measure(label: str, model, args, kv: str, vocab: int) -> dict:
@@ -58,9 +55,7 @@ def measure(label: str, model, args, kv: str, vocab: int) -> dict:
                concurrent_tok_s=many["tok_s"], kv_capacity_tokens=engine.capacity_tokens)
     record("fp8_engine", **row)
     del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     return row
 
 
@@ -75,19 +70,13 @@ def long_request(model, args, kv: str, vocab: int) -> dict:
                concurrent_long_requests=fits, wall_s=r.get("wall_s"))
     record("fp8_long_request", **row)
     del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="7B", choices=PRESET_NAMES, help="shape of the random weights")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    add_workload_args(p)
     p.add_argument("--long-prompt", type=int, default=96 * 1024, help="0 skips the long-request measurement")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("--show-gemv", action="store_true", help="print the GEMV tuning (cuBLAS/scaled_mm vs Triton)")
@@ -106,7 +95,7 @@ def main() -> None:
     # the same bf16 weights with either cache: the capacity difference is the cache's alone
     long_rows = [long_request(model, args, kv, vocab) for kv in ("auto", "fp8")] if args.long_prompt else []
     del model
-    gc.collect()
+    free_device_memory()
     torch.manual_seed(0)
     with torch.device(dev):
         model = TelechatForCausalLM(bench_config(args.preset, seq_length=max(args.max_model_len,

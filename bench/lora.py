@@ -14,7 +14,6 @@ measurement, then a table; ``--json PATH`` also writes them.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -26,8 +25,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import RESULTS, random_prompt, record, sync  # noqa: E402
-from bench.random_checkpoint import PRESET_NAMES, bench_config  # noqa: E402
+from bench.engine import RESULTS, add_workload_args, free_device_memory, random_prompt, record, sync  # noqa: E402
+from bench.random_checkpoint import bench_config  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
 from telechat.engine.sampling import SamplingParams  # noqa: E402
@@ -88,21 +87,15 @@ def measure(label: str, model, args, adapters: dict[str, Path], mix: list[str | 
                concurrent=args.concurrency, concurrent_tok_s=many["tok_s"])
     record("lora_engine", **row)
     del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_device_memory()
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="7B", choices=PRESET_NAMES, help="shape of the random weights")
+    add_workload_args(p)
     p.add_argument("--rank", type=int, default=16, help="rank of the adapters (and max_lora_rank)")
     p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

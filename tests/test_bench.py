@@ -143,3 +143,18 @@ def test_engine_bench_measures_constrained_fractions(tmp_path):
     rows = [r for r in json.loads(path.read_text())["results"] if r["measure"] == "engine_constrained"]
     assert [r["constrained_fraction"] for r in rows] == [0.0, 0.5, 1.0]
     assert all(r["output_tokens"] == 4 * 8 and r["tok_s"] > 0 for r in rows)
+
+
+def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
+    """bench/fp8_engine.py: bf16 / FP8 weights × bf16 / FP8 cache rows, the long-request rows and the summary
+    keys issue 20 records."""
+    path = tmp_path / "fp8.json"
+    proc = run_script("bench/fp8_engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
+                      "--long-prompt", "300", "--max-model-len", "512", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(path.read_text())
+    rows = [(r["weights"], r["kv_cache"]) for r in data["results"] if r["measure"] == "fp8_engine"]
+    assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8")]
+    assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio", *PROVENANCE))
+    long_rows = [r for r in data["results"] if r["measure"] == "fp8_long_request"]
+    assert [r["kv_cache"] for r in long_rows] == ["auto", "fp8"] and all(r["wall_s"] for r in long_rows)
