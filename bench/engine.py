@@ -109,9 +109,17 @@ characters, enums) that never closes, so every token of the reply is masked what
 weights pick (free text inside a string is the costly state to mask, as in real replies)."""
 
 
+def level_prompts(concurrency: int, run: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    """The ``concurrency`` prompts of one measured run (``run`` 0: the unconstrained level, ``k + 1``: its
+    ``k``-th constrained fraction). Seeds are unique per level and per run: a prompt another run prefilled
+    would come from the prefix cache (cheaper prefill, another attention path) and skew its TTFT and wall time."""
+    return [random_prompt(prompt_len, vocab, 10**6 * run + 1000 * concurrency + i) for i in range(concurrency)]
+
+
 def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrained: float = 0.0) -> dict:
     """Submit all prompts at once (the first ``constrained`` fraction with a JSON-schema grammar), run to
-    completion; return timing figures."""
+    completion; return timing figures and the prompt tokens served from the prefix cache (0 when every
+    prompt is new, as the measurements want)."""
     from telechat.engine.guided import GrammarSpec
 
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
@@ -121,17 +129,19 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrai
     for i, p in enumerate(prompts):
         engine.add_request(p, guided if i < round(constrained * len(prompts)) else params)
     first: dict[str, float] = {}
-    tokens = 0
+    tokens = cached = 0
     while engine.has_unfinished():
         for out in engine.step():
             tokens += len(out.new_token_ids)
             if out.new_token_ids:
                 first.setdefault(out.request_id, time.perf_counter() - t0)
+            if out.finished:
+                cached += out.num_cached_tokens
     sync()
     wall = time.perf_counter() - t0
     ttft = sorted(first.values())
     return {"output_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
-            "ttft_p50_ms": round(1e3 * ttft[len(ttft) // 2], 1)}
+            "ttft_p50_ms": round(1e3 * ttft[len(ttft) // 2], 1), "cached_prompt_tokens": cached}
 
 
 def load(args, device: torch.device, max_len: int):
@@ -211,13 +221,10 @@ def main() -> None:
         ttfts.append(r["ttft_p50_ms"])
     record("engine_ttft", prompt_tokens=args.ttft_prompt, ms_median=sorted(ttfts)[2])
     for c in [int(x) for x in args.concurrency.split(",") if x]:
-        # Seeds unique per level: a prefix cache must not serve one level's prompts from another's.
-        prompts = [random_prompt(args.prompt_len, vocab, 1000 * c + i) for i in range(c)]
-        r = run_requests(engine, prompts, args.new_tokens)
+        r = run_requests(engine, level_prompts(c, 0, args.prompt_len, vocab), args.new_tokens)
         record("engine_concurrency", concurrency=c, **r)
-        for f in [float(x) for x in args.constrained_fraction.split(",") if x]:
-            prompts = [random_prompt(args.prompt_len, vocab, 1000 * c + 500 + i) for i in range(c)]
-            r = run_requests(engine, prompts, args.new_tokens, constrained=f)
+        for k, f in enumerate(float(x) for x in args.constrained_fraction.split(",") if x):
+            r = run_requests(engine, level_prompts(c, k + 1, args.prompt_len, vocab), args.new_tokens, constrained=f)
             record("engine_constrained", concurrency=c, constrained_fraction=f, **r)
     if args.long_prompt:
         if dev.type == "cuda":

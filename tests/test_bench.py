@@ -134,15 +134,21 @@ def test_serving_suite_tiny_reports_every_figure(tmp_path):
 
 
 def test_engine_bench_measures_constrained_fractions(tmp_path):
-    """bench/engine.py --constrained-fraction: one row per fraction, every request generating its tokens."""
+    """bench/engine.py --constrained-fraction: one row per fraction, every request generating its tokens,
+    and no run's prompts served from the prefix cache (each fraction once reused the 0 run's prompts: the
+    others prefilled 112 of 128 tokens from the cache, through another attention path, and their TTFT and
+    wall time measured that instead of the constraint)."""
     path = tmp_path / "engine.json"
     proc = run_script("bench/engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
                       "--ttft-prompt", "16", "--long-prompt", "0", "--max-model-len", "256", "--skip-hf",
                       "--constrained-fraction", "0,0.5,1", "--json", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [r for r in json.loads(path.read_text())["results"] if r["measure"] == "engine_constrained"]
+    results = json.loads(path.read_text())["results"]
+    rows = [r for r in results if r["measure"] == "engine_constrained"]
     assert [r["constrained_fraction"] for r in rows] == [0.0, 0.5, 1.0]
     assert all(r["output_tokens"] == 4 * 8 and r["tok_s"] > 0 for r in rows)
+    measured = [r for r in results if r["measure"] in ("engine_concurrency", "engine_constrained")]
+    assert len(measured) == 4 and all(r["cached_prompt_tokens"] == 0 for r in measured)
 
 
 def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):

@@ -144,6 +144,35 @@ def test_constrained_rows_validate_and_free_rows_are_unchanged(demo, overlap):
     assert not engine.guided and engine.stats()["kv_usage"] == 0
 
 
+def token_steps(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Per request, the engine step (counted from 1) that returned each of its tokens."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    steps: dict[str, list[int]] = {i: [] for i in ids}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for out in engine.step():
+            steps[out.request_id] += [step] * len(out.new_token_ids)
+    return [steps[i] for i in ids]
+
+
+def test_constrained_rows_do_not_delay_their_batch_mates(demo):
+    """With overlap, a step with constrained rows reads the previous step's tokens before sampling: every
+    token of a free request beside constrained ones is returned in the same step as without them, and the
+    constrained rows' first tokens come in that step too (nothing held back a step, no step added)."""
+    model, tokenizer, chat, compiler = demo
+    questions = ["你好", "介绍一下你自己", "What is TeleChat?", "写一首诗"]
+    free = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    spec = GrammarSpec("json_schema", json.dumps(bound_json_schema(PERSON, *json_bounds(24))))
+    guided = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, guided=spec)
+    alone = token_steps(LLMEngine(model, EngineConfig(max_num_seqs=8, overlap=True)),
+                        [prompt(chat, q) for q in questions], [free] * 4)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, overlap=True), grammars=compiler)
+    mixed = token_steps(engine, [prompt(chat, q) for q in questions] * 2, [guided] * 4 + [free] * 4)
+    assert mixed[4:] == alone
+    assert [s[0] for s in mixed] == [alone[0][0]] * 8 and alone[0][0] == 2  # prefill in step 1, read in step 2
+
+
 def test_regex_and_choice(demo):
     model, tokenizer, chat, compiler = demo
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, overlap=True), grammars=compiler)
