@@ -26,6 +26,9 @@ from telechat.model.rope import apply_rope
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 """``auto``: the model's dtype; ``fp8``: E4M3 with per-layer scales (also spelled ``fp8_e4m3``)."""
+CONTEXT_GROUP_TOKENS = 16384
+"""Most context tokens one batched call over cached context reads back (chunks of one span are batched up
+to it; a single chunk reads its whole context, as it always did): bounds the copies of K and V it makes."""
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -105,6 +108,8 @@ class StepAttention:
     """``[decode_rows]`` int32: context length of each decode, its new token included."""
     prefills: Sequence[PrefillChunk] = ()
     _fresh: list[tuple[slice | torch.Tensor, int, int]] | None = field(default=None, repr=False)
+    _context: list[tuple[slice | torch.Tensor, int, int, torch.Tensor, torch.Tensor]] | None = field(
+        default=None, repr=False)
 
     def fresh_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int]]:
         """The fresh prompts (no cached context) grouped by length, each group attended in one batched call
@@ -124,6 +129,34 @@ class StepAttention:
                 groups.append((rows, len(firsts), n))
             self._fresh = groups
         return self._fresh
+
+    def context_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int, torch.Tensor,
+                                                                      torch.Tensor]]:
+        """The chunks with cached context grouped by ``(start, end)``, each group attended in one batched call
+        (a burst of prompts served from the prefix cache at the same length costs one call per layer, not one
+        per prompt; at most :data:`CONTEXT_GROUP_TOKENS` context tokens per call): ``(rows, count, length,
+        context slots [count, end], mask [1, 1, length, end])``, ``rows`` as in :meth:`fresh_groups`. Built once
+        per step."""
+        if self._context is None:
+            by_span: dict[tuple[int, int], list[PrefillChunk]] = {}
+            for chunk in self.prefills:
+                if chunk.context_slots is not None:
+                    by_span.setdefault((chunk.start, chunk.end), []).append(chunk)
+            groups = []
+            for (start, end), span in by_span.items():
+                n = end - start
+                qpos = torch.arange(start, end, device=device)
+                mask = (torch.arange(end, device=device)[None, :] <= qpos[:, None])[None, None]
+                per_call = max(1, CONTEXT_GROUP_TOKENS // end)
+                for chunks in (span[i : i + per_call] for i in range(0, len(span), per_call)):
+                    firsts = [c.row for c in chunks]
+                    if all(b == a + n for a, b in zip(firsts, firsts[1:])):
+                        rows: slice | torch.Tensor = slice(firsts[0], firsts[0] + n * len(firsts))
+                    else:
+                        rows = torch.tensor([r + i for r in firsts for i in range(n)], device=device)
+                    groups.append((rows, len(chunks), n, torch.stack([c.context_slots for c in chunks]), mask))
+            self._context = groups
+        return self._context
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,14 +180,9 @@ class StepAttention:
         for rows, count, n in self.fresh_groups(q.device):  # fresh sequences: their own keys, causal
             qg, kg, vg = (t[rows].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (G, H, n, d)
             out[rows] = attention(qg, kg, vg, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
-        for chunk in self.prefills:
-            if chunk.context_slots is None:
-                continue
-            rows = slice(chunk.row, chunk.row + chunk.end - chunk.start)
-            qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, C, d)
-            kk, vv = (read_kv(t, chunk.context_slots, scale, q.dtype).transpose(0, 1).unsqueeze(0)
-                      for t, scale in ((kc, ks), (vc, vs)))  # (1, Hkv, end, d)
-            qpos = torch.arange(chunk.start, chunk.end, device=q.device)
-            mask = (torch.arange(chunk.end, device=q.device)[None, :] <= qpos[:, None])[None, None]
-            out[rows] = attention(qc, kk, vv, mask=mask).squeeze(0).transpose(0, 1)
+        for rows, count, n, slots, mask in self.context_groups(q.device):  # over context read from the cache
+            qg = q[rows].view(count, n, *q.shape[1:]).transpose(1, 2)  # (G, Hq, n, d)
+            kk, vv = (read_kv(t, slots, scale, q.dtype).transpose(1, 2)
+                      for t, scale in ((kc, ks), (vc, vs)))  # (G, Hkv, end, d)
+            out[rows] = attention(qg, kk, vv, mask=mask).transpose(1, 2).reshape(count * n, *q.shape[1:])
         return out

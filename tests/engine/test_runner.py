@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from telechat.engine.block_pool import BlockPool
+from telechat.engine import kv_cache
 from telechat.engine.kv_cache import PagedKVCache
 from telechat.engine.request import Request
 from telechat.engine.runner import ModelRunner
@@ -199,6 +200,28 @@ def test_prefill_over_cached_prefix_equals_fresh(model):
     assert hit.output_ids == ref_tokens
     torch.testing.assert_close(s.last_logits[1], ref_logits[-1], rtol=1e-4, atol=1e-4)
     assert first.output_ids == hf_generate(model, base, len(first.output_ids))[0]
+
+
+@pytest.mark.parametrize("group_tokens", [None, 80], ids=["one-call", "split"])
+def test_cached_context_chunks_of_one_span_batched_in_one_step_match_generate(model, monkeypatch, group_tokens):
+    """Chunks over cached context with the same (start, end) are attended in batched calls per layer (split
+    at CONTEXT_GROUP_TOKENS: 80 makes (a, b) one call and c another), whether their rows are consecutive
+    (a, b, c) or not (d, e around a fresh prompt f); each chunk reads its own context: every prompt's
+    logits still equal generate()'s."""
+    if group_tokens is not None:
+        monkeypatch.setattr(kv_cache, "CONTEXT_GROUP_TOKENS", group_tokens)
+    s = Steps(model, block_size=8)
+    base = prompt(40, 8)
+    first = s.request(base)
+    s.run(prefills=[s.chunk(first, 0, 40)], new=[first])
+    # As long as `base` (the same RoPE, as the prefix cache's salt demands), sharing 4 or 3 of its blocks.
+    a, b, c = (s.request(base[:32] + prompt(8, seed), shared_blocks=first.block_ids[:4]) for seed in (31, 32, 36))
+    d, e = (s.request(base[:24] + prompt(16, seed), shared_blocks=first.block_ids[:3]) for seed in (33, 34))
+    f = s.request(prompt(40, 35))
+    order, starts = (a, b, c, d, f, e), (32, 32, 32, 24, 0, 24)
+    s.run(prefills=[s.chunk(r, start, 40) for r, start in zip(order, starts)], new=list(order))
+    for i, r in enumerate(order):
+        torch.testing.assert_close(s.last_logits[i], hf_generate(model, r.prompt_ids, 1)[1][0], rtol=1e-4, atol=1e-4)
 
 
 def test_padded_decode_buckets_change_nothing(model):
