@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -33,6 +34,14 @@ JSON_SEPARATORS = (", ", ": ")
 """JSON is constrained to one layout (no free whitespace): a small model cannot wander off into
 endless blanks, and the text is the same for every sampler (docs/engine.md)."""
 _XGRAMMAR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+_BOUNDED_STRING_CHARACTER = re.compile(r'^(\S+_characters) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)
+"""xgrammar 0.2.9's rule for one character of a string with ``maxLength`` (or a key under
+``propertyNames.maxLength``): any character but the quote, the backslash, CR and LF, so control
+characters get through (invalid JSON) and escapes do not."""
+_JSON_STRING_CHARACTER = r'\1 ::= (([^\\0-\\x1f\\"\\\\]) | ("\\\\" json_string_escape))'
+_JSON_STRING_ESCAPE = 'json_string_escape ::= (([\\"\\\\/bfnrt]) | ("u" [A-Fa-f0-9]{4}))'
+"""What one character of a JSON string is (RFC 8259): anything but the quote, the backslash and
+U+0000-U+001F, or an escape."""
 
 
 class GrammarError(ValueError):
@@ -140,16 +149,33 @@ def any_json_object(max_chars: int, max_items: int, depth: int = 2) -> dict:
     return obj(depth)
 
 
+@lru_cache(maxsize=256)
+def bounded_strings_ebnf(schema: str) -> str | None:
+    """For a ``schema`` with length-bounded strings (``maxLength``, ``propertyNames.maxLength``): the EBNF
+    grammar of its JSON documents (one layout, :data:`JSON_SEPARATORS`), xgrammar's with those strings'
+    characters made JSON string characters (xgrammar 0.2.9 lets control characters into them, which no
+    JSON parser reads, and refuses escapes). None when it has none (xgrammar's grammar is right as it is).
+    Raises xgrammar's errors."""
+    grammar = str(_xgr().Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS))
+    fixed, count = _BOUNDED_STRING_CHARACTER.subn(_JSON_STRING_CHARACTER, grammar)
+    return f"{fixed}\n{_JSON_STRING_ESCAPE}\n" if count else None
+
+
+def _json_schema_text(spec: GrammarSpec) -> str:
+    return spec.value if spec.kind == "json_schema" else '{"type": "object"}'
+
+
 def grammar_of(spec: GrammarSpec) -> Any:
     """The xgrammar ``Grammar`` of ``spec``, built without a tokenizer (cheap): the check the API runs
     before queuing a request. Raises :class:`GrammarError` with a readable reason."""
     xgr = _xgr()
     try:
-        if spec.kind == "json_schema":
-            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, separators=JSON_SEPARATORS)
-        if spec.kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False,
-                                                separators=JSON_SEPARATORS)
+        if spec.kind in ("json_schema", "json_object"):
+            schema = _json_schema_text(spec)
+            ebnf = bounded_strings_ebnf(schema)
+            if ebnf is not None:
+                return xgr.Grammar.from_ebnf(ebnf)
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
         if spec.kind == "regex":
             return xgr.Grammar.from_regex(spec.value)
         if spec.kind == "choice":
@@ -202,7 +228,10 @@ class GrammarCompiler:
         compiler = self._get()
         try:
             if spec.kind in ("json_schema", "json_object"):
-                schema = spec.value if spec.kind == "json_schema" else '{"type": "object"}'
+                schema = _json_schema_text(spec)
+                ebnf = bounded_strings_ebnf(schema)
+                if ebnf is not None:
+                    return compiler.compile_grammar(ebnf)
                 return compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.value)

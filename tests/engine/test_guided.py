@@ -20,6 +20,7 @@ from telechat.engine.guided import (
     GrammarSpec,
     allowed_tokens,
     bound_json_schema,
+    check_grammar,
     json_bounds,
 )
 from telechat.engine.kv_cache import PagedKVCache
@@ -203,6 +204,35 @@ def test_preempted_constrained_rows_still_validate(demo):
     for ids, reason in out:
         assert reason == "stop"
         jsonschema.validate(json.loads(tokenizer.decode(ids)), PERSON)
+
+
+def test_bounded_strings_take_json_string_characters_only(demo):
+    """Length-bounded strings and keys (bound_json_schema bounds every free one) take exactly the JSON
+    documents a JSON parser reads and the schema validates: no control characters (xgrammar 0.2.9's own
+    bounded strings let them through: the demo model once wrote a raw U+001D), escapes counted as one
+    character, the bound kept."""
+    *_, compiler = demo
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4},
+                                               "ids": {"type": "object", "propertyNames": {"maxLength": 3},
+                                                       "additionalProperties": {"type": "integer"}}},
+              "required": ["name", "ids"]}
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    check_grammar(spec)  # the API's check builds the same grammar
+
+    def valid(text: str) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), schema)
+        except (ValueError, jsonschema.ValidationError):
+            return False
+        return True
+
+    names = ["abcd", "abcde", "ab\x1dc", "a\tb", 'a\\"b', "a\\u00e9bc", "a\\u00e9bcd", "x\\\\y", "a\\qb"]
+    keys = ["k", "k\x01", "kkkk", 'k\\"']
+    texts = [f'{{"name": "{n}", "ids": {{}}}}' for n in names] + [f'{{"name": "a", "ids": {{"{k}": 1}}}}' for k in keys]
+    for text in texts:
+        matcher = compiler.matcher(spec, [])
+        assert (matcher.accept_string(text) and matcher.is_completed()) == valid(text), text
+    assert sum(map(valid, texts)) == 6
 
 
 def test_bad_grammar_is_refused_alone(demo):
