@@ -285,3 +285,25 @@ def test_fused_activation_quantization_equals_the_pytorch_formula(m, k, static):
     ref_q = (x.float() / ref_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(scale, ref_scale)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("group_tokens", [None, 256], ids=["one-call", "split"])
+def test_cached_context_burst_matches_generate_fp32(monkeypatch, group_tokens):
+    """A burst of prompts served from the prefix cache at one span (112 of 128 tokens cached, as in the
+    constrained-decoding bench) is attended in batched calls per layer over the context read back from the
+    cache (SDPA with a mask, grouped-query heads, head dim 160 like the 12B): generate()'s logits and tokens."""
+    from telechat.engine import kv_cache
+
+    if group_tokens is not None:
+        monkeypatch.setattr(kv_cache, "CONTEXT_GROUP_TOKENS", group_tokens)  # 2 chunks per call
+    model = _model(torch.float32, hidden_size=640, num_key_value_heads=2)
+    s = Steps(model, block_size=16)
+    base = prompt(128, 40)
+    first = s.request(base)
+    s.run(prefills=[s.chunk(first, 0, 128)], new=[first])
+    hits = [s.request(base[:112] + prompt(16, 41 + i), shared_blocks=first.block_ids[:7]) for i in range(6)]
+    s.run(prefills=[s.chunk(r, 112, 128) for r in hits], new=hits)
+    for i, r in enumerate(hits):
+        tokens, logits = hf_generate(model, r.prompt_ids, 1)
+        assert r.output_ids == tokens
+        torch.testing.assert_close(s.last_logits[i], logits[0], rtol=1e-3, atol=1e-3)
