@@ -116,10 +116,11 @@ def level_prompts(concurrency: int, run: int, prompt_len: int, vocab: int) -> li
     return [random_prompt(prompt_len, vocab, 10**6 * run + 1000 * concurrency + i) for i in range(concurrency)]
 
 
-def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrained: float = 0.0) -> dict:
-    """Submit all prompts at once (the first ``constrained`` fraction with a JSON-schema grammar), run to
-    completion; return timing figures and the prompt tokens served from the prefix cache (0 when every
-    prompt is new, as the measurements want)."""
+def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrained: float = 0.0,
+                 loras: list[str | None] | None = None) -> dict:
+    """Submit all prompts at once (the first ``constrained`` fraction with a JSON-schema grammar; prompt i
+    with the LoRA adapter ``loras[i]`` when given), run to completion; return timing figures and the prompt
+    tokens served from the prefix cache (0 when every prompt is new, as the measurements want)."""
     from telechat.engine.guided import GrammarSpec
 
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
@@ -127,7 +128,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], new: int, constrai
                             guided=GrammarSpec("ebnf", CONSTRAINED_GRAMMAR))
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(p, guided if i < round(constrained * len(prompts)) else params)
+        engine.add_request(p, guided if i < round(constrained * len(prompts)) else params,
+                           lora=loras[i] if loras else None)
     first: dict[str, float] = {}
     tokens = cached = 0
     while engine.has_unfinished():

@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,11 +24,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import RESULTS, add_workload_args, free_device_memory, random_prompt, record, sync  # noqa: E402
+from bench.engine import RESULTS, add_workload_args, free_device_memory, random_prompt, record, run_requests  # noqa: E402
 from bench.random_checkpoint import bench_config  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
-from telechat.engine.sampling import SamplingParams  # noqa: E402
 from telechat.model.modeling import TelechatForCausalLM  # noqa: E402
 
 TARGETS = {"query": "self_attention", "key_value": "self_attention", "dense": "self_attention",
@@ -56,20 +54,6 @@ def write_adapter(model: TelechatForCausalLM, folder: Path, rank: int, seed: int
     return folder
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], loras: list[str | None], new: int) -> dict:
-    """All prompts at once (``loras[i]``: the adapter of prompt i), to completion; output tokens per second."""
-    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    t0 = time.perf_counter()
-    for p, lora in zip(prompts, loras):
-        engine.add_request(p, params, lora=lora)
-    tokens = 0
-    while engine.has_unfinished():
-        tokens += sum(len(out.new_token_ids) for out in engine.step())
-    sync()
-    wall = time.perf_counter() - t0
-    return {"tok_s": round(tokens / wall, 1), "wall_s": round(wall, 3)}
-
-
 def measure(label: str, model, args, adapters: dict[str, Path], mix: list[str | None]) -> dict:
     """bs1 (the first name of ``mix``) and concurrent throughput of an engine serving ``adapters``; request i
     of the concurrent run uses ``mix[i % len(mix)]``."""
@@ -79,10 +63,10 @@ def measure(label: str, model, args, adapters: dict[str, Path], mix: list[str | 
     for name, folder in adapters.items():
         engine.load_adapter(name, str(folder))
     vocab = model.config.vocab_size
-    run(engine, [random_prompt(16, vocab, 1)], [mix[0]], 16)  # warm-up (and the first slot load)
-    bs1 = run(engine, [random_prompt(args.prompt_len, vocab, 2)], [mix[0]], args.new_tokens)
+    run_requests(engine, [random_prompt(16, vocab, 1)], 16, loras=[mix[0]])  # warm-up (and the first slot load)
+    bs1 = run_requests(engine, [random_prompt(args.prompt_len, vocab, 2)], args.new_tokens, loras=[mix[0]])
     prompts = [random_prompt(args.prompt_len, vocab, 1000 + i) for i in range(args.concurrency)]
-    many = run(engine, prompts, [mix[i % len(mix)] for i in range(args.concurrency)], args.new_tokens)
+    many = run_requests(engine, prompts, args.new_tokens, loras=[mix[i % len(mix)] for i in range(args.concurrency)])
     row = dict(engine=label, adapters_in_batch=len({m for m in mix if m}), bs1_tok_s=bs1["tok_s"],
                concurrent=args.concurrency, concurrent_tok_s=many["tok_s"])
     record("lora_engine", **row)
