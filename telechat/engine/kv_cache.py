@@ -5,8 +5,8 @@ Layout per layer: ``k[layer], v[layer]: [num_blocks * block_size, n_kv, head_dim
 array; slot = block * block_size + offset). A sequence owns a list of blocks (its block table).
 
 With ``--kv-cache-dtype fp8`` the cache holds E4M3 values, ``stored = value / scale`` saturated to
-±448, with one K and one V scale per layer (1.0 unless given: vLLM's default without calibrated
-scales; TeleChat's K and V stay far inside ±448): half the bytes per token, twice the tokens in the
+±448, with one K and one V scale per layer (1.0: vLLM's default without calibrated scales; TeleChat's
+K and V stay far inside ±448): half the bytes per token, twice the tokens in the
 same memory. Every read dequantizes, and
 a fresh prompt attends to the same rounded K/V it stores, so a turn served from the prefix cache
 computes what the uncached turn computes.
@@ -40,6 +40,14 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
 
 
+def _group_rows(firsts: list[int], n: int, device: torch.device) -> slice | torch.Tensor:
+    """The flat-batch rows of chunks of ``n`` tokens starting at ``firsts``: a slice when they are
+    consecutive, else an index."""
+    if all(b == a + n for a, b in zip(firsts, firsts[1:])):
+        return slice(firsts[0], firsts[0] + n * len(firsts))
+    return torch.tensor([r + i for r in firsts for i in range(n)], device=device)
+
+
 def check_kv_cache_device(dtype: torch.dtype, device: torch.device) -> None:
     """``ValueError`` (one line) for an FP8 cache on a CUDA GPU that cannot convert to E4M3 natively."""
     if dtype == FP8_DTYPE and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -52,19 +60,16 @@ class PagedKVCache:
     """The pre-allocated K and V tensors of every layer."""
 
     def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, k_scales: Sequence[float] | None = None,
-                 v_scales: Sequence[float] | None = None):
+                 dtype: torch.dtype, device: torch.device | str):
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = dtype
         slots = num_blocks * block_size
         self.k = [torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(slots, n_kv, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.k_scales = [float(x) for x in k_scales] if k_scales is not None else [1.0] * num_layers
-        """Per layer: stored K = K / scale (FP8 caches; 1.0 otherwise)."""
-        self.v_scales = [float(x) for x in v_scales] if v_scales is not None else [1.0] * num_layers
-        if len(self.k_scales) != num_layers or len(self.v_scales) != num_layers:
-            raise ValueError(f"need one K and one V scale per layer ({num_layers})")
+        self.k_scales = [1.0] * num_layers
+        """Per layer: stored K = K / scale (1.0: no calibrated scales are loaded yet, vLLM's default)."""
+        self.v_scales = [1.0] * num_layers
 
     @property
     def is_fp8(self) -> bool:
@@ -120,14 +125,7 @@ class StepAttention:
             for chunk in self.prefills:
                 if chunk.context_slots is None:
                     by_length.setdefault(chunk.end - chunk.start, []).append(chunk.row)
-            groups = []
-            for n, firsts in by_length.items():
-                if all(b == a + n for a, b in zip(firsts, firsts[1:])):
-                    rows: slice | torch.Tensor = slice(firsts[0], firsts[0] + n * len(firsts))
-                else:
-                    rows = torch.tensor([r + i for r in firsts for i in range(n)], device=device)
-                groups.append((rows, len(firsts), n))
-            self._fresh = groups
+            self._fresh = [(_group_rows(firsts, n, device), len(firsts), n) for n, firsts in by_length.items()]
         return self._fresh
 
     def context_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int, torch.Tensor,
@@ -149,12 +147,8 @@ class StepAttention:
                 mask = (torch.arange(end, device=device)[None, :] <= qpos[:, None])[None, None]
                 per_call = max(1, CONTEXT_GROUP_TOKENS // end)
                 for chunks in (span[i : i + per_call] for i in range(0, len(span), per_call)):
-                    firsts = [c.row for c in chunks]
-                    if all(b == a + n for a, b in zip(firsts, firsts[1:])):
-                        rows: slice | torch.Tensor = slice(firsts[0], firsts[0] + n * len(firsts))
-                    else:
-                        rows = torch.tensor([r + i for r in firsts for i in range(n)], device=device)
-                    groups.append((rows, len(chunks), n, torch.stack([c.context_slots for c in chunks]), mask))
+                    groups.append((_group_rows([c.row for c in chunks], n, device), len(chunks), n,
+                                   torch.stack([c.context_slots for c in chunks]), mask))
             self._context = groups
         return self._context
 

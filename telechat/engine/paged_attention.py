@@ -20,6 +20,7 @@ import math
 import torch
 
 from telechat.model.attention import attention
+from telechat.model.kernels import FP8_DTYPE
 
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton
@@ -159,7 +160,7 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
 def read_kv(cache: torch.Tensor, slots: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``cache[slots]`` as ``dtype``: FP8 entries (read through a byte view: CUDA has no indexed read for
     float8 tensors) times their scale; others as they are."""
-    if cache.dtype != torch.float8_e4m3fn:
+    if cache.dtype != FP8_DTYPE:
         return cache[slots].to(dtype)
     return (cache.view(torch.uint8)[slots].view(cache.dtype).float() * scale).to(dtype)
 
