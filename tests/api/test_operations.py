@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.processes import wait_for
+
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "你好"}]
 LONG = {"messages": HELLO, "max_tokens": 1900, "ignore_eos": True, "stream": True}
@@ -28,15 +30,6 @@ def metric(server, name: str, default: float | None = None) -> float:
     return default
 
 
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_health_ready_docs(demo_server):
     assert httpx.get(demo_server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(demo_server.url + "/ready").json() == {"status": "ready", "model": "telechat-demo"}
@@ -53,7 +46,8 @@ def test_request_id_echoed_and_logged(demo_server):
                    timeout=60)
     assert r.headers["x-request-id"] == "abc-123"
     assert len(httpx.get(demo_server.url + "/health").headers["x-request-id"]) == 32
-    assert wait_for(lambda: "POST /v1/chat/completions 200" in demo_server.log() and "id=abc-123" in demo_server.log())
+    assert wait_for(lambda: "POST /v1/chat/completions 200" in demo_server.log() and "id=abc-123" in demo_server.log(),
+                    timeout=10)
     line = next(l for l in demo_server.log().splitlines() if "id=abc-123" in l)
     assert "ms" in line
 
@@ -91,7 +85,7 @@ def test_disconnect_aborts_and_frees_the_slot(demo_server):
     time.sleep(0.5)
     assert metric(demo_server, "telechat:generation_tokens_total") == tokens
     assert wait_for(lambda: metric(demo_server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
-                    == aborted + 1)
+                    == aborted + 1, timeout=10)
 
 
 def test_disconnect_aborts_non_streamed_request(demo_server):
