@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -101,7 +103,7 @@ async def one_http(client: httpx.AsyncClient, url: str, prompt: list[int], outpu
                 tokens = chunk["usage"]["completion_tokens"]
             elif chunk["choices"] and chunk["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    return {"start": t0, "stamps": stamps, "tokens": tokens}
+    return {"start": t0, "end": time.perf_counter(), "stamps": stamps, "tokens": tokens}
 
 
 async def run_http(url: str, reqs: list[list[int]], concurrency: int, output_len: int) -> list[dict]:
@@ -112,6 +114,34 @@ async def run_http(url: str, reqs: list[list[int]], concurrency: int, output_len
             async with sem:
                 return await one_http(client, url, p, output_len)
         return await asyncio.gather(*(guarded(p) for p in reqs))
+
+
+def _client_share(url: str, reqs: list[list[int]], concurrency: int, output_len: int, start_at: float
+                  ) -> tuple[list[dict], float]:
+    """One client process's part of a level: wait for the common start, run it; results and CPU seconds."""
+    time.sleep(max(0.0, start_at - time.perf_counter()))
+    cpu = time.process_time()
+    results = asyncio.run(run_http(url, reqs, concurrency, output_len))
+    return results, time.process_time() - cpu
+
+
+def http_level(url: str, reqs: list[list[int]], concurrency: int, output_len: int, clients: int = 1
+               ) -> tuple[list[dict], float, float]:
+    """One level's requests over ``clients`` client processes (each its share of the requests and of the
+    concurrency; one: in this process). Returns the results, the wall time from the first request's
+    start to the last one's end, and the clients' CPU seconds (client-bound when near ``clients`` x wall)."""
+    clients = max(1, min(clients, concurrency))
+    if clients == 1:
+        results, cpu = _client_share(url, reqs, concurrency, output_len, 0.0)
+    else:
+        shares = [(reqs[i::clients], concurrency // clients + (i < concurrency % clients)) for i in range(clients)]
+        # perf_counter is the system's monotonic clock on Linux: comparable across the client processes
+        start_at = time.perf_counter() + 2.0
+        with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_client_share, *zip(*[(url, r, c, output_len, start_at) for r, c in shares])))
+        results, cpu = [r for rs, _ in parts for r in rs], sum(c for _, c in parts)
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return results, wall, cpu
 
 
 # ---------------------------------------------------------------------------------------------- engine alone
@@ -133,7 +163,7 @@ async def run_engine(rt, reqs: list[list[int]], concurrency: int, output_len: in
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(reqs)))
 
 
-def summarize(mode: str, concurrency: int, results: list[dict], wall: float, args) -> dict:
+def summarize(mode: str, concurrency: int, results: list[dict], wall: float, args, **extra) -> dict:
     ttft = [(r["stamps"][0] - r["start"]) * 1e3 for r in results if r["stamps"]]
     tpot = [(r["stamps"][-1] - r["stamps"][0]) * 1e3 / (r["tokens"] - 1) for r in results
             if len(r["stamps"]) > 1 and r["tokens"] > 1]
@@ -143,7 +173,7 @@ def summarize(mode: str, concurrency: int, results: list[dict], wall: float, arg
                prompt_len=args.prompt_len, output_len=args.output_len,
                ttft_p50_ms=round(pct(ttft, 0.5), 2), ttft_p99_ms=round(pct(ttft, 0.99), 2),
                itl_mean_ms=round(statistics.fmean(tpot), 2) if tpot else 0.0, itl_p99_ms=round(pct(gaps, 0.99), 2),
-               output_tok_s=round(tokens / wall, 1), wall_s=round(wall, 2))
+               output_tok_s=round(tokens / wall, 1), wall_s=round(wall, 2), **extra)
     record(**row)
     return row
 
@@ -321,10 +351,10 @@ def multi_turn_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------- server
 
-def start_server(model: Path, max_num_seqs: int, dtype: str | None = None, ready_timeout: float = 600
-                 ) -> tuple[subprocess.Popen, str]:
-    """Start ``python -m services.api`` (= ``telechat serve``) on a free loopback port; return it and its URL
-    once ``/ready`` answers 200."""
+def start_server(model: Path, max_num_seqs: int, dtype: str | None = None, ready_timeout: float = 600,
+                 extra_args: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``python -m services.api`` (= ``telechat serve``, with ``extra_args``) on a free loopback port;
+    return it and its URL once ``/ready`` answers 200."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -332,6 +362,7 @@ def start_server(model: Path, max_num_seqs: int, dtype: str | None = None, ready
            "--max-num-seqs", str(max_num_seqs), "--max-queue", "4096", "--log-level", "warning"]
     if dtype:
         cmd += ["--dtype", dtype]
+    cmd += extra_args or []
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
@@ -379,9 +410,9 @@ def load_levels(url: str, workloads: dict[int, list[list[int]]], warmup: list[li
     """The ``/v1/completions`` load test, one row per level."""
     asyncio.run(run_http(url, warmup, len(warmup), 4))
     for c, reqs in workloads.items():
-        t0 = time.perf_counter()
-        res = asyncio.run(run_http(url, reqs, c, args.output_len))
-        summarize("api", c, res, time.perf_counter() - t0, args)
+        res, wall, cpu = http_level(url, reqs, c, args.output_len, args.clients)
+        summarize("api", c, res, wall, args, clients=max(1, min(args.clients, c)),
+                  client_cpu_share=round(cpu / wall / max(1, min(args.clients, c)), 3))
 
 
 def multi_turn_levels(url: str, levels: list[int], args) -> None:
@@ -424,6 +455,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128, help="tokens per reply (with --multi-turn: per turn)")
     p.add_argument("--dtype", default=None, help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--clients", type=int, default=1, help="client processes sharing each level (one Python "
+                   "process parsing thousands of SSE events per second can be the bottleneck; see client_cpu_share)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone baseline")
     p.add_argument("--multi-turn", action="store_true", help="chat sessions over a long history instead of the "
                    "completions load test (HTTP only, no engine baseline)")

@@ -62,6 +62,8 @@ class Workload:
     turn_tokens: int = 128
     """Reply tokens per turn (and per fresh prompt)."""
     fresh_tokens: int = 128
+    http_clients: int = 4
+    """Client processes of the HTTP load part (one Python client parsing ~8,000 SSE events/s is itself a bottleneck)."""
     part_timeout_s: int = 300
     """Wall-clock limit of one part; a part past it is killed and named under ``errors``."""
 
@@ -69,7 +71,7 @@ class Workload:
 FULL = Workload()
 TINY = Workload(concurrency=4, prompt_len=16, new_tokens=8, ttft_prompt=64, long_prompt=0, max_model_len=512,
                 sessions=2, turns=3, history_tokens=256, user_tokens=16, turn_tokens=8, fresh_tokens=48,
-                part_timeout_s=240)
+                http_clients=2, part_timeout_s=240)
 
 
 def size_tag(tokens: int) -> str:
@@ -123,7 +125,8 @@ def http_figures(rows: list[dict]) -> dict:
             out.update({f"http_c{c}_tok_s": r["output_tok_s"],
                         f"http_c{c}_ttft_p50_s": round(r["ttft_p50_ms"] / 1e3, 4),
                         f"http_c{c}_ttft_p99_s": round(r["ttft_p99_ms"] / 1e3, 4),
-                        f"http_c{c}_itl_mean_ms": r["itl_mean_ms"]})
+                        f"http_c{c}_itl_mean_ms": r["itl_mean_ms"],
+                        f"http_c{c}_client_cpu_share": r.get("client_cpu_share")})
     return out
 
 
@@ -259,7 +262,8 @@ def run_suite(args: argparse.Namespace, w: Workload) -> dict:
     try:
         suite.run("http", [py, "bench/serve_load.py", "--url", url, "--model", str(ckpt), "--no-engine",
                            "--concurrency", str(w.concurrency), "--prompt-len", str(w.prompt_len),
-                           "--output-len", str(w.new_tokens), "--json", str(parts / "http.json")], http_figures)
+                           "--output-len", str(w.new_tokens), "--clients", str(w.http_clients),
+                           "--json", str(parts / "http.json")], http_figures)
         levels = f"{w.sessions},1" if w.sessions != 1 else "1"
         suite.run("multi_turn", [py, "bench/serve_load.py", "--url", url, "--multi-turn", "--concurrency", levels,
                                  "--turns", str(w.turns), "--history-tokens", str(w.history_tokens),
