@@ -166,6 +166,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="benchmark this checkpoint folder instead of random weights")
     p.add_argument("--layers", type=int, default=None, help="override layer count (quick runs; --preset only)")
     p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--waves", type=int, default=1, help="requests per level = waves x concurrency, all submitted at "
+                   "once: with --max-num-seqs equal to the level, later ones start as earlier ones finish (as "
+                   "bench/serve_load.py's clients send them)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--ttft-prompt", type=int, default=1024)
@@ -223,8 +226,8 @@ def main() -> None:
         ttfts.append(r["ttft_p50_ms"])
     record("engine_ttft", prompt_tokens=args.ttft_prompt, ms_median=sorted(ttfts)[2])
     for c in [int(x) for x in args.concurrency.split(",") if x]:
-        r = run_requests(engine, level_prompts(c, 0, args.prompt_len, vocab), args.new_tokens)
-        record("engine_concurrency", concurrency=c, **r)
+        r = run_requests(engine, level_prompts(c * args.waves, 0, args.prompt_len, vocab), args.new_tokens)
+        record("engine_concurrency", concurrency=c, requests=c * args.waves, **r)
         for k, f in enumerate(float(x) for x in args.constrained_fraction.split(",") if x):
             r = run_requests(engine, level_prompts(c, k + 1, args.prompt_len, vocab), args.new_tokens, constrained=f)
             record("engine_constrained", concurrency=c, constrained_fraction=f, **r)

@@ -9,9 +9,11 @@ Parts, each in its own process and one after another (the GPU is free between th
    to ``--work-dir`` once and reused by the later parts and later runs (bench/random_checkpoint.py).
 2. ``engine``: bench/engine.py on that checkpoint: copy-bandwidth roofline, transformers
    ``generate()`` at batch 1 (the baseline), engine single-stream decode, TTFT of a 1k-token prompt,
-   64 concurrent requests of 128 in / 256 out, prefill of a 32k-token prompt.
+   128 requests of 128 in / 256 out at 64 concurrent (two waves: the HTTP part's workload), prefill of a
+   32k-token prompt.
 3. ``http``: one ``telechat serve`` (``python -m services.api``) on the checkpoint, and
-   bench/serve_load.py against it: 64 concurrent ``/v1/completions`` streams, 128 in / 256 out.
+   bench/serve_load.py against it: 64 concurrent ``/v1/completions`` streams, 128 in / 256 out, 128
+   requests from 4 client processes.
 4. ``multi_turn``: bench/serve_load.py ``--multi-turn`` against the same server: 16 chat sessions of
    10 turns over 4k-token histories vs fresh 128-token prompts (``prefix_ttft_ratio``), then one
    session alone.
@@ -246,7 +248,7 @@ def run_suite(args: argparse.Namespace, w: Workload) -> dict:
     engine_cmd = [py, "bench/engine.py", "--model", str(ckpt), "--concurrency", str(w.concurrency),
                   "--max-num-seqs", str(w.concurrency), "--prompt-len", str(w.prompt_len),
                   "--new-tokens", str(w.new_tokens), "--ttft-prompt", str(w.ttft_prompt),
-                  "--long-prompt", str(w.long_prompt), "--json", str(parts / "engine.json")]
+                  "--long-prompt", str(w.long_prompt), "--waves", "2", "--json", str(parts / "engine.json")]
     if w.max_model_len:
         engine_cmd += ["--max-model-len", str(w.max_model_len)]
     suite.run("engine", engine_cmd, engine_figures)

@@ -16,6 +16,7 @@ one for V (``k_scale``, ``v_scale``); both paths dequantize on read.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -28,30 +29,43 @@ try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-TOKENS_PER_ITER = 64
-"""Cached tokens one program reads per loop iteration (and the granularity of a partition)."""
 MAX_PARTITIONS = 32
-TARGET_PROGRAMS = 2048
-"""Programs the decode kernel aims to have in flight (about 16 per SM of a 132-SM card)."""
 
 
-def num_partitions(rows: int, heads: int, max_context: int) -> int:
+@dataclass(frozen=True)
+class DecodeKernelConfig:
+    """Launch shape of the decode kernel (bench/paged_attention.py sweeps these on the card)."""
+
+    tokens: int = 64
+    """Cached tokens one program reads per loop iteration (and the granularity of a partition)."""
+    num_warps: int = 4
+    num_stages: int = 2
+    target_programs: int = 2048
+    """Programs a launch aims to have (about 16 per SM of a 132-SM card): more partitions for fewer rows."""
+    early_v: bool = False
+    """Issue the V load together with the K load, before the softmax arithmetic that needs only K."""
+
+
+DEFAULT_CONFIG = DecodeKernelConfig()
+
+
+def num_partitions(rows: int, heads: int, max_context: int, config: DecodeKernelConfig = DEFAULT_CONFIG) -> int:
     """Partitions per (sequence, head) for a launch of ``rows`` sequences: enough programs for the
-    GPU, at most one per :data:`TOKENS_PER_ITER` tokens of the longest possible context. A function of
+    GPU, at most one per ``config.tokens`` tokens of the longest possible context. A function of
     shapes only, so it is fixed inside each captured CUDA graph."""
-    by_load = max(1, TARGET_PROGRAMS // max(1, rows * heads))
-    return max(1, min(MAX_PARTITIONS, by_load, math.ceil(max_context / TOKENS_PER_ITER)))
+    by_load = max(1, config.target_programs // max(1, rows * heads))
+    return max(1, min(MAX_PARTITIONS, by_load, math.ceil(max_context / config.tokens)))
 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_parts"])  # eager launches vary it: no compile per value
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, out_ptr, q_scale, v_scale,
         stride_qb, stride_qh, stride_tb, stride_ks, stride_kh, stride_ob, stride_oh,
         num_parts, num_heads,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        TOKENS: tl.constexpr, DIRECT: tl.constexpr,
+        TOKENS: tl.constexpr, DIRECT: tl.constexpr, EARLY_V: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -78,12 +92,15 @@ if triton is not None:
             kv_off = slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            if EARLY_V:
+                v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
             s = tl.where(n_mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+            if not EARLY_V:
+                v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
@@ -98,7 +115,7 @@ if triton is not None:
             tl.store(stats_ptr + row * 2 + 1, l_i)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_parts"])
     def _merge_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, num_parts, num_heads,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr):
         b = tl.program_id(0)
@@ -125,21 +142,23 @@ def paged_decode_attention(
     block_size: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    config: DecodeKernelConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """``q [B, N, d]`` against each sequence's cached ``seq_lens[b]`` tokens → ``[B, N, d]``.
 
     ``k_cache, v_cache``: ``[slots, n_kv, d]`` in ``q``'s dtype or FP8 (values stored divided by
     ``k_scale`` / ``v_scale``); ``block_tables [B, max_blocks]`` (int32); ``seq_lens [B]`` (int32, ≥ 1).
+    ``config``: the Triton kernel's launch shape.
     """
     if q.is_cuda and triton is not None:
-        return _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale)
+        return _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale, config)
     return _gather_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale)
 
 
-def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale):
+def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_scale, v_scale, config):
     bsz, heads, d = q.shape
     n_kv = k_cache.shape[1]
-    parts = num_partitions(bsz, heads, block_tables.shape[1] * block_size)
+    parts = num_partitions(bsz, heads, block_tables.shape[1] * block_size, config)
     d_pad = triton.next_power_of_2(d)
     out = torch.empty(bsz, heads, d, dtype=q.dtype, device=q.device)
     direct = parts == 1
@@ -149,11 +168,12 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
         q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, k_scale / math.sqrt(d), v_scale,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         out.stride(0), out.stride(1), parts, heads,
-        GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, TOKENS=TOKENS_PER_ITER, DIRECT=direct,
+        GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, TOKENS=config.tokens, DIRECT=direct,
+        EARLY_V=config.early_v, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if not direct:
         _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
-                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=triton.next_power_of_2(parts))
+                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=MAX_PARTITIONS)
     return out
 
 

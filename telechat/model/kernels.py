@@ -481,7 +481,7 @@ if triton is not None:
                              total.to(out_ptr.dtype.element_ty), mask=mask)
                     tl.store(cnt_ptr + pid_n, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _gemv_fma_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
                          stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -514,7 +514,7 @@ if triton is not None:
         _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
                      stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
                          stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -545,7 +545,7 @@ if triton is not None:
         _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
                      stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
                               SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(1)

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from telechat.engine.paged_attention import _gather_decode, num_partitions, paged_decode_attention
+from telechat.engine.paged_attention import (DEFAULT_CONFIG, DecodeKernelConfig, _gather_decode, num_partitions,
+                                             paged_decode_attention)
 from telechat.engine.scheduler_output import SchedulerOutput
 from telechat.model import kernels
 from telechat.model.config import TelechatConfig
@@ -27,10 +28,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("bsz", [1, 5, 256])
 @pytest.mark.parametrize("n_kv, d", [(4, 128), (2, 160), (8, 64)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8):
+@pytest.mark.parametrize("config", [DEFAULT_CONFIG, DecodeKernelConfig(tokens=16, num_warps=2, num_stages=1, early_v=True),
+                                    DecodeKernelConfig(tokens=32, num_warps=8, num_stages=3, target_programs=8192)])
+def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8, config):
     """The Triton kernel equals gather + SDPA on random paged data (head_dim 160 = 12B included), with
-    many partitions (1 sequence), a few (5) and one (256: the kernel writes the output itself), and on
-    an FP8 cache with scales."""
+    many partitions (1 sequence), a few (5) and one (256 sequences with the default launch shape: the
+    kernel writes the output itself), and on an FP8 cache with scales, for several launch shapes."""
     torch.manual_seed(0)
     heads, bs, max_len = 8, 16, 3000
     blocks = bsz * math.ceil(max_len / bs) + 1
@@ -42,8 +45,8 @@ def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8):
     table = (torch.randperm(blocks - 1, device="cuda")[: bsz * math.ceil(max_len / bs)] + 1).view(bsz, -1).int()
     lens = torch.tensor([1, 17, 500, 2999, 3000, 64, 65], device="cuda", dtype=torch.int32).repeat(bsz)[:bsz]
     q = torch.randn(bsz, heads, d, device="cuda", dtype=torch.bfloat16)
-    assert (num_partitions(bsz, heads, max_len) == 1) == (bsz == 256)
-    out = paged_decode_attention(q, kc, vc, table, lens, bs, k_scale, v_scale)
+    assert (num_partitions(bsz, heads, max_len, config) == 1) == (bsz * heads >= config.target_programs)
+    out = paged_decode_attention(q, kc, vc, table, lens, bs, k_scale, v_scale, config)
     ref = _gather_decode(q.float(), kc if fp8 else kc.float(), vc if fp8 else vc.float(), table, lens, bs, k_scale,
                          v_scale)
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
