@@ -219,7 +219,8 @@ def main() -> None:
     run_requests(engine, [random_prompt(16, vocab, 1)], 16)  # warm-up
     single = run_requests(engine, [random_prompt(args.prompt_len, vocab, 2)], args.new_tokens)
     record("engine_bs1_decode", tok_s=single["tok_s"], wall_s=single["wall_s"],
-           ms_per_token=round(1e3 * single["wall_s"] / args.new_tokens, 3))
+           ms_per_token=round(1e3 * single["wall_s"] / args.new_tokens, 3), ttft_ms=single["ttft_p50_ms"],
+           ms_per_token_after_first=round((1e3 * single["wall_s"] - single["ttft_p50_ms"]) / (args.new_tokens - 1), 3))
     ttfts = []
     for i in range(5):
         r = run_requests(engine, [random_prompt(args.ttft_prompt, vocab, 10 + i)], 1)

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import copy_bandwidth  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.paged_attention import DEFAULT_CONFIG, DecodeKernelConfig, paged_decode_attention  # noqa: E402
 from telechat.model.kernels import FP8_DTYPE  # noqa: E402
@@ -55,13 +56,6 @@ def time_graph(fn, reps: int = 20) -> float:
     return best
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write of 1 GiB)."""
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / (time_graph(lambda: b.copy_(a), reps=5) * 1e-6)
-
-
 def case_data(rows: int, ctx: int, fp8: bool):
     """Random q, a shuffled paged cache holding ``rows`` sequences of ``ctx`` tokens, tables and lengths."""
     blocks_per = math.ceil(ctx / BLOCK)
@@ -88,7 +82,7 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("paged_attention: needs a CUDA GPU")
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     configs = grid()
     rows_out, table = [], {}
     for fp8 in (False, True):
