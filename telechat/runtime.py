@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from telechat.chat_format import ContentMarkers
 from telechat.model.checkpoint import CheckpointInfo
@@ -19,6 +20,9 @@ from telechat.engine.async_engine import EngineFront
 from telechat.engine.core import EngineConfig
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.text import TextStream
+
+if TYPE_CHECKING:
+    from telechat.engine.core_process import CoreAddress, EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,21 @@ class StreamDelta:
     log-probability, and the ids and log-probabilities of the most likely alternatives."""
 
 
+def engine_spec(info: CheckpointInfo, *, device: str = "auto", dtype: str = "auto",
+                engine_config: EngineConfig | None = None, lora: str | Path | None = None,
+                lora_modules: dict[str, str] | None = None, **config_overrides) -> EngineSpec:
+    """What an engine core needs to load ``info``'s checkpoint (with ``lora`` merged in, ``lora_modules``
+    chosen per request) and build its engine; raises :class:`~telechat.errors.UserError` for a bad adapter."""
+    from telechat.engine.core_process import EngineSpec
+
+    if lora:
+        lora = check_adapter(lora)
+    return EngineSpec(str(Path(info.path).expanduser().resolve()), device=device, dtype=dtype,
+                      engine_config=engine_config, lora=str(lora) if lora else None,
+                      lora_modules=dict(lora_modules or {}), config_overrides=config_overrides,
+                      log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+
+
 @dataclass
 class Runtime:
     """Everything needed to answer requests for one model. The model itself lives with the engine
@@ -92,6 +111,7 @@ class Runtime:
         lora_modules: dict[str, str] | None = None,
         content_markers: ContentMarkers = "text",
         engine_process: bool = True,
+        core: CoreAddress | None = None,
         **config_overrides,
     ) -> Runtime:
         """Load the checkpoint at ``path`` (a folder, or what :func:`~telechat.model.checkpoint.inspect_checkpoint`
@@ -102,23 +122,23 @@ class Runtime:
         in a thread of this process (:class:`~telechat.engine.async_engine.AsyncEngine`).
         ``content_markers``: how marker strings typed inside chat contents are read (see
         :class:`~telechat.chat_format.ChatFormat`). ``lora_modules``: LoRA adapters (name -> folder)
-        requests choose by name, batched with the base (needs ``engine_config.max_loras``)."""
+        requests choose by name, batched with the base (needs ``engine_config.max_loras``). ``core``: join the
+        engine core another process started there instead (the engine settings are then the core's)."""
         from telechat.chat_format import ChatFormat
         from telechat.engine.async_engine import AsyncEngine
         from telechat.engine.core_client import EngineClient
-        from telechat.engine.core_process import EngineSpec, build_engine
+        from telechat.engine.core_process import build_engine
         from telechat.model.checkpoint import inspect_checkpoint
         from telechat.tokenizer import load_tokenizer
 
         info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path, need_tokenizer=True)
         path = Path(info.path).expanduser().resolve()
-        if lora:
-            lora = check_adapter(lora)
-        spec = EngineSpec(str(path), device=device, dtype=dtype, engine_config=engine_config,
-                          lora=str(lora) if lora else None, lora_modules=dict(lora_modules or {}),
-                          config_overrides=config_overrides,
-                          log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
-        engine = EngineClient(spec) if engine_process else AsyncEngine(build_engine(spec))
+        spec = engine_spec(info, device=device, dtype=dtype, engine_config=engine_config, lora=lora,
+                           lora_modules=lora_modules, **config_overrides)
+        if core is not None:
+            engine = EngineClient.connect(core)
+        else:
+            engine = EngineClient(spec) if engine_process else AsyncEngine(build_engine(spec))
         try:
             tokenizer = load_tokenizer(path)
             chat = ChatFormat(tokenizer, info.generation, content_markers=content_markers)

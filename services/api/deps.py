@@ -15,6 +15,7 @@ from services.api.protocol.openai import APIError
 from services.api.settings import Settings
 
 if TYPE_CHECKING:
+    from telechat.engine.core_process import CoreAddress
     from telechat.runtime import Runtime
 
 log = logging.getLogger("services.api")
@@ -28,13 +29,16 @@ SHUTTING_DOWN = "the server is shutting down"
 class ServerState:
     """What the app holds: settings, metrics, the runtime once loaded, and the in-flight count."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, core: CoreAddress | None = None):
+        """``core``: this is one of ``settings.api_server_count`` API processes over the engine core there."""
         self.settings = settings
+        self.core = core
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.in_flight = 0
         self.draining = False
-        self.metrics = Metrics(lambda: self.runtime.engine.stats() if self.runtime else None)
+        self.metrics = Metrics(lambda: self.runtime.engine.stats() if self.runtime else None,
+                               multiprocess=core is not None)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -58,8 +62,9 @@ class ServerState:
 
     @property
     def capacity(self) -> int:
-        """Requests admitted at once: the batch plus the bounded waiting queue."""
-        return self.settings.max_num_seqs + self.settings.max_queue
+        """Requests this process admits at once: the batch plus the bounded waiting queue, shared
+        evenly among the API processes."""
+        return -(-(self.settings.max_num_seqs + self.settings.max_queue) // self.settings.api_server_count)
 
     def admit(self) -> None:
         """Take a slot, or raise 503 while shutting down and 429 (with ``Retry-After``) when the queue is full."""
@@ -67,8 +72,9 @@ class ServerState:
             raise APIError(503, f"{SHUTTING_DOWN}; send the request again (to another instance)",
                            type="service_unavailable_error", code="shutting_down")
         if self.in_flight >= self.capacity:
-            raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight = MAX_NUM_SEQS "
-                           f"{self.settings.max_num_seqs} + MAX_QUEUE {self.settings.max_queue}); retry later",
+            share = f" / API_SERVER_COUNT {self.settings.api_server_count}" if self.settings.api_server_count > 1 else ""
+            raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight = (MAX_NUM_SEQS "
+                           f"{self.settings.max_num_seqs} + MAX_QUEUE {self.settings.max_queue}){share}); retry later",
                            type="rate_limit_error", code="server_overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += 1

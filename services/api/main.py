@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,41 +44,54 @@ from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
 
+if TYPE_CHECKING:
+    from telechat.engine.core_process import CoreAddress
+    from telechat.model.checkpoint import CheckpointInfo
+
 log = logging.getLogger("services.api")
 LEGACY_PREFIX = "/telechat/"
 
 
 # ---------------------------------------------------------------------------------------------- model loading
 
-def load_runtime(settings: Settings):
-    """Load the configured model (the built-in demo when none is) and start its engine."""
+def engine_options(settings: Settings) -> tuple[CheckpointInfo, dict]:
+    """The configured checkpoint (the built-in demo when none is; made here if needed) and the engine
+    options of :func:`telechat.runtime.engine_spec` / ``Runtime.load``."""
     from telechat.model.checkpoint import inspect_checkpoint
     from telechat.engine.core import EngineConfig
-    from telechat.runtime import Runtime, lora_slot_rank, resolve_model_path
+    from telechat.runtime import lora_slot_rank, resolve_model_path
 
     path, _ = resolve_model_path(settings.model_path)
     info = inspect_checkpoint(path, need_tokenizer=True)
-    names = settings.served_names
-    name = info.served_name(names[0] if names else None)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
                           max_num_batched_tokens=settings.max_num_batched_tokens,
                           enable_prefix_caching=settings.prefix_caching, kv_cache_dtype=settings.kv_cache_dtype,
                           gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_loras=settings.max_loras if settings.lora_enabled else 0,
                           max_lora_rank=lora_slot_rank(settings.lora_module_map, settings.max_lora_rank))
-    return Runtime.load(info, name=name, aliases=names[1:], device=settings.device, dtype=settings.dtype,
-                        engine_config=config,
-                        lora=settings.lora_path, lora_modules=settings.lora_module_map,
-                        content_markers=settings.content_markers, rope_mode=settings.rope_mode,
-                        training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
+    return info, dict(device=settings.device, dtype=settings.dtype, engine_config=config, lora=settings.lora_path,
+                      lora_modules=settings.lora_module_map, rope_mode=settings.rope_mode,
+                      training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
+
+
+def load_runtime(settings: Settings, core: CoreAddress | None = None):
+    """Load the configured model's tokenizer and start its engine (or join the engine core at ``core``)."""
+    from telechat.runtime import Runtime
+
+    info, options = engine_options(settings)
+    names = settings.served_names
+    return Runtime.load(info, name=info.served_name(names[0] if names else None), aliases=names[1:],
+                        content_markers=settings.content_markers, core=core, **options)
 
 
 def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None) -> None:
     t0 = time.perf_counter()
     try:
-        state.runtime = load_runtime(state.settings)
+        state.runtime = load_runtime(state.settings, state.core)
     except Exception as e:  # noqa: BLE001 - reported by /ready and the exit code
-        if isinstance(e, (UserError, EngineStartError)):  # one line: a folder or setting to fix, or the
+        if state.core is not None and isinstance(e, (UserError, EngineStartError)):
+            log.debug("loading the model failed: %s", e)  # the supervising process says why, once
+        elif isinstance(e, (UserError, EngineStartError)):  # one line: a folder or setting to fix, or the
             log.error("loading the model failed: %s", e)  # engine process already logged its traceback
         else:
             log.exception("loading the model failed")
@@ -86,9 +100,10 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
             on_fatal()
         return
     rt = state.runtime
-    log.info("model %r ready in %.1fs: context %d tokens, KV capacity %d tokens%s", rt.name,
-             time.perf_counter() - t0, rt.max_model_len, rt.engine.info.kv_capacity_tokens,
-             " (DEMO model: not TeleChat)" if rt.is_demo else "")
+    log.log(logging.DEBUG if state.core is not None else logging.INFO,  # with several API processes: said once
+            "model %r ready in %.1fs: context %d tokens, KV capacity %d tokens%s", rt.name,
+            time.perf_counter() - t0, rt.max_model_len, rt.engine.info.kv_capacity_tokens,
+            " (DEMO model: not TeleChat)" if rt.is_demo else "")
 
 
 # ---------------------------------------------------------------------------------------------- middleware
@@ -268,10 +283,12 @@ def _legacy_response(e: LegacyError) -> JSONResponse:
 
 # ---------------------------------------------------------------------------------------------- app
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
+               core: CoreAddress | None = None) -> FastAPI:
     """The ASGI app. The model loads in a background thread at startup (``/health`` answers
-    meanwhile, ``/ready`` turns 200 when done); ``on_fatal`` is called if loading fails."""
-    state = ServerState(settings or get_settings())
+    meanwhile, ``/ready`` turns 200 when done); ``on_fatal`` is called if loading fails. ``core``: the
+    app is one of several API processes over the engine core there (services/api/processes.py)."""
+    state = ServerState(settings or get_settings(), core)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -339,8 +356,9 @@ UVICORN_EXTRA_GRACE_S = 5
 """Seconds uvicorn waits past ``shutdown_grace_s`` before it cancels what is left."""
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server that starts the API's own graceful shutdown on the first SIGTERM/SIGINT."""
+class Server(uvicorn.Server):
+    """uvicorn's server that starts the API's own graceful shutdown on the first SIGTERM/SIGINT (only
+    SIGTERM for one of several API processes: their supervisor sends it; Ctrl+C reaches it too)."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
@@ -348,14 +366,32 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         """Stop admitting, start the grace timer, then let uvicorn stop accepting connections."""
+        if self.state.core is not None and sig == signal.SIGINT:
+            return
         self.state.begin_shutdown()
         super().handle_exit(sig, frame)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the model failed to load."""
+def uvicorn_config(app: FastAPI, settings: Settings, **where) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` (``where``: host and port, or nothing when given sockets)."""
+    # uvicorn's own grace only backs ours up: by then every request has ended on its own.
+    return uvicorn.Config(app, log_level=settings.log_level, access_log=False,
+                          timeout_graceful_shutdown=settings.shutdown_grace_s + UVICORN_EXTRA_GRACE_S, **where)
+
+
+def prepare_signals() -> None:
+    """Stream ends and exit codes as this API wants them, before uvicorn runs."""
     from sse_starlette.sse import AppStatus
 
+    # sse-starlette would cut SSE streams at once; they end through ServerState.begin_shutdown.
+    AppStatus.disable_automatic_graceful_drain()
+    # After a graceful shutdown uvicorn re-raises the signal with the previous handler; a no-op one
+    # makes that a clean exit (0) instead of death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the model failed to load."""
     settings = parse_settings(list(argv or []))
     logging.getLogger().setLevel(settings.log_level.upper())
     if settings.model_path:  # fail fast, before binding the port, on a folder that cannot work
@@ -367,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for folder in ([settings.lora_path] if settings.lora_path else []) + list(settings.lora_module_map.values()):
             check_adapter(folder)
+    if settings.api_server_count > 1:
+        from services.api.processes import serve_many
+
+        return serve_many(settings)
     server: uvicorn.Server | None = None
 
     def stop() -> None:
@@ -374,15 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=stop)
-    state: ServerState = app.state.server
-    # uvicorn's own grace only backs ours up: by then every request has ended on its own.
-    server = _Server(uvicorn.Config(
-        app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s + UVICORN_EXTRA_GRACE_S), state)
-    # sse-starlette would cut SSE streams at once; they end through ServerState.begin_shutdown.
-    AppStatus.disable_automatic_graceful_drain()
-    # After a graceful shutdown uvicorn re-raises the signal with the previous handler; a no-op one
-    # makes that a clean exit (0) instead of death by SIGTERM.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    server = Server(uvicorn_config(app, settings, host=settings.api_host, port=settings.api_port), app.state.server)
+    prepare_signals()
     server.run()
     return 1 if app.state.server.load_error else 0

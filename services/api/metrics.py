@@ -4,7 +4,9 @@ Engine figures (running, waiting, KV cache, generated tokens, prefix-cache queri
 read from the engine's ``stats()`` at scrape time (the engine core sends them with every step, so
 reading them waits for nothing); request figures (latencies, prompt tokens, outcomes, HTTP statuses)
 are recorded by the API as requests go. Each app has its own registry, so several apps can live in
-one process.
+one process. With several API processes (``API_SERVER_COUNT``) the request figures are kept in
+prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the supervising process)
+and every process's ``/metrics`` renders the sum over all of them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -53,8 +56,11 @@ class _EngineCollector:
 class Metrics:
     """The API's metrics and the registry that renders them."""
 
-    def __init__(self, engine_stats: Callable[[], dict | None]):
-        self.registry = r = CollectorRegistry()
+    def __init__(self, engine_stats: Callable[[], dict | None], multiprocess: bool = False):
+        """``multiprocess``: one of several API processes (needs ``PROMETHEUS_MULTIPROC_DIR`` in the
+        environment before prometheus_client was imported)."""
+        self.registry = CollectorRegistry()
+        r = None if multiprocess else self.registry  # multiprocess: values go to files, rendered by the collector
         self.time_to_first_token = Histogram(
             "telechat:time_to_first_token_seconds", "Time from admission to the first streamed text.",
             buckets=TTFT_BUCKETS, registry=r)
@@ -65,7 +71,9 @@ class Metrics:
         self.request_success = Counter("telechat:request_success", "Finished generations by finish reason.",
                                        ["finished_reason"], registry=r)
         self.requests = Counter("telechat:requests", "HTTP requests by response status.", ["status"], registry=r)
-        r.register(_EngineCollector(engine_stats))
+        if multiprocess:
+            _multiprocess.MultiProcessCollector(self.registry)
+        self.registry.register(_EngineCollector(engine_stats))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -53,6 +53,9 @@ class Settings(ModelSettings):
                                       "the largest rank among --lora-modules when higher")
     max_queue: int = Field(128, ge=0, description="requests allowed to wait beyond the running ones; "
                            "past it the API answers 429")
+    api_server_count: int = Field(1, ge=1, le=64, description="API processes sharing the port over one engine "
+                                  "core (each parses, tokenizes and streams its share of the requests); raise it "
+                                  "when one process's event loop limits many concurrent streams")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="share of GPU memory the engine may use")
     shutdown_grace_s: int = Field(10, ge=0, le=3600, description="on SIGTERM/SIGINT, seconds running requests "
                                   "may take to finish; then each ends with an error event (streams) or a 503",

@@ -200,6 +200,8 @@ class EngineFront:
     def _deliver(self, batch: OutputBatch) -> None:
         """Hand a batch's outputs to their streams, one callback per event loop."""
         self._stats = batch.stats
+        if batch.lora_adapters is not None:  # an adapter was loaded or unloaded (maybe by another API process)
+            self._lora = dict(batch.lora_adapters)
         for cid, reply in batch.replies.items():
             call = self._calls.get(cid)
             if call is not None:

@@ -1,15 +1,17 @@
 """The API process's side of the engine core process (docs/engine.md, "Processes").
 
-:class:`EngineClient` starts :func:`~telechat.engine.core_process.run_engine_core` in a fresh
-interpreter (multiprocessing ``spawn``: CUDA-safe), sends it add / abort / shutdown messages and
-reads its output batches; it offers :class:`~telechat.engine.async_engine.AsyncEngine`'s interface,
-so the API does not care which of the two it has.
+:class:`EngineClient` either starts :func:`~telechat.engine.core_process.run_engine_core` in a fresh
+interpreter (multiprocessing ``spawn``: CUDA-safe) and owns it, or connects to a core another process
+started (:meth:`EngineClient.connect`: the API processes of ``API_SERVER_COUNT`` > 1). It sends add /
+abort / shutdown messages and reads its output batches; it offers
+:class:`~telechat.engine.async_engine.AsyncEngine`'s interface, so the API does not care which it has.
 
-One thread per client (``telechat-engine-client``) starts the process, reads its outputs and fans
-them out to the request streams, and watches the process: when it dies, every open stream ends
-with finish reason ``error`` and :attr:`EngineClient.stopped_reason`, and ``alive`` turns false.
-That thread lives exactly as long as the process, because Linux's parent-death signal, which the
-core asks for, follows the *thread* that started it.
+One thread per client (``telechat-engine-client``) starts the process (when it owns it), reads its
+outputs and fans them out to the request streams, and watches the process (its sentinel, or a pidfd
+of a core it connected to): when the core dies, every open stream ends with finish reason ``error``
+and :attr:`EngineClient.stopped_reason`, and ``alive`` turns false. The owner's thread lives exactly
+as long as the process, because Linux's parent-death signal, which the core asks for, follows the
+*thread* that started it.
 """
 
 from __future__ import annotations
@@ -21,22 +23,36 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import msgspec
 import zmq
 
 from telechat.engine.async_engine import EngineFront
-from telechat.engine.core_messages import ClientMessage, CoreMessage, OutputBatch, Ready, Shutdown, StartFailed
-from telechat.engine.core_process import EngineSpec, run_engine_core
+from telechat.engine.core_messages import (
+    AbortAll,
+    ClientMessage,
+    CoreMessage,
+    Hello,
+    OutputBatch,
+    Ready,
+    Shutdown,
+    StartFailed,
+)
+from telechat.engine.core_process import CoreAddress, EngineSpec, run_engine_core
 from telechat.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
-"""How long the core may take to stop after a shutdown's grace period before it is terminated (then killed)."""
+"""How long the core may take to stop after a shutdown's grace period before it is killed."""
 LAST_OUTPUT_WAIT_MS = 200
 """After the process is gone, how long to wait for outputs it sent just before (still in the socket)."""
+POLL_MS = 200
+"""How often the client thread of a connected client looks at whether it is being closed."""
+DETACH_WAIT_S = 2.0
+"""How long a connected client that detaches waits for the core to end its aborted requests' streams."""
 MAX_SOCKET_PATH = 100
 """Longest ipc:// socket path (the kernel's limit for a Unix socket is 107 bytes)."""
 
@@ -67,20 +83,24 @@ def _socket_dir() -> Path:
 class EngineClient(EngineFront):
     """The engine in a process of its own, behind the asyncio engine interface.
 
-    The constructor starts the process and returns at once (the caller can load the tokenizer
-    meanwhile); :meth:`wait_ready` blocks until the model is loaded, or raises why it could not be.
+    ``EngineClient(spec)`` starts the core and returns at once (the caller can load the tokenizer
+    meanwhile); ``EngineClient.connect(address)`` joins a running core. :meth:`wait_ready` blocks until
+    the model is loaded, or raises why it could not be.
     """
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec | None = None, *, address: CoreAddress | None = None):
         super().__init__()
-        self._dir = _socket_dir()
+        self._owner = address is None
+        if self._owner:
+            self._dir = _socket_dir()
+            address = CoreAddress(f"ipc://{self._dir / 'input'}", f"ipc://{self._dir / 'outputs'}", 0)
+        self.address = address
+        """The core's sockets (and, once started, its pid): what :meth:`connect` needs."""
+        self._identity = f"{os.getpid()}-{id(self):x}".encode()
         self._ctx = zmq.Context()
         self._input = self._ctx.socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)  # never drop a message; they are small and few
-        self._input.bind(f"ipc://{self._dir / 'input'}")
-        self._output = self._ctx.socket(zmq.PULL)
-        self._output.setsockopt(zmq.RCVHWM, 0)
-        self._output.bind(f"ipc://{self._dir / 'outputs'}")
+        self._input.connect(address.input)
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(CoreMessage)
         self._lock = threading.Lock()  # the input socket is used from the event loop and from shutdown()
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -92,12 +112,24 @@ class EngineClient(EngineFront):
         self._thread = threading.Thread(target=self._run, args=(spec,), name="telechat-engine-client", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def connect(cls, address: CoreAddress) -> EngineClient:
+        """A client of the core at ``address``, which another process started (and stops)."""
+        return cls(address=address)
+
     # ------------------------------------------------------------------ lifecycle
+
+    def started_address(self) -> CoreAddress:
+        """The core's address with its pid, once the process is started (what :meth:`connect` takes)."""
+        self._spawned.wait()
+        return self.address
 
     @property
     def pid(self) -> int | None:
         """The core process's pid (None until it is started)."""
-        return self._proc.pid if self._proc is not None else None
+        if self._owner:
+            return self._proc.pid if self._proc is not None else None
+        return self.address.pid
 
     def wait_ready(self) -> None:
         """Block until the core has loaded the model. If it cannot, stop everything and raise
@@ -110,6 +142,8 @@ class EngineClient(EngineFront):
         if self._start_error is not None:
             kind = UserError if self._start_error.user_error else EngineStartError
             raise kind(self._start_error.error)
+        if not self._owner:
+            raise EngineStartError(f"the engine process (pid {self.address.pid}) stopped before it was ready")
         raise EngineStartError(f"the engine process stopped while loading the model ({describe_exit(self._exit_code)}); "
                                "see the log above")
 
@@ -125,27 +159,39 @@ class EngineClient(EngineFront):
             return None
         if self._stopping:
             return "the engine was shut down"
+        if not self._owner:
+            return f"the engine process (pid {self.address.pid}) stopped; restart the server"
         return f"the engine process stopped ({describe_exit(self._exit_code)}); restart the server"
 
     def shutdown(self, grace_s: float = 30.0) -> None:
-        """Let running requests finish for up to ``grace_s`` seconds, abort the rest, stop the core
-        process (terminated, then killed, if it does not stop by itself)."""
+        """Let running requests finish for up to ``grace_s`` seconds, abort the rest; the owner then
+        stops the core process (terminated, then killed, if it does not stop by itself), a connected
+        client only detaches (its own requests end; the core serves on)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = self._stopping = True
         self._spawned.wait()
-        self._send(Shutdown(grace_s))
-        if not self._exited.wait(grace_s + STOP_TIMEOUT_S) and self._proc is not None:
-            log.warning("the engine core did not stop; terminating it")
-            self._proc.terminate()
-            if not self._exited.wait(5):
+        if self._owner:
+            self._send(Shutdown(grace_s))
+            if not self._exited.wait(grace_s + STOP_TIMEOUT_S) and self._proc is not None:
+                log.warning("the engine core did not stop; killing it")  # it ignores SIGTERM (see core_process)
                 self._proc.kill()
+        else:
+            deadline = time.monotonic() + grace_s
+            while self._streams and time.monotonic() < deadline and not self._exited.is_set():
+                time.sleep(0.05)
+            self._send(AbortAll("the server is shutting down"))
+            deadline = time.monotonic() + DETACH_WAIT_S
+            while self._streams and time.monotonic() < deadline and not self._exited.is_set():
+                time.sleep(0.02)
+            self._exited.set()  # the client thread ends at its next look
         self._thread.join()
         with self._lock:
-            self._input.close(linger=0)
+            self._input.close(linger=0 if self._owner else 1000)
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._owner:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _send(self, msg: ClientMessage) -> None:
         data = self._encoder.encode(msg)
@@ -153,24 +199,34 @@ class EngineClient(EngineFront):
             if self._input.closed:
                 return
             try:
-                self._input.send(data, zmq.NOBLOCK)
+                self._input.send_multipart([self._identity, data], zmq.NOBLOCK)
             except zmq.Again:  # no core connected (it is gone): nothing is listening any more
                 pass
 
     # ------------------------------------------------------------------ the client thread
 
-    def _run(self, spec: EngineSpec) -> None:
-        """Start the process, then deliver its messages until it is gone."""
+    def _run(self, spec: EngineSpec | None) -> None:
+        """Start the process (when this client owns it), say Hello, then deliver its messages until it is gone."""
+        output = self._ctx.socket(zmq.DEALER)
+        output.setsockopt(zmq.IDENTITY, self._identity)
+        output.setsockopt(zmq.RCVHWM, 0)
+        output.connect(self.address.output)
+        watch = None
         try:
-            ctx = multiprocessing.get_context("spawn")
-            self._proc = ctx.Process(target=run_engine_core, name="telechat-engine-core", daemon=True,
-                                     args=(spec, self._input.LAST_ENDPOINT.decode(),
-                                           self._output.LAST_ENDPOINT.decode(), os.getpid()))
-            self._proc.start()
-            log.info("engine core process started (pid %d)", self._proc.pid)
+            if self._owner:
+                ctx = multiprocessing.get_context("spawn")
+                self._proc = ctx.Process(target=run_engine_core, name="telechat-engine-core", daemon=True,
+                                         args=(spec, self.address, os.getpid()))
+                self._proc.start()
+                self.address = CoreAddress(self.address.input, self.address.output, self._proc.pid)
+                log.info("engine core process started (pid %d)", self._proc.pid)
+                watch = self._proc.sentinel
+            else:
+                watch = os.pidfd_open(self.address.pid)
         except Exception as e:  # noqa: BLE001 - reported by wait_ready
-            self._start_error = StartFailed(f"starting the engine process failed: {e}", False)
-            self._output.close(linger=0)
+            what = "starting the engine process" if self._owner else f"connecting to the engine (pid {self.address.pid})"
+            self._start_error = StartFailed(f"{what} failed: {e}", False)
+            output.close(linger=0)
             self._proc = None
             self._exited.set()
             self._ready.set()
@@ -178,35 +234,41 @@ class EngineClient(EngineFront):
         finally:
             self._spawned.set()
         try:
+            output.send(self._encoder.encode(Hello()))
             poller = zmq.Poller()
-            poller.register(self._output, zmq.POLLIN)
-            poller.register(self._proc.sentinel, zmq.POLLIN)
+            poller.register(output, zmq.POLLIN)
+            poller.register(watch, zmq.POLLIN)
             while True:
-                events = dict(poller.poll())
-                if self._output in events:
-                    self._receive()
-                if self._proc.sentinel in events:
+                events = dict(poller.poll(None if self._owner else POLL_MS))
+                if output in events:
+                    self._receive(output)
+                if watch in events or (not self._owner and self._exited.is_set()):
                     break
-            while self._output.poll(LAST_OUTPUT_WAIT_MS):
-                self._receive()
+            while self._owner and output.poll(LAST_OUTPUT_WAIT_MS):
+                self._receive(output)
         except BaseException:
             log.exception("the engine client thread failed; stopping the engine core")
-            self._proc.kill()
+            if self._proc is not None:
+                self._proc.kill()
         finally:
-            self._proc.join()
-            self._exit_code = self._proc.exitcode
-            self._output.close(linger=0)
+            if self._proc is not None:
+                self._proc.join()
+                self._exit_code = self._proc.exitcode
+            elif not self._owner:
+                os.close(watch)
+            output.close(linger=0)
             self._exited.set()
             self._ready.set()
             if self.info is not None and not self._stopping:
-                log.error("the engine core process stopped (%s)", describe_exit(self._exit_code))
+                log.error("the engine core process stopped (%s)", describe_exit(self._exit_code)
+                          if self._owner else f"pid {self.address.pid}")
             self._end_streams(self.stopped_reason or "the engine stopped")
 
-    def _receive(self) -> None:
+    def _receive(self, output: zmq.Socket) -> None:
         """Handle every message waiting in the output socket."""
         while True:
             try:
-                msg = self._decoder.decode(self._output.recv(zmq.NOBLOCK))
+                msg = self._decoder.decode(output.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
             if isinstance(msg, OutputBatch):

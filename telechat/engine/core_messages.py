@@ -38,9 +38,11 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
 
 
 class AbortAll(msgspec.Struct, tag="abort_all", array_like=True):
-    """End every request the core holds with finish reason ``abort`` and ``error`` (server shutdown)."""
+    """End every request of the sending client with finish reason ``abort`` and ``error`` (server shutdown)."""
 
     error: str
+    prefix: str = ""
+    """Only requests whose id starts with this (the core sets it to the client's namespace; "": all)."""
 
 
 class LoadLoraAdapter(msgspec.Struct, tag="load_lora", array_like=True):
@@ -58,13 +60,17 @@ class UnloadLoraAdapter(msgspec.Struct, tag="unload_lora", array_like=True):
     name: str
 
 
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    """A client connected: the core answers with ``Ready`` once the engine is built (or ``StartFailed``)."""
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Let running requests finish for up to ``grace_s`` seconds, abort the rest, then stop."""
 
     grace_s: float
 
 
-ClientMessage = Union[AddRequest, AbortRequests, AbortAll, LoadLoraAdapter, UnloadLoraAdapter, Shutdown]
+ClientMessage = Union[AddRequest, AbortRequests, AbortAll, LoadLoraAdapter, UnloadLoraAdapter, Hello, Shutdown]
 
 # ---------------------------------------------------------------------------------------------- core -> client
 
@@ -117,6 +123,8 @@ class OutputBatch(msgspec.Struct, tag="outputs", array_like=True):
     stats: dict[str, Any]
     replies: dict[str, ControlReply] = {}
     """Answers to the LoRA load / unload messages handled since the last batch, by ``call_id``."""
+    lora_adapters: dict[str, str] | None = None
+    """After a LoRA adapter was loaded or unloaded (by any client): every adapter now loaded, name -> folder."""
 
 
 CoreMessage = Union[Ready, StartFailed, OutputBatch]

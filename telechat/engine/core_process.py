@@ -1,16 +1,19 @@
 """The engine core in a process of its own (docs/engine.md, "Processes"), in the shape of vLLM V1's
 EngineCore process: it loads the checkpoint itself from a small :class:`EngineSpec`, then runs a
-busy loop that applies the client's messages (add / abort / abort all / shutdown) and sends one
-:class:`~telechat.engine.core_messages.OutputBatch` per engine step.
+busy loop that applies its clients' messages (add / abort / abort all / shutdown) and sends each
+client one :class:`~telechat.engine.core_messages.OutputBatch` per engine step.
 
-Transport: ZeroMQ over ``ipc://`` sockets in a private (0700) temporary folder that the client
-creates and binds; the core connects a PULL socket for messages and a PUSH socket for outputs,
-msgpack-encoded by msgspec. :class:`CoreLoop` is the part that knows the engine; the in-process
+Transport: ZeroMQ over ``ipc://`` sockets in a private (0700) temporary folder that the starting
+client creates (:class:`CoreAddress`); the core binds a PULL socket for messages (clients PUSH
+``[identity, message]``) and a ROUTER socket for outputs (clients connect a DEALER under the same
+identity and say ``Hello`` on it), msgpack-encoded by msgspec. Several API processes can be clients
+of one core (``API_SERVER_COUNT``); :class:`ClientRouter` keeps their request ids apart and gives
+each its own outputs. :class:`CoreLoop` is the part that knows the engine; the in-process
 :class:`~telechat.engine.async_engine.AsyncEngine` runs the same loop in a thread.
 
-The core never outlives the API process: it asks Linux to kill it when its parent dies
-(``PR_SET_PDEATHSIG``) and checks its parent's pid in the loop. It ignores SIGINT (Ctrl+C reaches
-the whole process group; the API drains its streams and then stops the core).
+The core never outlives the process that started it: it asks Linux to kill it when its parent dies
+(``PR_SET_PDEATHSIG``) and checks its parent's pid in the loop. It ignores SIGINT and SIGTERM (Ctrl+C
+or a service manager may signal the whole process group; the API drains its streams, then stops the core).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from telechat.engine.core_messages import (
     ClientMessage,
     ControlReply,
     EngineInfo,
+    Hello,
     LoadLoraAdapter,
     OutputBatch,
     Ready,
@@ -50,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HELLO_WAIT_S = 5.0
+"""How long a core that failed to start waits for its starting client's ``Hello`` to say why."""
 IDLE_WAIT_S = 0.5
 """How long an idle core waits for a message before it looks at its parent again."""
 MAX_FAILED_STEPS = 2
@@ -128,7 +134,7 @@ class CoreLoop:
             for rid in msg.request_ids:
                 self.engine.abort(rid, msg.error)
         elif isinstance(msg, AbortAll):
-            self._abort_all(msg.error)
+            self._abort_all(msg.error, msg.prefix)
         elif isinstance(msg, (LoadLoraAdapter, UnloadLoraAdapter)):
             self._replies[msg.call_id] = self._adapter_change(msg)
         elif isinstance(msg, Shutdown):
@@ -150,8 +156,8 @@ class CoreLoop:
             return ControlReply(f"internal error ({type(e).__name__}: {e})")
         return ControlReply()
 
-    def _abort_all(self, error: str) -> None:
-        for rid in list(self.engine.requests):
+    def _abort_all(self, error: str, prefix: str = "") -> None:
+        for rid in [r for r in self.engine.requests if r.startswith(prefix)]:
             self.engine.abort(rid, error)
 
     def step(self) -> OutputBatch:
@@ -172,7 +178,8 @@ class CoreLoop:
                 outputs = [RequestOutput(rid, [], finished=True, finish_reason="error", error=STEP_ERROR)
                            for rid in list(self.engine.requests)]
                 self._abort_all(STEP_ERROR)
-        batch = OutputBatch(outputs, self._rejected, self.engine.stats(), self._replies)
+        adapters = {name: a.path for name, a in self.engine.adapters.items()} if self._replies else None
+        batch = OutputBatch(outputs, self._rejected, self.engine.stats(), self._replies, adapters)
         self._rejected, self._replies = {}, {}
         return batch
 
@@ -197,7 +204,7 @@ class CoreLoop:
 
 # ---------------------------------------------------------------------------------------------- the process
 
-def _follow_parent(parent_pid: int) -> None:
+def follow_parent(parent_pid: int) -> None:
     """Die with the parent: the kernel sends SIGKILL when it goes (Linux); if it is already gone, exit now."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
@@ -206,17 +213,88 @@ def _follow_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def run_engine_core(spec: EngineSpec, input_address: str, output_address: str, parent_pid: int) -> None:
-    """The core process: build the engine, say ``Ready`` (or ``StartFailed`` and exit 1), then serve
-    until the client's ``Shutdown`` or the parent's death."""
-    _follow_parent(parent_pid)
+@dataclass(frozen=True)
+class CoreAddress:
+    """Where an engine core listens: its two sockets and its pid (picklable: API processes get it)."""
+
+    input: str
+    """``ipc://`` address of the core's PULL socket (clients PUSH ``[identity, message]``)."""
+    output: str
+    """``ipc://`` address of the core's ROUTER socket (clients connect a DEALER with their identity)."""
+    pid: int
+
+
+class ClientRouter:
+    """The clients (API processes) of one core: each request id is namespaced by its client
+    (``"<n>."`` + the client's id, so two clients may use the same ids), and each step's batch is split
+    so every client gets its own outputs, rejections and replies, with the engine's figures."""
+
+    def __init__(self, sock: zmq.Socket, encoder: msgspec.msgpack.Encoder):
+        self._sock, self._encoder = sock, encoder
+        self._prefixes: dict[bytes, str] = {}
+
+    @property
+    def identities(self) -> list[bytes]:
+        """Every client that said ``Hello``."""
+        return list(self._prefixes)
+
+    def hello(self, identity: bytes) -> None:
+        """Remember a client (its namespace is the next number)."""
+        self._prefixes.setdefault(identity, f"{len(self._prefixes)}.")
+
+    def inbound(self, identity: bytes, msg: ClientMessage) -> ClientMessage:
+        """``msg`` with the request and call ids in the sender's namespace."""
+        prefix = self._prefixes.get(identity)
+        if prefix is None:  # a message before Hello cannot happen (Hello goes first); be safe anyway
+            self.hello(identity)
+            prefix = self._prefixes[identity]
+        if isinstance(msg, AddRequest):
+            msg.request_id = prefix + msg.request_id
+            msg.after = prefix + msg.after if msg.after is not None else None
+        elif isinstance(msg, AbortRequests):
+            msg.request_ids = [prefix + rid for rid in msg.request_ids]
+        elif isinstance(msg, AbortAll):
+            msg.prefix = prefix
+        elif isinstance(msg, (LoadLoraAdapter, UnloadLoraAdapter)):
+            msg.call_id = prefix + msg.call_id
+        return msg
+
+    def send(self, identity: bytes, msg) -> None:
+        self._sock.send_multipart([identity, self._encoder.encode(msg)])
+
+    def deliver(self, batch: OutputBatch) -> None:
+        """Send every client its part of ``batch`` (each gets the figures and any adapter change)."""
+        parts = {p: OutputBatch([], {}, batch.stats, {}, batch.lora_adapters) for p in self._prefixes.values()}
+        for out in batch.outputs:
+            prefix, _, out.request_id = out.request_id.partition(".")
+            part = parts.get(prefix + ".")
+            if part is not None:
+                part.outputs.append(out)
+        for table, field_name in ((batch.rejected, "rejected"), (batch.replies, "replies")):
+            for key, value in table.items():
+                prefix, _, key = key.partition(".")
+                part = parts.get(prefix + ".")
+                if part is not None:
+                    getattr(part, field_name)[key] = value
+        for identity, prefix in self._prefixes.items():
+            self.send(identity, parts[prefix])
+
+
+def run_engine_core(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> None:
+    """The core process: bind its sockets, build the engine, answer each client's ``Hello`` with
+    ``Ready`` (or every client with ``StartFailed`` and exit 1), then serve until a ``Shutdown`` or
+    the parent's death."""
+    follow_parent(parent_pid)
+    # Ctrl+C, or a service manager's SIGTERM, may reach the whole process group: the process that
+    # started the core drains its streams first and then stops it (or the core dies with it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A spawned child inherits the "spawn" start method, under which the multiprocessing locks that
     # libraries make (tqdm's, for the loading bar) are named semaphores the resource tracker reports
     # as leaked at exit. The core starts no processes itself: "fork" makes such locks anonymous.
     multiprocessing.set_start_method("fork", force=True)
     logging.basicConfig(level=spec.log_level, format=LOG_FORMAT, datefmt="%H:%M:%S")
-    code = _serve(spec, input_address, output_address, parent_pid)
+    code = _serve(spec, address, parent_pid)
     # Sockets are closed and logs flushed: skip the interpreter's teardown, seconds with torch loaded.
     logging.shutdown()
     sys.stdout.flush()
@@ -224,44 +302,63 @@ def run_engine_core(spec: EngineSpec, input_address: str, output_address: str, p
     os._exit(code)
 
 
-def _serve(spec: EngineSpec, input_address: str, output_address: str, parent_pid: int) -> int:
-    """Connect, build the engine and run the loop; the exit code (1: the engine could not be built)."""
+def _serve(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> int:
+    """Bind, build the engine and run the loop; the exit code (1: the engine could not be built)."""
     from telechat.errors import UserError
     from telechat.model.checkpoint import first_line
 
     ctx = zmq.Context()
-    inbox, outbox = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    inbox.connect(input_address)
-    outbox.connect(output_address)
-    outbox.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs; the client reads them as they come
+    inbox, router = ctx.socket(zmq.PULL), ctx.socket(zmq.ROUTER)
+    inbox.bind(address.input)
+    router.setsockopt(zmq.SNDHWM, 0)  # never drop or block on outputs; clients read them as they come
+    router.bind(address.output)
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ClientMessage)
+    clients = ClientRouter(router, encoder)
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    poller.register(router, zmq.POLLIN)
+
+    def receive(timeout_s: float) -> list[ClientMessage]:
+        if timeout_s and not poller.poll(int(timeout_s * 1000)):
+            return []
+        messages = []
+        for sock in (router, inbox):  # Hellos first: a client's requests follow its Hello
+            while True:
+                try:
+                    identity, data = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                msg = decoder.decode(data)
+                if isinstance(msg, Hello):
+                    clients.hello(identity)
+                    if engine is not None:
+                        clients.send(identity, Ready(engine_info(engine), engine.stats()))
+                else:
+                    messages.append(clients.inbound(identity, msg))
+        return messages
+
+    engine = None
     try:
         try:
             engine = build_engine(spec)
-        except Exception as e:  # noqa: BLE001 - reported to the client, which tells the user
+        except Exception as e:  # noqa: BLE001 - reported to the clients, which tell the user
             user = isinstance(e, UserError)
             if not user:
                 log.exception("the engine core failed to start")
             error = first_line(e) if user else f"{type(e).__name__}: {first_line(e)}"
-            outbox.send(encoder.encode(StartFailed(error, user)))
+            deadline = time.monotonic() + HELLO_WAIT_S  # the starting client's Hello may still be on its way
+            while not clients.identities and time.monotonic() < deadline and os.getppid() == parent_pid:
+                receive(0.1)
+            receive(0.1)
+            for identity in clients.identities:
+                clients.send(identity, StartFailed(error, user))
             return 1
-        outbox.send(encoder.encode(Ready(engine_info(engine), engine.stats())))
-
-        def receive(timeout_s: float) -> list[ClientMessage]:
-            if timeout_s and not inbox.poll(int(timeout_s * 1000)):
-                return []
-            messages = []
-            while True:
-                try:
-                    messages.append(decoder.decode(inbox.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    return messages
-
-        CoreLoop(engine).run(receive, lambda batch: outbox.send(encoder.encode(batch)),
-                             keep_going=lambda: os.getppid() == parent_pid)
+        for identity in clients.identities:
+            clients.send(identity, Ready(engine_info(engine), engine.stats()))
+        CoreLoop(engine).run(receive, clients.deliver, keep_going=lambda: os.getppid() == parent_pid)
         log.info("engine core stopped")
         return 0
     finally:
         inbox.close(linger=0)
-        outbox.close(linger=5000)  # deliver the last outputs
+        router.close(linger=5000)  # deliver the last outputs
         ctx.term()

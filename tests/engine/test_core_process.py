@@ -215,3 +215,53 @@ def test_core_exits_when_its_parent_dies(checkpoint):
         parent.kill()
         parent.wait()
     assert wait_for(lambda: not running(core))
+
+
+def test_two_clients_share_one_core(client, checkpoint):
+    """A second client joins the running core (as each API process of ``--api-server-count`` does): both
+    use the same request ids at once and each gets exactly its own outputs (the in-process engine's
+    tokens); the joined client detaching aborts only its own requests; the core serves on."""
+    other = EngineClient.connect(client.started_address())
+    other.wait_ready()
+    assert other.info == client.info and other.pid == client.pid
+    ps = prompts(4, seed=9)
+    local = AsyncEngine(build_engine(EngineSpec(str(checkpoint))))
+
+    async def same_ids(engine, order):
+        async def one(i):
+            tokens = []
+            async for out in engine.generate(ps[i], GREEDY, request_id=f"r{i}"):
+                tokens += out.new_token_ids
+            return tokens
+        return await asyncio.gather(*(one(i) for i in order))
+
+    try:
+        expected = asyncio.run(same_ids(local, range(4)))
+    finally:
+        local.shutdown(0)
+
+    async def both():
+        return await asyncio.gather(same_ids(client, range(4)), same_ids(other, reversed(range(4))))
+
+    mine, theirs = asyncio.run(both())
+    assert mine == expected and theirs == expected[::-1]
+
+    async def endless_then_detach():
+        async def read(engine, rid):
+            n, last = 0, None
+            async for out in engine.generate(prompts(1, seed=3)[0], ENDLESS, request_id=rid):
+                n += len(out.new_token_ids)
+                last = out
+            return n, last
+
+        kept = asyncio.ensure_future(read(client, "long"))
+        cut = asyncio.ensure_future(read(other, "long"))
+        while client.stats()["running"] < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(other.shutdown, 0)
+        return await cut, await kept
+
+    (cut_n, cut_last), (kept_n, kept_last) = asyncio.run(endless_then_detach())
+    assert cut_last.finish_reason == "abort" and cut_n < 400
+    assert kept_last.finish_reason == "length" and kept_n == 400
+    assert client.alive and not other.alive
