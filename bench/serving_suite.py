@@ -11,7 +11,8 @@ Parts, each in its own process and one after another (the GPU is free between th
    ``generate()`` at batch 1 (the baseline), engine single-stream decode, TTFT of a 1k-token prompt,
    128 requests of 128 in / 256 out at 64 concurrent (two waves: the HTTP part's workload), prefill of a
    32k-token prompt.
-3. ``http``: one ``telechat serve`` (``python -m services.api``) on the checkpoint, and
+3. ``http``: one ``telechat serve`` (``python -m services.api``, 4 API processes over one engine core) on
+   the checkpoint, and
    bench/serve_load.py against it: 64 concurrent ``/v1/completions`` streams, 128 in / 256 out, 128
    requests from 4 client processes.
 4. ``multi_turn``: bench/serve_load.py ``--multi-turn`` against the same server: 16 chat sessions of
@@ -64,6 +65,8 @@ class Workload:
     turn_tokens: int = 128
     """Reply tokens per turn (and per fresh prompt)."""
     fresh_tokens: int = 128
+    api_servers: int = 4
+    """API processes of the served parts (``--api-server-count``)."""
     http_clients: int = 4
     """Client processes of the HTTP load part (one Python client parsing ~8,000 SSE events/s is itself a bottleneck)."""
     part_timeout_s: int = 300
@@ -73,7 +76,7 @@ class Workload:
 FULL = Workload()
 TINY = Workload(concurrency=4, prompt_len=16, new_tokens=8, ttft_prompt=64, long_prompt=0, max_model_len=512,
                 sessions=2, turns=3, history_tokens=256, user_tokens=16, turn_tokens=8, fresh_tokens=48,
-                http_clients=2, part_timeout_s=240)
+                api_servers=2, http_clients=2, part_timeout_s=240)
 
 
 def size_tag(tokens: int) -> str:
@@ -253,10 +256,11 @@ def run_suite(args: argparse.Namespace, w: Workload) -> dict:
         engine_cmd += ["--max-model-len", str(w.max_model_len)]
     suite.run("engine", engine_cmd, engine_figures)
 
-    suite.log("server: starting python -m services.api on the checkpoint")
+    suite.log(f"server: starting python -m services.api --api-server-count {w.api_servers} on the checkpoint")
     t = time.perf_counter()
     try:
-        proc, url = start_server(ckpt, max(w.concurrency, w.sessions), ready_timeout=w.part_timeout_s)
+        proc, url = start_server(ckpt, max(w.concurrency, w.sessions), ready_timeout=w.part_timeout_s,
+                                 extra_args=["--api-server-count", str(w.api_servers)])
     except SystemExit as e:
         suite.fail("server", str(e))
         return suite.summary
