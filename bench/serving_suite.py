@@ -11,8 +11,8 @@ Parts, each in its own process and one after another (the GPU is free between th
    ``generate()`` at batch 1 (the baseline), engine single-stream decode, TTFT of a 1k-token prompt,
    128 requests of 128 in / 256 out at 64 concurrent (two waves: the HTTP part's workload), prefill of a
    32k-token prompt.
-3. ``http``: one ``telechat serve`` (``python -m services.api``, 4 API processes over one engine core) on
-   the checkpoint, and
+3. ``http``: one ``telechat serve`` (``python -m services.api``; ``--api-server-count N``: N API processes
+   over one engine core) on the checkpoint, and
    bench/serve_load.py against it: 64 concurrent ``/v1/completions`` streams, 128 in / 256 out, 128
    requests from 4 client processes.
 4. ``multi_turn``: bench/serve_load.py ``--multi-turn`` against the same server: 16 chat sessions of
@@ -27,6 +27,7 @@ rows under ``parts``) and is rewritten after every part: a part that fails or ha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -65,8 +66,8 @@ class Workload:
     turn_tokens: int = 128
     """Reply tokens per turn (and per fresh prompt)."""
     fresh_tokens: int = 128
-    api_servers: int = 4
-    """API processes of the served parts (``--api-server-count``)."""
+    api_servers: int = 1
+    """API processes of the served parts (``--api-server-count``; the suite's flag of that name)."""
     http_clients: int = 4
     """Client processes of the HTTP load part (one Python client parsing ~8,000 SSE events/s is itself a bottleneck)."""
     part_timeout_s: int = 300
@@ -76,7 +77,7 @@ class Workload:
 FULL = Workload()
 TINY = Workload(concurrency=4, prompt_len=16, new_tokens=8, ttft_prompt=64, long_prompt=0, max_model_len=512,
                 sessions=2, turns=3, history_tokens=256, user_tokens=16, turn_tokens=8, fresh_tokens=48,
-                api_servers=2, http_clients=2, part_timeout_s=240)
+                http_clients=2, part_timeout_s=240)
 
 
 def size_tag(tokens: int) -> str:
@@ -305,13 +306,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="summary json (default bench/results/h200.json; with --preset tiny WORK_DIR/suite.json)")
     p.add_argument("--commit", help="commit to record (default: git, or BENCH_COMMIT; a copied tree has no .git)")
+    p.add_argument("--api-server-count", type=int, default=1, help="API processes of the served parts")
     args = p.parse_args()
     if args.commit:
         os.environ["BENCH_COMMIT"] = args.commit  # the parts read it too
     args.work_dir = (args.work_dir or Path("/tmp/telechat-bench")).resolve()
     tiny = args.preset == "tiny"
     args.out = (args.out or (args.work_dir / "suite.json" if tiny else REPO / "bench/results/h200.json")).resolve()
-    w = TINY if tiny else FULL
+    w = dataclasses.replace(TINY if tiny else FULL, api_servers=args.api_server_count)
     summary = run_suite(args, w)
     print_summary(summary, w)
     print(f"\nwrote {args.out}")
