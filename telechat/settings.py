@@ -20,6 +20,9 @@ ModelPath = Annotated[str | None, Field(
     json_schema_extra={"flags": ["--model"]})]
 Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"], Field(
     description="weights dtype; auto = bf16 on GPUs that support it, fp32 on CPU")]
+KvCacheDtype = Annotated[Literal["auto", "fp8"], Field(
+    description="KV cache element type: `auto` = the model's dtype, `fp8` = E4M3 (twice the tokens in the same "
+    "memory; needs an Ada/Hopper GPU or the CPU)")]
 MaxModelLen = Annotated[int | None, Field(ge=16, description="longest prompt + reply in tokens; "
                                           "unset = the checkpoint's seq_length")]
 RopeModeSetting = Annotated[RopeMode | None, Field(

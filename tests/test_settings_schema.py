@@ -125,3 +125,17 @@ def test_env_file_documents_and_compose_passes_every_setting(component, services
     for service in services:
         missing = sorted(set(names) - set(_compose_environment(service)))
         assert not missing, f"compose.yaml {service}.environment lacks {missing}"
+
+
+def test_vllm_launcher_passes_the_shared_engine_settings(tmp_path):
+    """KV_CACHE_DTYPE (and the other settings vLLM takes as they are) reach vLLM's command line with its
+    flags, from the same env names as our API's; a value vLLM would not take is refused here."""
+    from telechat.vllm_plugin.serve import parse_args, vllm_argv
+
+    settings, extra = parse_args(["--max-model-len", "4096", "--", "--enforce-eager"], {"KV_CACHE_DTYPE": "fp8"})
+    argv = vllm_argv(settings, "telechat", tmp_path, tmp_path / "t.jinja", extra)
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "fp8" and argv[argv.index("--max-model-len") + 1] == "4096"
+    assert argv[-1] == "--enforce-eager"
+    assert parse_args([], {})[0].kv_cache_dtype == "auto"
+    with pytest.raises(SettingsError, match="KV_CACHE_DTYPE"):
+        parse_args([], {"KV_CACHE_DTYPE": "int4"})

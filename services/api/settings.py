@@ -12,6 +12,7 @@ from telechat.settings import (
     ApiHost,
     ApiKey,
     ApiPort,
+    KvCacheDtype,
     LoraModules,
     ModelName,
     ModelSettings,
@@ -41,9 +42,7 @@ class Settings(ModelSettings):
                                         "least max_num_seqs")
     prefix_caching: bool = Field(True, description="reuse the KV cache of prompt prefixes seen before "
                                  "(multi-turn chats, shared system prompts)")
-    kv_cache_dtype: Literal["auto", "fp8"] = Field(
-        "auto", description="KV cache element type: `auto` = the model's dtype, `fp8` = E4M3 (twice the tokens "
-        "in the same memory; needs an Ada/Hopper GPU or the CPU)")
+    kv_cache_dtype: KvCacheDtype = "auto"
     lora_modules: LoraModules = None
     enable_lora: bool = Field(False, description="serve LoRA adapters chosen per request (on with --lora-modules); "
                               "POST /v1/load_lora_adapter adds adapters at run time")

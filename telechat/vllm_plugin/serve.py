@@ -6,7 +6,8 @@ What it adds to ``python -m vllm.entrypoints.openai.api_server`` (which it then 
 interpreter, so the plugin is loaded through its entry point):
 
 - settings (``VllmServeSettings``, ``--help`` lists them) from flags > environment (``MODEL_PATH``,
-  ``API_HOST``, ``API_PORT``, ``API_KEY``, ``DTYPE``, ``MAX_MODEL_LEN``, ``ROPE_MODE``, ``MODEL_NAME``,
+  ``API_HOST``, ``API_PORT``, ``API_KEY``, ``DTYPE``, ``MAX_MODEL_LEN``, ``KV_CACHE_DTYPE`` (vLLM's
+  ``--kv-cache-dtype``: ``fp8`` is E4M3 there too), ``ROPE_MODE``, ``MODEL_NAME``,
   ``TENSOR_PARALLEL_SIZE``, ``PIPELINE_PARALLEL_SIZE``) > our API's defaults (0.0.0.0:8070);
 - no model configured → the built-in demo model (built on first use), as our API does;
 - the chat template: official checkpoints ship none, so one is rendered from
@@ -28,7 +29,17 @@ from pathlib import Path
 from pydantic import Field
 
 from services import settings_cli
-from telechat.settings import ApiHost, ApiKey, ApiPort, Dtype, MaxModelLen, ModelName, ModelPath, RopeModeSetting
+from telechat.settings import (
+    ApiHost,
+    ApiKey,
+    ApiPort,
+    Dtype,
+    KvCacheDtype,
+    MaxModelLen,
+    ModelName,
+    ModelPath,
+    RopeModeSetting,
+)
 
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 PROG = "python -m telechat.vllm_plugin.serve"
@@ -44,13 +55,15 @@ class VllmServeSettings(settings_cli.CliSettings):
     api_key: ApiKey = None
     dtype: Dtype = "auto"
     max_model_len: MaxModelLen = None
+    kv_cache_dtype: KvCacheDtype = "auto"
     rope_mode: RopeModeSetting = None
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs each pipeline stage is split over")
     pipeline_parallel_size: int = Field(1, ge=1, description="pipeline stages (layers split over GPUs)")
 
 
 VLLM_FLAGS = {"api_host": "--host", "api_port": "--port", "api_key": "--api-key", "dtype": "--dtype",
-              "max_model_len": "--max-model-len", "tensor_parallel_size": "--tensor-parallel-size",
+              "max_model_len": "--max-model-len", "kv_cache_dtype": "--kv-cache-dtype",
+              "tensor_parallel_size": "--tensor-parallel-size",
               "pipeline_parallel_size": "--pipeline-parallel-size"}
 """Our settings that vLLM's server takes as they are, with its flag."""
 
