@@ -59,6 +59,14 @@ class BlockPool:
         # Blocks no request uses, in eviction order (first = next to go); ids in ascending order at start.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(reserved, num_blocks))
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block and the hit figures (no request may hold a block)."""
+        if any(self._refs):
+            raise RuntimeError("the prefix cache can only be reset while no request holds a block")
+        self._hash = [None] * len(self._hash)
+        self._cached.clear()
+        self.queries = self.hits = 0
+
     @property
     def num_free(self) -> int:
         """Blocks :meth:`allocate` can hand out: unused ones, cached ones included (they get evicted)."""

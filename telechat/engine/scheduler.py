@@ -114,6 +114,13 @@ class Scheduler:
         """True while any request is waiting or running."""
         return bool(self.requests)
 
+    def reset(self) -> None:
+        """Back to the state after start (no request may be unfinished): prefix cache and figures cleared."""
+        if self.requests:
+            raise RuntimeError("the scheduler can only be reset with no request unfinished")
+        self.pool.reset_prefix_cache()
+        self.num_preemptions = self.tokens_generated = 0
+
     def stats(self) -> dict:
         """Queue, KV cache and prefix cache figures (``prefix_cache_*`` in tokens)."""
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -246,3 +247,21 @@ def test_abort_all_ends_every_stream_with_the_reason(model):
             assert (reason, error) == ("abort", "the server is shutting down") and n < 400
     finally:
         engine.shutdown(grace_s=0)
+
+
+def test_warm_up_leaves_no_trace(model):
+    """The start-up warm-up (dummy prefills of the whole step budget and a short prompt, and their decode
+    steps) leaves the engine as a fresh one: figures at zero, every block free, nothing in the prefix
+    cache (its own dummy prompt is not served from it), the same greedy outputs."""
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=300, kv_cache_memory=2 << 20)
+    fresh, warmed = LLMEngine(model, config), LLMEngine(model, dataclasses.replace(config, warm_up=True))
+    assert warmed.stats() == fresh.stats() and warmed.scheduler.pool.num_free == fresh.scheduler.pool.num_free
+    dummy = [1 + (11 * j) % (VOCAB - 1) for j in range(128)]
+    rid = warmed.add_request(dummy, SamplingParams(max_tokens=3, temperature=0))
+    outs = []
+    while warmed.has_unfinished():
+        outs += [o for o in warmed.step() if o.request_id == rid]
+    assert outs[-1].num_cached_tokens == 0
+    ps = prompts(3, seed=5)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    assert warmed.generate(ps, greedy) == fresh.generate(ps, greedy)
