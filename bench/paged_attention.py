@@ -104,7 +104,6 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows_out.append(row)
             table[(fp8, rows, ctx)] = times
-            del q, kc, vc
 
     def best_overall(keys) -> tuple[DecodeKernelConfig, float]:
         score = {c: math.exp(sum(math.log(table[k][c] / min(table[k].values())) for k in keys) / len(keys))

@@ -101,7 +101,7 @@ def test_stop_tokens_and_lengths(model):
     free_run = LLMEngine(model).generate([p], GREEDY)[0]
     stop_tok = free_run[5]
     eng = LLMEngine(model)
-    rid = eng.add_request(p, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_tok]))
+    eng.add_request(p, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop_tok]))
     outs = []
     while eng.has_unfinished():
         outs += eng.step()
