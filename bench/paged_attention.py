@@ -26,34 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import copy_bandwidth  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.paged_attention import DEFAULT_CONFIG, DecodeKernelConfig, paged_decode_attention  # noqa: E402
-from telechat.model.kernels import FP8_DTYPE  # noqa: E402
+from telechat.model.kernels import FP8_DTYPE, time_per_call  # noqa: E402
 
 CASES = [(1, 160), (1, 4096), (1, 32768), (8, 2048), (16, 1024), (64, 256), (64, 512), (64, 2048), (256, 256)]
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 
 
-def time_graph(fn, reps: int = 20) -> float:
-    """Microseconds per call of ``fn`` replayed from a CUDA graph of ``reps`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / reps)
-    return best
+CALLS = 20
+"""Kernel launches per captured graph."""
+
+
+def time_us(fn) -> float:
+    """Microseconds per call of ``fn``, replayed from a CUDA graph of :data:`CALLS` calls (as decode runs)."""
+    return time_per_call(lambda: [fn() for _ in range(CALLS)], CALLS, graph=True) * 1e6
 
 
 def case_data(rows: int, ctx: int, fp8: bool):
@@ -94,7 +79,7 @@ def main() -> None:
                 out = paged_decode_attention(q, kc, vc, tables, lens, BLOCK, config=c).float()
                 if (out - ref).norm() > 1e-2 * ref.norm():
                     raise SystemExit(f"paged_attention: {c} disagrees with the default on {rows} x {ctx}")
-                times[c] = time_graph(lambda c=c: paged_decode_attention(q, kc, vc, tables, lens, BLOCK, config=c))
+                times[c] = time_us(lambda c=c: paged_decode_attention(q, kc, vc, tables, lens, BLOCK, config=c))
             read = rows * ctx * HEADS * HEAD_DIM * 2 * kc.element_size()
             best = min(times, key=times.get)
             row = dict(cache="fp8" if fp8 else "bf16", rows=rows, context=ctx, default_us=round(times[DEFAULT_CONFIG], 2),

@@ -133,11 +133,11 @@ class Runtime:
 
         info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path, need_tokenizer=True)
         path = Path(info.path).expanduser().resolve()
-        spec = engine_spec(info, device=device, dtype=dtype, engine_config=engine_config, lora=lora,
-                           lora_modules=lora_modules, **config_overrides)
         if core is not None:
             engine = EngineClient.connect(core)
         else:
+            spec = engine_spec(info, device=device, dtype=dtype, engine_config=engine_config, lora=lora,
+                               lora_modules=lora_modules, **config_overrides)
             engine = EngineClient(spec) if engine_process else AsyncEngine(build_engine(spec))
         try:
             tokenizer = load_tokenizer(path)

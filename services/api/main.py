@@ -43,6 +43,7 @@ from services.api.routers import docs, health, legacy, lora, openai, tokenize
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
+from telechat.model.checkpoint import first_line
 
 if TYPE_CHECKING:
     from telechat.engine.core_process import CoreAddress
@@ -95,7 +96,7 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
             log.error("loading the model failed: %s", e)  # engine process already logged its traceback
         else:
             log.exception("loading the model failed")
-        state.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        state.load_error = first_line(e)
         if on_fatal:
             on_fatal()
         return

@@ -32,6 +32,7 @@ from services.api.settings import Settings
 from telechat.engine.core_client import EngineClient, describe_exit
 from telechat.engine.core_process import LOG_FORMAT, CoreAddress, follow_parent
 from telechat.errors import UserError
+from telechat.model.checkpoint import first_line
 from telechat.runtime import engine_spec
 
 log = logging.getLogger("services.api")
@@ -51,7 +52,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port / API_PORT") from None
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -109,7 +109,7 @@ def serve_many(settings: Settings) -> int:
         try:
             engine.wait_ready()
         except Exception as e:  # noqa: BLE001 - said once below
-            failed.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            failed.append(first_line(e))
             stop.set()
         else:
             log.info("engine ready: context %d tokens, KV capacity %d tokens; %d API processes on %s:%d%s",

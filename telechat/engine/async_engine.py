@@ -163,14 +163,12 @@ class EngineFront:
         reply = await self._control(lambda cid: LoadLoraAdapter(cid, name, path))
         if reply.error is not None:
             raise ValueError(reply.error)
-        self.lora_adapters[name] = path
 
     async def unload_lora_adapter(self, name: str) -> None:
         """Unload the adapter ``name``; ``KeyError`` when no adapter has that name."""
         reply = await self._control(lambda cid: UnloadLoraAdapter(cid, name))
         if reply.error is not None:
             raise (KeyError if reply.not_found else ValueError)(reply.error)
-        self.lora_adapters.pop(name, None)
 
     async def _control(self, make) -> ControlReply:
         """Send the message ``make(call_id)`` and wait for the engine's reply."""

@@ -165,7 +165,7 @@ class EngineClient(EngineFront):
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Let running requests finish for up to ``grace_s`` seconds, abort the rest; the owner then
-        stops the core process (terminated, then killed, if it does not stop by itself), a connected
+        stops the core process (killed if it does not stop by itself: it ignores SIGTERM), a connected
         client only detaches (its own requests end; the core serves on)."""
         with self._lock:
             if self._closed:

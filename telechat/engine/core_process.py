@@ -244,10 +244,9 @@ class ClientRouter:
 
     def inbound(self, identity: bytes, msg: ClientMessage) -> ClientMessage:
         """``msg`` with the request and call ids in the sender's namespace."""
-        prefix = self._prefixes.get(identity)
-        if prefix is None:  # a message before Hello cannot happen (Hello goes first); be safe anyway
-            self.hello(identity)
-            prefix = self._prefixes[identity]
+        # Requests come on the PULL socket, Hello on the ROUTER one: a request may be read first.
+        self.hello(identity)
+        prefix = self._prefixes[identity]
         if isinstance(msg, AddRequest):
             msg.request_id = prefix + msg.request_id
             msg.after = prefix + msg.after if msg.after is not None else None
@@ -265,17 +264,23 @@ class ClientRouter:
     def deliver(self, batch: OutputBatch) -> None:
         """Send every client its part of ``batch`` (each gets the figures and any adapter change)."""
         parts = {p: OutputBatch([], {}, batch.stats, {}, batch.lora_adapters) for p in self._prefixes.values()}
+
+        def owner(namespaced: str) -> tuple[OutputBatch | None, str]:
+            prefix, _, key = namespaced.partition(".")
+            return parts.get(prefix + "."), key
+
         for out in batch.outputs:
-            prefix, _, out.request_id = out.request_id.partition(".")
-            part = parts.get(prefix + ".")
+            part, out.request_id = owner(out.request_id)
             if part is not None:
                 part.outputs.append(out)
-        for table, field_name in ((batch.rejected, "rejected"), (batch.replies, "replies")):
-            for key, value in table.items():
-                prefix, _, key = key.partition(".")
-                part = parts.get(prefix + ".")
-                if part is not None:
-                    getattr(part, field_name)[key] = value
+        for rid, why in batch.rejected.items():
+            part, rid = owner(rid)
+            if part is not None:
+                part.rejected[rid] = why
+        for cid, reply in batch.replies.items():
+            part, cid = owner(cid)
+            if part is not None:
+                part.replies[cid] = reply
         for identity, prefix in self._prefixes.items():
             self.send(identity, parts[prefix])
 
@@ -317,6 +322,7 @@ def _serve(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> int:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     poller.register(router, zmq.POLLIN)
+    engine = None  # until built, a Hello is only remembered; once built, answered with Ready
 
     def receive(timeout_s: float) -> list[ClientMessage]:
         if timeout_s and not poller.poll(int(timeout_s * 1000)):
@@ -337,7 +343,6 @@ def _serve(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> int:
                     messages.append(clients.inbound(identity, msg))
         return messages
 
-    engine = None
     try:
         try:
             engine = build_engine(spec)
@@ -353,8 +358,6 @@ def _serve(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> int:
             for identity in clients.identities:
                 clients.send(identity, StartFailed(error, user))
             return 1
-        for identity in clients.identities:
-            clients.send(identity, Ready(engine_info(engine), engine.stats()))
         CoreLoop(engine).run(receive, clients.deliver, keep_going=lambda: os.getppid() == parent_pid)
         log.info("engine core stopped")
         return 0
