@@ -13,8 +13,14 @@ forward; each result is checked against cuBLAS after the timed replays. Prints o
 measurement (``--all-configs``: one per tiling too) and a table; ``--json PATH`` also writes them
 (after each shape).
 
+With ``--fp8`` the weights are E4M3 with per-output-channel scales (what ``telechat quantize --method fp8``
+writes): the baseline is then the FP8 Linear's own path (per-token activation quantization + row-wise
+``torch._scaled_mm``) and the Triton tilings read one byte per weight (weight-only dequantization); the
+head stays bf16 as the quant job leaves it, so it is not measured.
+
     python bench/gemv.py --all-configs --json bench/results/h200-gemv.json
     python bench/gemv.py --preset 12B --m 1,8
+    python bench/gemv.py --fp8 --m 1,16,64 --all-configs
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import write_json  # noqa: E402
 from telechat.model.config import PRESETS, preset  # noqa: E402
-from telechat.model.kernels import GEMV_CANDIDATES, GEMV_CONFIGS, GEMV_MIN_GAIN, gemv, time_per_call  # noqa: E402
+from telechat.model.fp8 import Fp8Linear  # noqa: E402
+from telechat.model.kernels import GEMV_CANDIDATES, GEMV_CONFIGS, GEMV_KINDS, GEMV_MAX_M, GEMV_MIN_GAIN, gemv, time_per_call  # noqa: E402
 
 
 def shapes(name: str) -> dict[str, tuple[int, int, bool]]:
@@ -41,6 +48,29 @@ def shapes(name: str) -> dict[str, tuple[int, int, bool]]:
     h, q, kv = c.hidden_size, c.n_head * c.head_dim, c.num_key_value_heads * c.head_dim
     return {"qkv": (q + 2 * kv, h, False), "gate_up": (2 * c.ffn_hidden_size, h, False), "dense": (h, q, True),
             "down": (h, c.ffn_hidden_size, True), "lm_head": (c.vocab_size, h, False)}
+
+
+class Weight:
+    """One copy of a random ``[n, k]`` projection (std 0.02; FP8: quantized per output channel): the
+    baseline module (``nn.Linear`` or :class:`Fp8Linear`), its reference and its GEMV call."""
+
+    def __init__(self, n: int, k: int, bias: torch.Tensor | None, dtype: torch.dtype, fp8: bool):
+        linear = torch.nn.Linear(k, n, bias=bias is not None, device="cuda", dtype=dtype)
+        torch.nn.init.normal_(linear.weight, std=0.02)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        self.module = Fp8Linear.from_linear(linear) if fp8 else linear
+        self.scale = self.module.weight_scale if fp8 else None
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """What the GEMV computes, by cuBLAS: ``x`` times the (FP8: dequantized) weight, plus the bias."""
+        w = self.module.weight
+        if self.scale is not None:
+            w = (w.float() * self.scale).to(x.dtype)
+        return F.linear(x, w, self.module.bias)
+
+    def gemv(self, x: torch.Tensor, config) -> torch.Tensor:
+        return gemv(x, self.module.weight, self.module.bias, config, self.scale, getattr(self.module, "input_scale", None))
 
 
 def copy_bandwidth() -> float:
@@ -53,8 +83,10 @@ def copy_bandwidth() -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B", choices=list(PRESETS))
-    p.add_argument("--m", default="1,2,4,8", help="rows of x (comma-separated, each ≤ 8)")
+    p.add_argument("--m", default="1,2,4,8", help=f"rows of x (comma-separated, each ≤ {GEMV_MAX_M})")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--fp8", action="store_true", help="E4M3 weights with per-channel scales (baseline: _scaled_mm)")
+    p.add_argument("--kinds", default=",".join(GEMV_KINDS), help="only the tilings of these kinds (comma-separated)")
     p.add_argument("--all-configs", action="store_true", help="also print every Triton tiling's figure")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = p.parse_args()
@@ -62,6 +94,9 @@ def main() -> None:
         sys.exit("bench/gemv.py measures CUDA kernels; no CUDA GPU is visible")
     dtype = getattr(torch, args.dtype)
     ms = [int(m) for m in args.m.split(",")]
+    kinds = args.kinds.split(",")
+    if not all(0 < m <= GEMV_MAX_M for m in ms):
+        sys.exit(f"--m: each row count must be 1 to {GEMV_MAX_M}")
     copy_bw = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = [{"measure": "copy_bandwidth", "gb_s": round(copy_bw / 1e9, 1)}]
@@ -69,35 +104,39 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.inference_mode():
         for name, (n, k, has_bias) in shapes(args.preset).items():
-            weight_bytes = n * k * dtype.itemsize
+            if args.fp8 and name == "lm_head":
+                continue
+            weight_bytes = n * k * (1 if args.fp8 else dtype.itemsize)
             copies = max(2, math.ceil(4 * l2 / weight_bytes))
-            weights = [torch.randn(n, k, dtype=dtype, device="cuda") * 0.02 for _ in range(copies)]
             bias = torch.randn(n, dtype=dtype, device="cuda") if has_bias else None
+            weights = [Weight(n, k, bias, dtype, args.fp8) for _ in range(copies)]
             for m in ms:
                 x = torch.randn(m, k, dtype=dtype, device="cuda")
                 nbytes = weight_bytes + (m * k + m * n + (n if has_bias else 0)) * dtype.itemsize
-                ref = F.linear(x, weights[0], bias).float()
+                ref = weights[0].reference(x).float()
+                ref_x_fp8 = weights[0].module(x).float()  # FP8 tensor-core tilings quantize x as the module does
 
                 def rate(fn, graph: bool, weights=weights) -> float:
                     """Bytes/s of ``fn(weight)`` calls, each on the next copy of the weight."""
                     return nbytes / time_per_call(lambda: [fn(w) for w in weights], copies, graph=graph)
 
-                cublas = rate(lambda w: F.linear(x, w, bias), True)
-                cublas_eager = rate(lambda w: F.linear(x, w, bias), False)
+                cublas = rate(lambda w: w.module(x), True)
+                cublas_eager = rate(lambda w: w.module(x), False)
                 measured = []  # (config, graph bytes/s, eager bytes/s) of the correct tilings
                 for config in GEMV_CANDIDATES:
-                    if m > config.max_m:
+                    if m > config.max_m or config.kind not in kinds or (config.kind == "dot8" and not args.fp8):
                         continue
+                    want = ref_x_fp8 if config.kind == "dot8" else ref
                     try:
-                        r = rate(lambda w: gemv(x, w, bias, config), True)
-                        r_eager = rate(lambda w: gemv(x, w, bias, config), False)
-                        err = (gemv(x, weights[0], bias, config).float() - ref).abs().max().item()
+                        r = rate(lambda w: w.gemv(x, config), True)
+                        r_eager = rate(lambda w: w.gemv(x, config), False)
+                        err = (weights[0].gemv(x, config).float() - want).abs().max().item()
                     except Exception as e:  # noqa: BLE001 - one tiling out of resources must not end the run
                         rows.append({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
                                      "error": f"{type(e).__name__}: {e}"[:300]})
                         print(json.dumps(rows[-1]), flush=True)
                         continue
-                    ok = err <= 2e-2 * ref.abs().max().item()
+                    ok = err <= 2e-2 * want.abs().max().item()
                     if args.all_configs:
                         rows.append({"measure": "gemv_config", "shape": name, "m": m, "config": str(config),
                                      "gb_s": round(r / 1e9, 1), "pct_copy": round(100 * r / copy_bw, 1),
@@ -121,9 +160,10 @@ def main() -> None:
             weights = None  # free this shape's copies before the next
             torch.cuda.empty_cache()
             if args.json:  # after each shape, so a run cut short keeps what it measured
-                write_json(args.json, rows, preset=args.preset, dtype=args.dtype)
-    print(f"\n{args.preset} {args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of copy, CUDA graph (eager)")
-    print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {'cuBLAS':>13}  {'best Triton':>13}  {'tuned set':>9}  engine  "
+                write_json(args.json, rows, preset=args.preset, dtype=args.dtype, fp8_weights=args.fp8)
+    baseline = "_scaled_mm" if args.fp8 else "cuBLAS"
+    print(f"\n{args.preset} {'FP8 weights, ' if args.fp8 else ''}{args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of copy, CUDA graph (eager)")
+    print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {baseline:>13}  {'best Triton':>13}  {'tuned set':>9}  engine  "
           "best tiling")
     for r in (r for r in rows if r["measure"] == "gemv"):
         print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_pct_copy']:5.1f} "

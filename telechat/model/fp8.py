@@ -40,12 +40,11 @@ from telechat.model.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
-from telechat.model.kernels import FP8_DTYPE, FP8_MAX, quantize_rows_fp8, triton_available
+from telechat.model.kernels import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_rows_fp8, triton_available
 
 log = logging.getLogger(__name__)
 
-MIN_SCALE = 1e-12
-"""Floor of every scale, so an all-zero row (token) quantizes to zeros instead of 0/0."""
+MIN_SCALE = FP8_MIN_SCALE
 MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
 

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 """448: E4M3's largest finite value (FP8 weights and the FP8 KV cache saturate to it)."""
+FP8_MIN_SCALE = 1e-12
+"""Floor of every FP8 scale, so an all-zero row (token) quantizes to zeros instead of 0/0."""
 
 
 def triton_available() -> bool:
@@ -331,7 +333,9 @@ class GemvConfig:
     """``"fma"``: fp32 multiply-adds on the loaded tile, one row of x kept as a [block_n, block_k] fp32
     accumulator summed once at the end (more rows: a sum per tile); ``"dot"``: tensor-core ``tl.dot(x, Wᵀ)``
     on x padded to 16 rows; ``"dot_w"``: ``tl.dot(W, xᵀ)``, the weight tile as the wide operand (swap-AB,
-    Hopper's wgmma shape when ``block_n`` ≥ 64)."""
+    Hopper's wgmma shape when ``block_n`` ≥ 64); ``"dot8"``: FP8 weights only, swap-AB on FP8 tensor cores
+    with x quantized per token first (one more launch; the FP8 Linear's own numerics, no weight
+    conversion in the loop)."""
     serial_reduce: bool = False
     """With ``split_k`` > 1: the last program of a row block (an atomic counter) sums the partials, adds
     the bias and writes the output; else a second launch does. The counters reset themselves, so a
@@ -349,7 +353,8 @@ class GemvConfig:
         while the pipelined tiles fit a Hopper SM's shared memory; FMA tiles keep ≤ 128 fp32 products
         per thread (8 rows at most)."""
         if self.kind != "fma":
-            fits = [p for p in (16, 32, 64) if self.num_stages * self.block_k * 2 * (self.block_n + p) <= SMEM_BYTES]
+            size = 1 if self.kind == "dot8" else 2  # bytes per element of both tiles
+            fits = [p for p in (16, 32, 64) if self.num_stages * self.block_k * size * (self.block_n + p) <= SMEM_BYTES]
             return min(max(fits, default=0), GEMV_MAX_M)
         m = 1
         while m < 8 and 2 * m * self.block_n * self.block_k <= 128 * 32 * self.num_warps:
@@ -357,7 +362,7 @@ class GemvConfig:
         return m
 
 
-GEMV_KINDS = ("fma", "dot", "dot_w")
+GEMV_KINDS = ("fma", "dot", "dot_w", "dot8")
 GEMV_MAX_M = 64
 """Rows of x up to which :func:`linear` considers the GEMV (decode batches of the first graph buckets);
 FMA tilings take at most 8, tensor-core tilings all (x padded to 16, 32 or 64 rows)."""
@@ -396,8 +401,27 @@ GEMV_CANDIDATES = (
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
     GemvConfig(64, 128, split_k=4, kind="dot_w", serial_reduce=True),
     GemvConfig(64, 256, split_k=2, kind="dot_w", serial_reduce=True, num_stages=3),
-    # FP8 weights (one byte each): longer rows per iteration
+    # FP8 weights (one byte each): longer rows per iteration, more bytes in flight per program
     GemvConfig(8, 1024, num_stages=3),
+    GemvConfig(8, 1024, num_stages=4),
+    GemvConfig(4, 2048, num_stages=3),
+    GemvConfig(16, 1024, num_warps=8, num_stages=3),
+    GemvConfig(8, 2048, num_warps=8, num_stages=2),
+    GemvConfig(8, 1024, split_k=2, serial_reduce=True, num_stages=3),
+    GemvConfig(16, 1024, split_k=2, serial_reduce=True, num_warps=8, num_stages=3),
+    GemvConfig(64, 512, kind="dot_w", num_stages=2),
+    GemvConfig(64, 256, kind="dot_w", num_stages=4),
+    GemvConfig(128, 128, kind="dot_w", num_warps=8, num_stages=4),
+    GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3, split_k=2, serial_reduce=True),
+    # FP8 weights, FP8 tensor cores (x quantized per token)
+    GemvConfig(128, 128, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_stages=4),
+    GemvConfig(64, 256, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_warps=8, num_stages=4),
+    GemvConfig(64, 512, kind="dot8", num_stages=3),
+    GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
 )
 """Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
 GEMV_CONFIGS = (
@@ -410,6 +434,15 @@ GEMV_CONFIGS = (
     # FP8 weights (one byte each): longer rows per iteration
     GemvConfig(8, 1024, num_stages=3),
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
+    # FP8 weights on FP8 tensor cores (FP8 Linears that quantize activations only)
+    GemvConfig(128, 128, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_stages=4),
+    GemvConfig(64, 256, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_warps=8, num_stages=4),
+    GemvConfig(64, 512, kind="dot8", num_stages=3),
+    GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
@@ -420,7 +453,7 @@ GEMV_MAX_ROW_BLOCKS = 1 << 16
 """Row blocks a serially reduced split-K launch may have (one int32 counter each, per device)."""
 
 _gemv_plan: dict[tuple, GemvConfig] = {}
-"""(N, K, row bucket, dtype, has bias) → the tiling that beat cuBLAS; absent = cuBLAS."""
+"""(N, K, row bucket, dtype, has bias, FP8 activations) → the tiling that beat cuBLAS; absent = cuBLAS."""
 _gemv_counters: dict[torch.device, torch.Tensor] = {}
 """Per device: zeroed arrival counters of the serially reduced split-K (each launch leaves them zero)."""
 
@@ -515,11 +548,12 @@ if triton is not None:
                      stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
     @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
-    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, stride_xm,
-                         stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, xs_ptr, M, N, K, k_per_split,
+                         stride_xm, stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, SWAP: tl.constexpr):
+                         EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr):
+        """``tl.dot`` tiles; with X_FP8, x is E4M3 with per-row scales ``xs`` and the weight too (FP8 MMA)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -534,7 +568,9 @@ if triton is not None:
             acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
-            w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K).to(x_ptr.dtype.element_ty)  # FP8 weights: to x's type
+            w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+            if not X_FP8:
+                w = w.to(x_ptr.dtype.element_ty)  # FP8 weights with 16-bit x: converted in registers
             x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
             if SWAP:
                 acc_t += tl.dot(w, tl.trans(x))
@@ -542,6 +578,8 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w))
         if SWAP:
             acc = tl.trans(acc_t)
+        if X_FP8:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
         _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
                      stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
@@ -572,12 +610,14 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig = GEMV_DEFAULT, scale: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig = GEMV_DEFAULT, scale: torch.Tensor | None = None,
+         input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]`` of at most ``config.max_m`` rows and ``weight [N, K]``
     (unit column stride) with the Triton kernel: fp32 accumulation, one rounding. ``weight`` has ``x``'s
     dtype, or is FP8 (E4M3) with ``scale`` (``[N, 1]`` per output channel or ``[1]`` per tensor, float32):
     ``x @ (weight * scale).T`` with activations as they are (weight-only dequantization, read at one byte
-    per weight)."""
+    per weight) — or, with a ``"dot8"`` tiling, with x quantized to E4M3 first, per token or by the static
+    ``input_scale`` (the numbers of an FP8 Linear's ``_scaled_mm``)."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -585,14 +625,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2 = x2.contiguous()
     m = x2.shape[0]
     fp8 = weight.dtype == FP8_DTYPE
+    x_fp8 = config.kind == "dot8"
     if not 0 < m <= config.max_m or weight.stride(-1) != 1 or (x.dtype != weight.dtype and not fp8) \
-            or fp8 != (scale is not None):
-        raise ValueError(f"gemv takes 1 to {config.max_m} rows and a weight of the input's dtype (or FP8 with a scale) "
-                         f"with unit column stride, got {m} rows, {x.dtype} input, {weight.dtype} weight")
+            or fp8 != (scale is not None) or (x_fp8 and not fp8):
+        raise ValueError(f"gemv takes 1 to {config.max_m} rows and a weight of the input's dtype (or FP8 with a scale; "
+                         f"FP8 only for {config.kind!r}) with unit column stride, got {m} rows, {x.dtype} input, "
+                         f"{weight.dtype} weight")
     split = config.split_k
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     grid = (triton.cdiv(n, config.block_n), split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    xs = out  # never read unless x is quantized
+    if x_fp8:
+        x2, xs = quantize_rows_fp8(x2, input_scale, FP8_MIN_SCALE)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     serial = split > 1 and config.serial_reduce
     counters = _split_counters(x.device, grid[0]) if serial else out
@@ -601,25 +646,38 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
                   SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages)
-    args = (x2, weight, b, scales, out, ws, counters, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
-            scales.stride(0) if fp8 and scales.numel() > 1 else 0, out.stride(0))
+    args = (x2, weight, b, scales, out, ws, counters)
+    sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
+             out.stride(0))
     if config.kind == "fma":
-        _gemv_fma_kernel[grid](*args, M_PAD=triton.next_power_of_2(m), **common)
+        _gemv_fma_kernel[grid](*args, *sizes, M_PAD=triton.next_power_of_2(m), **common)
     else:
-        _gemv_dot_kernel[grid](*args, M_PAD=max(16, triton.next_power_of_2(m)), SWAP=config.kind == "dot_w", **common)
+        _gemv_dot_kernel[grid](*args, xs, *sizes, M_PAD=max(16, triton.next_power_of_2(m)),
+                               SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)
     if split > 1 and not serial:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
                                                          SPLIT_K=split, BLOCK=1024)
     return out.view(*x.shape[:-1], n)
 
 
-def _plan_key(weight: torch.Tensor, has_bias: bool, m: int) -> tuple:
-    return weight.shape[0], weight.shape[1], gemv_bucket(m), weight.dtype, has_bias
+def _plan_key(layer: nn.Module, m: int) -> tuple:
+    w = layer.weight
+    return w.shape[0], w.shape[1], gemv_bucket(m), w.dtype, layer.bias is not None, _fp8_activations(layer)
 
 
 def _gemv_scale(layer: nn.Module) -> torch.Tensor | None:
     """The weight scales of an FP8 Linear (:class:`~telechat.model.fp8.Fp8Linear`), else None."""
     return getattr(layer, "weight_scale", None) if layer.weight.dtype == FP8_DTYPE else None
+
+
+def _fp8_activations(layer: nn.Module) -> bool:
+    """Whether the layer is an FP8 Linear that quantizes its activations (dynamic or static), so a
+    ``"dot8"`` tiling computes its own numbers."""
+    return _gemv_scale(layer) is not None and getattr(layer, "activations", None) is not None
+
+
+def _layer_gemv(x: torch.Tensor, layer: nn.Module, config: GemvConfig) -> torch.Tensor:
+    return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer), getattr(layer, "input_scale", None))
 
 
 def _gemv_able(layer: nn.Module) -> bool:
@@ -633,9 +691,9 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     if _gemv_plan and _use_triton(x) and _gemv_able(layer):
         m = x.numel() // x.shape[-1]
         if 0 < m <= GEMV_MAX_M:
-            config = _gemv_plan.get(_plan_key(layer.weight, layer.bias is not None, m))
+            config = _gemv_plan.get(_plan_key(layer, m))
             if config is not None:
-                return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer))
+                return _layer_gemv(x, layer, config)
     return layer(x)
 
 
@@ -679,11 +737,11 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
     for module in model.modules():
         w = module.weight if _gemv_able(module) else None
         if w is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16, FP8_DTYPE) and w.stride(-1) == 1:
-            groups[(w.shape[0], w.shape[1], w.dtype, module.bias is not None)].append(module)
+            groups[(*w.shape, w.dtype, module.bias is not None, _fp8_activations(module))].append(module)
     buckets = sorted({gemv_bucket(b) for b in batch_sizes if b <= GEMV_MAX_M})
     t0 = time.perf_counter()
     rows = []
-    for (n, k, dtype, has_bias), layers in groups.items():
+    for (n, k, dtype, has_bias, x_fp8), layers in groups.items():
         scale = _gemv_scale(layers[0])
         act = dtype if scale is None else next(model.parameters()).dtype  # FP8 weights are buffers
         # FP8: the GEMV dequantizes weights only; its reference is the dequantized weight times x
@@ -691,16 +749,17 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
         for m in buckets:
             x = torch.randn(m, k, dtype=act, device=layers[0].weight.device)
             ref = F.linear(x, w0, layers[0].bias).float()
+            ref_x_fp8 = layers[0](x).float() if x_fp8 else None  # the layer's own FP8 GEMM: x quantized too
             cublas = time_per_call(lambda: [lyr(x) for lyr in layers], len(layers), graph=True)
             best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
             for config in configs:
-                if m > config.max_m:
+                if m > config.max_m or (config.kind == "dot8" and not x_fp8):
                     continue
                 try:
-                    t = time_per_call(lambda: [gemv(x, lyr.weight, lyr.bias, config, _gemv_scale(lyr))
-                                               for lyr in layers], len(layers), graph=True)
-                    out = gemv(x, layers[0].weight, layers[0].bias, config, scale).float()
-                    if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item()):
+                    t = time_per_call(lambda: [_layer_gemv(x, lyr, config) for lyr in layers], len(layers), graph=True)
+                    out = _layer_gemv(x, layers[0], config).float()
+                    want = ref_x_fp8 if config.kind == "dot8" else ref
+                    if not torch.allclose(out, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                         log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)
                         continue
                 except Exception:  # noqa: BLE001 - a tiling that does not compile here is not a choice
@@ -708,7 +767,7 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
                     continue
                 if t < best_t:
                     best, best_t = config, t
-            key = (n, k, m, dtype, has_bias)
+            key = (n, k, m, dtype, has_bias, x_fp8)
             if best is None:
                 _gemv_plan.pop(key, None)
             else:

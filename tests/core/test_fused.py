@@ -154,7 +154,7 @@ def test_every_gemv_tiling_equals_linear_in_the_triton_interpreter(dtype):
         x = torch.randn(m, 1000, dtype=dtype)
         ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
         for config in GEMV_CANDIDATES:
-            if m <= config.max_m:
+            if m <= config.max_m and config.kind != "dot8":  # FP8 tensor cores: CUDA only (tests/engine)
                 for _ in range(2):
                     out = gemv(x, w, b, config).float()
                     assert (out - ref).norm() / ref.norm() < 1e-2, (config, m)

@@ -83,7 +83,7 @@ def test_triton_gemv_matches_matmul(dtype, n, k, bias):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = F.linear(x.float(), w.float(), None if b is None else b.float())
         for config in GEMV_CANDIDATES:
-            if m <= config.max_m:
+            if m <= config.max_m and config.kind != "dot8":  # FP8 tensor cores take FP8 weights only
                 out = gemv(x, w, b, config).float()
                 assert (out - ref).norm() / ref.norm() < 1e-2, (config, m)
 
@@ -226,12 +226,17 @@ def test_fp8_kv_cache_graph_decode_equals_eager():
 @pytest.mark.parametrize("config", GEMV_CANDIDATES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor):
-    """Every tiling reads FP8 weights with per-channel (or per-tensor) scales: x @ (W_fp8 * s)ᵀ + b."""
-    from telechat.model.fp8 import quantize_weight
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor, static):
+    """Every tiling reads FP8 weights with per-channel (or per-tensor) scales: x @ (W_fp8 * s)ᵀ + b; the
+    FP8 tensor-core tilings quantize x first (per token, or by a static input scale), as the FP8 Linear's
+    own GEMM does, and give its numbers."""
+    from telechat.model.fp8 import quantize_activation, quantize_weight
 
     if m > config.max_m:
         pytest.skip("tiling takes fewer rows")
+    if static and config.kind != "dot8":
+        pytest.skip("only FP8 tensor-core tilings read the input scale")
     torch.manual_seed(0)
     n, k = 1000, 4096
     q, scale = quantize_weight(torch.randn(n, k, device="cuda"))
@@ -239,9 +244,14 @@ def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor):
         scale = scale.max().reshape(1)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    input_scale = torch.tensor([0.02], device="cuda") if static else None
     with torch.inference_mode():
-        out = gemv(x, q, bias, config, scale)
-    ref = F.linear(x.float(), q.float() * scale.reshape(-1, 1), bias.float())
+        out = gemv(x, q, bias, config, scale, input_scale)
+    x_ref = x.float()
+    if config.kind == "dot8":
+        xq, xs = quantize_activation(x, input_scale)
+        x_ref = xq.float() * xs
+    ref = F.linear(x_ref, q.float() * scale.reshape(-1, 1), bias.float())
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
