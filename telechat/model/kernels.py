@@ -422,6 +422,9 @@ GEMV_CANDIDATES = (
     GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 256, split_k=8, kind="dot8", serial_reduce=True, num_stages=3),
+    GemvConfig(128, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
 )
 """Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
 GEMV_CONFIGS = (
@@ -443,6 +446,9 @@ GEMV_CONFIGS = (
     GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 256, split_k=8, kind="dot8", serial_reduce=True, num_stages=3),
+    GemvConfig(128, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
