@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -172,7 +173,7 @@ def summarize(mode: str, concurrency: int, results: list[dict], wall: float, arg
     row = dict(bench="serve_load", mode=mode, concurrency=concurrency, requests=len(results),
                prompt_len=args.prompt_len, output_len=args.output_len,
                ttft_p50_ms=round(pct(ttft, 0.5), 2), ttft_p99_ms=round(pct(ttft, 0.99), 2),
-               itl_mean_ms=round(statistics.fmean(tpot), 2) if tpot else 0.0, itl_p99_ms=round(pct(gaps, 0.99), 2),
+               ttft_mean_ms=round(statistics.fmean(ttft), 2) if ttft else 0.0, itl_mean_ms=round(statistics.fmean(tpot), 2) if tpot else 0.0, itl_p99_ms=round(pct(gaps, 0.99), 2),
                output_tok_s=round(tokens / wall, 1), wall_s=round(wall, 2), **extra)
     record(**row)
     return row
@@ -406,13 +407,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def server_ttft(url: str) -> dict[float, float]:
+    """The server's TTFT histogram (``telechat:time_to_first_token_seconds``: admission to first streamed
+    text, i.e. after parsing and tokenizing): cumulative count per bucket bound, plus ``sum`` and ``count``
+    under the keys -1 and -2."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    text = httpx.get(url + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name != "telechat:time_to_first_token_seconds":
+            continue
+        for s in family.samples:
+            if s.name.endswith("_bucket"):
+                out[float(s.labels["le"])] = s.value
+            elif s.name.endswith("_sum"):
+                out[-1] = s.value
+            elif s.name.endswith("_count"):
+                out[-2] = s.value
+    return out
+
+
+def server_ttft_split(before: dict[float, float], after: dict[float, float]) -> dict:
+    """What the server saw of a level's TTFT: mean, and the bucket bound holding the 99th percentile."""
+    n = after.get(-2, 0) - before.get(-2, 0)
+    if n <= 0:
+        return {}
+    bounds = sorted(b for b in after if b >= 0)
+    p99 = next((b for b in bounds if after[b] - before.get(b, 0) >= 0.99 * n), math.inf)
+    return {"server_ttft_mean_ms": round((after[-1] - before.get(-1, 0)) / n * 1e3, 2),
+            "server_ttft_p99_le_ms": None if math.isinf(p99) else round(p99 * 1e3, 1)}
+
+
 def load_levels(url: str, workloads: dict[int, list[list[int]]], warmup: list[list[int]], args) -> None:
-    """The ``/v1/completions`` load test, one row per level."""
+    """The ``/v1/completions`` load test, one row per level; with the server's own TTFT of the level
+    beside the clients' (the difference: HTTP, parsing and tokenizing, and the clients)."""
     asyncio.run(run_http(url, warmup, len(warmup), 4))
     for c, reqs in workloads.items():
+        before = server_ttft(url)
         res, wall, cpu = http_level(url, reqs, c, args.output_len, args.clients)
         summarize("api", c, res, wall, args, clients=max(1, min(args.clients, c)),
-                  client_cpu_share=round(cpu / wall / max(1, min(args.clients, c)), 3))
+                  client_cpu_share=round(cpu / wall / max(1, min(args.clients, c)), 3),
+                  **server_ttft_split(before, server_ttft(url)))
 
 
 def multi_turn_levels(url: str, levels: list[int], args) -> None:
