@@ -6,12 +6,13 @@ function here does one of those groups in one launch on CUDA, and falls back to 
 PyTorch ops on CPU, under autograd, or without Triton — same numerics (fp32 inside, one
 rounding to the input dtype as in the reference).
 
-The last section is a GEMV for decode batches of 1-8 rows: cuBLAS reads the weights of the 7B's
-mid-size projections at only 45-85 % of copy bandwidth on an H200 (99 % for the lm_head). The
-Triton GEMV comes as FMA reductions, tensor-core tiles and split-K (reduced by a second launch or
-by the last program of a row block); :func:`tune_gemv` times cuBLAS and the tilings per shape in
-CUDA graphs when the engine starts and :func:`linear` uses whichever won (bench/gemv.py measures
-every tiling).
+The last section is a GEMV for decode batches of 1-64 rows: cuBLAS reads the weights of the 7B's
+mid-size projections at only 45-85 % of copy bandwidth on an H200 (99 % for the lm_head), and
+``_scaled_mm`` reads FP8 weights at 23-57 %. The Triton GEMV comes as FMA reductions, tensor-core
+tiles (FP8 weights: converted in registers, or FP8 × FP8 with x quantized per token) and split-K
+(reduced by a second launch or by the last program of a row block); :func:`tune_gemv` times the
+layer's own GEMM and the tilings per shape in CUDA graphs when the engine starts and :func:`linear`
+uses whichever won (bench/gemv.py measures every tiling).
 """
 
 from __future__ import annotations
@@ -445,10 +446,6 @@ GEMV_CONFIGS = (
     GemvConfig(64, 512, kind="dot8", num_stages=3),
     GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
-    GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
-    GemvConfig(64, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
-    GemvConfig(64, 256, split_k=8, kind="dot8", serial_reduce=True, num_stages=3),
-    GemvConfig(128, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
