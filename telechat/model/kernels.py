@@ -373,6 +373,17 @@ GEMV_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """Row counts tuned; other counts up to 64 use the next bucket's choice."""
 GEMV_DEFAULT = GemvConfig(16, 256, kind="dot")
 """A tiling for any row count up to 8 (what :func:`gemv` uses unless told)."""
+GEMV_DOT8_TUNED = (
+    GemvConfig(128, 128, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_stages=4),
+    GemvConfig(64, 256, kind="dot8", num_stages=4),
+    GemvConfig(128, 256, kind="dot8", num_warps=8, num_stages=4),
+    GemvConfig(64, 512, kind="dot8", num_stages=3),
+    GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
+    GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+)
+"""FP8 tensor-core tilings (FP8 Linears that quantize activations) in :data:`GEMV_CONFIGS`: those that won a
+7B shape at 2-64 rows on an H200."""
 GEMV_CANDIDATES = (
     # FMA, the weight stream through registers (stages 1) or pipelined through shared memory
     GemvConfig(8, 512, num_stages=3),
@@ -415,13 +426,7 @@ GEMV_CANDIDATES = (
     GemvConfig(128, 128, kind="dot_w", num_warps=8, num_stages=4),
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3, split_k=2, serial_reduce=True),
     # FP8 weights, FP8 tensor cores (x quantized per token)
-    GemvConfig(128, 128, kind="dot8", num_stages=4),
-    GemvConfig(128, 256, kind="dot8", num_stages=4),
-    GemvConfig(64, 256, kind="dot8", num_stages=4),
-    GemvConfig(128, 256, kind="dot8", num_warps=8, num_stages=4),
-    GemvConfig(64, 512, kind="dot8", num_stages=3),
-    GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
-    GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    *GEMV_DOT8_TUNED,
     GemvConfig(128, 128, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 256, split_k=8, kind="dot8", serial_reduce=True, num_stages=3),
@@ -438,14 +443,7 @@ GEMV_CONFIGS = (
     # FP8 weights (one byte each): longer rows per iteration
     GemvConfig(8, 1024, num_stages=3),
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
-    # FP8 weights on FP8 tensor cores (FP8 Linears that quantize activations only)
-    GemvConfig(128, 128, kind="dot8", num_stages=4),
-    GemvConfig(128, 256, kind="dot8", num_stages=4),
-    GemvConfig(64, 256, kind="dot8", num_stages=4),
-    GemvConfig(128, 256, kind="dot8", num_warps=8, num_stages=4),
-    GemvConfig(64, 512, kind="dot8", num_stages=3),
-    GemvConfig(128, 256, split_k=2, kind="dot8", serial_reduce=True, num_stages=4),
-    GemvConfig(64, 256, split_k=4, kind="dot8", serial_reduce=True, num_stages=4),
+    *GEMV_DOT8_TUNED,
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
