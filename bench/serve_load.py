@@ -407,48 +407,61 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def server_ttft(url: str) -> dict[float, float]:
-    """The server's TTFT histogram (``telechat:time_to_first_token_seconds``: admission to first streamed
-    text, i.e. after parsing and tokenizing): cumulative count per bucket bound, plus ``sum`` and ``count``
-    under the keys -1 and -2."""
+SERVER_TIMES = {"ttft": "telechat:time_to_first_token_seconds", "queue": "telechat:request_queue_time_seconds",
+                "prefill": "telechat:request_prefill_time_seconds"}
+"""The server's own latency histograms a level reads: TTFT from admission (after parsing and tokenizing) to
+the first streamed text, and the engine's share of it — waiting for the running batch, then prefill."""
+
+
+def server_times(url: str) -> dict[str, dict[float, float]]:
+    """Per :data:`SERVER_TIMES` key: the histogram's cumulative count per bucket bound, plus its sum and
+    count under the keys -1 and -2 (empty when the server does not export it)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[float, float] = {}
-    text = httpx.get(url + "/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        if family.name != "telechat:time_to_first_token_seconds":
+    names = {v: k for k, v in SERVER_TIMES.items()}
+    out: dict[str, dict[float, float]] = {k: {} for k in SERVER_TIMES}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        if family.name not in names:
             continue
+        h = out[names[family.name]]
         for s in family.samples:
             if s.name.endswith("_bucket"):
-                out[float(s.labels["le"])] = s.value
+                h[float(s.labels["le"])] = s.value
             elif s.name.endswith("_sum"):
-                out[-1] = s.value
+                h[-1] = s.value
             elif s.name.endswith("_count"):
-                out[-2] = s.value
+                h[-2] = s.value
     return out
 
 
-def server_ttft_split(before: dict[float, float], after: dict[float, float]) -> dict:
-    """What the server saw of a level's TTFT: mean, and the bucket bound holding the 99th percentile."""
-    n = after.get(-2, 0) - before.get(-2, 0)
-    if n <= 0:
-        return {}
-    bounds = sorted(b for b in after if b >= 0)
-    p99 = next((b for b in bounds if after[b] - before.get(b, 0) >= 0.99 * n), math.inf)
-    return {"server_ttft_mean_ms": round((after[-1] - before.get(-1, 0)) / n * 1e3, 2),
-            "server_ttft_p99_le_ms": None if math.isinf(p99) else round(p99 * 1e3, 1)}
+def server_time_split(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> dict:
+    """What the server saw of a level: mean TTFT, queue and prefill time, and the TTFT bucket bound
+    holding the 99th percentile."""
+    row = {}
+    for key, a in after.items():
+        b = before.get(key, {})
+        n = a.get(-2, 0) - b.get(-2, 0)
+        if n <= 0:
+            continue
+        row[f"server_{key}_mean_ms"] = round((a[-1] - b.get(-1, 0)) / n * 1e3, 2)
+        if key == "ttft":
+            bounds = sorted(x for x in a if x >= 0)
+            p99 = next((x for x in bounds if a[x] - b.get(x, 0) >= 0.99 * n), math.inf)
+            row["server_ttft_p99_le_ms"] = None if math.isinf(p99) else round(p99 * 1e3, 1)
+    return row
 
 
 def load_levels(url: str, workloads: dict[int, list[list[int]]], warmup: list[list[int]], args) -> None:
-    """The ``/v1/completions`` load test, one row per level; with the server's own TTFT of the level
-    beside the clients' (the difference: HTTP, parsing and tokenizing, and the clients)."""
+    """The ``/v1/completions`` load test, one row per level; with the server's own TTFT of the level and
+    the engine's queue and prefill share of it beside the clients' TTFT (the difference: HTTP, parsing and
+    tokenizing, and the clients)."""
     asyncio.run(run_http(url, warmup, len(warmup), 4))
     for c, reqs in workloads.items():
-        before = server_ttft(url)
+        before = server_times(url)
         res, wall, cpu = http_level(url, reqs, c, args.output_len, args.clients)
         summarize("api", c, res, wall, args, clients=max(1, min(args.clients, c)),
                   client_cpu_share=round(cpu / wall / max(1, min(args.clients, c)), 3),
-                  **server_ttft_split(before, server_ttft(url)))
+                  **server_time_split(before, server_times(url)))
 
 
 def multi_turn_levels(url: str, levels: list[int], args) -> None:

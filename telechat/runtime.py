@@ -59,6 +59,10 @@ class StreamDelta:
     logprobs: list[tuple[int, float, list[int], list[float]]] | None = None
     """With ``SamplingParams.logprobs``: per token behind this text (stop tokens left out), its id,
     log-probability, and the ids and log-probabilities of the most likely alternatives."""
+    queue_s: float | None = None
+    """On the first delta after the engine read back the first token: its time queued in the engine."""
+    prefill_s: float | None = None
+    """On that delta: its time from the first scheduling to the first token (``RequestOutput.prefill_s``)."""
 
 
 def engine_spec(info: CheckpointInfo, *, device: str = "auto", dtype: str = "auto",
@@ -198,6 +202,7 @@ class Runtime:
                           include_stop=params.include_stop_str_in_output)
         prompt_tokens = len(prompt_ids)
         completion = cached = 0
+        times: dict[str, float] = {}  # the first token's queue and prefill seconds until a delta carries them
         skip = set(params.stop_token_ids)
         logprobs: list | None = [] if params.logprobs is not None else None  # entries whose text is not sent yet
         agen = self.engine.generate(prompt_ids, params, request_id, lora=lora, after=after)
@@ -205,19 +210,24 @@ class Runtime:
             async for out in agen:
                 completion = out.num_output_tokens or completion  # an engine that stopped reports no counts
                 cached = max(cached, out.num_cached_tokens)
+                if out.queue_s is not None:
+                    times = {"queue_s": out.queue_s, "prefill_s": out.prefill_s}
                 delta = text.feed(out.new_token_ids, finished=out.finished)
                 if logprobs is not None and out.logprobs:
                     logprobs += [(t, *lp) for t, lp in zip(out.new_token_ids, out.logprobs) if t not in skip]
                 if text.stopped and not out.finished:
-                    yield StreamDelta(delta, "stop", prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs)
+                    yield StreamDelta(delta, "stop", prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs,
+                                      **times)
                     return
                 if out.finished:
                     reason = "stop" if text.stopped else out.finish_reason
-                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error, cached, logprobs)
+                    yield StreamDelta(delta, reason, prompt_tokens, completion, out.error, cached, logprobs, **times)
                     return
                 if delta:
-                    yield StreamDelta(delta, None, prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs)
+                    yield StreamDelta(delta, None, prompt_tokens, completion, cached_tokens=cached, logprobs=logprobs,
+                                      **times)
                     logprobs = [] if logprobs is not None else None
+                    times = {}
         finally:
             await agen.aclose()
 

@@ -3,7 +3,8 @@
 Engine figures (running, waiting, KV cache, generated tokens, prefix-cache queries and hits) are
 read from the engine's ``stats()`` at scrape time (the engine core sends them with every step, so
 reading them waits for nothing); request figures (latencies, prompt tokens, outcomes, HTTP statuses)
-are recorded by the API as requests go. Each app has its own registry, so several apps can live in
+are recorded by the API as requests go — the engine's queue and prefill times of each request come
+with its first token. Each app has its own registry, so several apps can live in
 one process. With several API processes (``API_SERVER_COUNT``) the request figures are kept in
 prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the supervising process)
 and every process's ``/metrics`` renders the sum over all of them.
@@ -22,6 +23,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Latency buckets from vLLM's defaults: CPU demo steps take ms, a 12B on GPU tens of ms, queued requests seconds.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+"""Whole-request latency buckets, vLLM's."""
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                0.75, 1.0, 2.5)
 
@@ -67,6 +71,16 @@ class Metrics:
         self.inter_token_latency = Histogram(
             "telechat:inter_token_latency_seconds", "Time between generated tokens of one request.",
             buckets=ITL_BUCKETS, registry=r)
+        # The engine's share of TTFT, split as vLLM does: waiting for the running batch, then prefill.
+        self.request_queue_time = Histogram(
+            "telechat:request_queue_time_seconds", "Time from arrival at the engine to the first scheduling.",
+            buckets=TTFT_BUCKETS, registry=r)
+        self.request_prefill_time = Histogram(
+            "telechat:request_prefill_time_seconds", "Time from the first scheduling to the first token.",
+            buckets=TTFT_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "telechat:e2e_request_latency_seconds", "Time from admission to the last token of finished requests.",
+            buckets=REQUEST_BUCKETS, registry=r)
         self.prompt_tokens = Counter("telechat:prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.request_success = Counter("telechat:request_success", "Finished generations by finish reason.",
                                        ["finished_reason"], registry=r)

@@ -154,8 +154,12 @@ async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], para
                 m.inter_token_latency.observe((now - last) / (d.completion_tokens - tokens))
             if d.completion_tokens > tokens:
                 tokens, last = d.completion_tokens, now
+            if d.queue_s is not None:
+                m.request_queue_time.observe(d.queue_s)
+                m.request_prefill_time.observe(d.prefill_s)
             if d.finish_reason:
                 reason = d.finish_reason
+                m.e2e_request_latency.observe(now - t0)
             yield d
     finally:
         m.request_success.labels(finished_reason=reason).inc()

@@ -43,11 +43,13 @@ def _merge(outputs: list[RequestOutput]) -> RequestOutput:
     if len(outputs) == 1:
         return outputs[0]
     last = outputs[-1]
+    first = next((out for out in outputs if out.queue_s is not None), last)  # the first token's, if here
     tokens = [t for out in outputs for t in out.new_token_ids]
     return RequestOutput(last.request_id, tokens, finished=last.finished, finish_reason=last.finish_reason,
                          num_prompt_tokens=last.num_prompt_tokens, num_output_tokens=last.num_output_tokens,
                          error=last.error, num_cached_tokens=max(out.num_cached_tokens for out in outputs),
-                         logprobs=[lp for out in outputs for lp in out.logprobs or []] or None)
+                         logprobs=[lp for out in outputs for lp in out.logprobs or []] or None,
+                         queue_s=first.queue_s, prefill_s=first.prefill_s)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

@@ -45,6 +45,12 @@ class RequestOutput:
     logprobs: list[tuple[float, list[int], list[float]]] | None = None
     """With ``SamplingParams.logprobs``: per new token, its log-probability, then the ids and
     log-probabilities of the most likely alternatives (decreasing)."""
+    queue_s: float | None = None
+    """On the output carrying the request's first token: seconds from its arrival at the engine to its
+    first scheduling (vLLM's ``request_queue_time``)."""
+    prefill_s: float | None = None
+    """On the same output: seconds from the first scheduling to the first token read back (its prefill
+    chunks, any preemption, and the step that sampled it; vLLM's ``request_prefill_time``)."""
 
 
 @dataclass(eq=False)
@@ -69,6 +75,8 @@ class Request:
     lora_slot: int | None = None
     """The device slot holding its adapter, held like ``row`` from the first admission to the end."""
     arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
+    """When it was first admitted to the running batch (``time.monotonic``)."""
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_placeholders: int = 0
@@ -92,6 +100,11 @@ class Request:
     def num_known_tokens(self) -> int:
         """Prompt + output tokens the host knows."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def first_token_times(self, now: float) -> tuple[float, float]:
+        """``(queue, prefill)`` seconds of a first token read back at ``now`` (see :class:`RequestOutput`)."""
+        scheduled = self.arrival if self.first_scheduled is None else self.first_scheduled
+        return scheduled - self.arrival, now - scheduled
 
     def known_ids(self, start: int, end: int) -> list[int]:
         """Known token ids at positions ``[start, end)`` (``end`` ≤ :attr:`num_known_tokens`)."""

@@ -16,6 +16,7 @@ give the same tokens whether each update follows its schedule or comes after the
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -225,6 +226,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.row is None:
                 request.row = self._free_rows.pop()
+                request.first_scheduled = time.monotonic()
                 request.num_cached_tokens = computed
                 if request.lora is not None:
                     request.lora_slot, load = self.lora_slots.take(request.lora.id)
@@ -354,6 +356,8 @@ class Scheduler:
                 outputs.append(RequestOutput(request.request_id, [token], num_prompt_tokens=len(request.prompt_ids),
                                              num_output_tokens=len(request.output_ids),
                                              num_cached_tokens=request.num_cached_tokens))
+            if len(request.output_ids) == 1:
+                outputs[-1].queue_s, outputs[-1].prefill_s = request.first_token_times(time.monotonic())
             if logprobs is not None and logprobs[i] is not None:
                 outputs[-1].logprobs = [logprobs[i]]
         return outputs

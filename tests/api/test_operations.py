@@ -53,10 +53,15 @@ def test_request_id_echoed_and_logged(demo_server):
 
 
 def test_metrics_move(demo_server):
-    """A request moves tokens, TTFT/ITL histograms, finish reasons and status counters."""
+    """A request moves tokens, TTFT/ITL histograms, the engine's queue and prefill times (which add up to
+    less than the TTFT the API saw), the end-to-end latency, finish reasons and status counters."""
     names = ["telechat:num_requests_running", "telechat:num_requests_waiting", "telechat:kv_cache_usage_perc",
              "telechat:kv_cache_capacity_tokens", "telechat:generation_tokens_total", "telechat:prompt_tokens_total",
              "telechat:time_to_first_token_seconds_count", "telechat:inter_token_latency_seconds_count"]
+    times = [f"telechat:{n}_seconds_{part}" for n in ("time_to_first_token", "request_queue_time",
+                                                       "request_prefill_time", "e2e_request_latency")
+             for part in ("count", "sum")]
+    names += times
     before = {n: metric(demo_server, n, 0.0) for n in names}
     ok_before = metric(demo_server, 'telechat:requests_total{status="200"}', 0.0)
     length_before = metric(demo_server, 'telechat:request_success_total{finished_reason="length"}', 0.0)
@@ -68,6 +73,11 @@ def test_metrics_move(demo_server):
     assert after["telechat:time_to_first_token_seconds_count"] == before["telechat:time_to_first_token_seconds_count"] + 1
     assert after["telechat:inter_token_latency_seconds_count"] > before["telechat:inter_token_latency_seconds_count"]
     assert after["telechat:kv_cache_capacity_tokens"] > 0
+    moved = {n: after[n] - before[n] for n in times}
+    assert all(moved[n] == 1 for n in times if n.endswith("_count"))
+    engine_share = moved["telechat:request_queue_time_seconds_sum"] + moved["telechat:request_prefill_time_seconds_sum"]
+    assert 0 < engine_share <= moved["telechat:time_to_first_token_seconds_sum"]
+    assert moved["telechat:e2e_request_latency_seconds_sum"] >= moved["telechat:time_to_first_token_seconds_sum"]
     assert metric(demo_server, 'telechat:request_success_total{finished_reason="length"}') == length_before + 1
     assert metric(demo_server, 'telechat:requests_total{status="200"}') > ok_before
 

@@ -90,6 +90,8 @@ class Stream:
     reason: str | None = None
     error: str | None = None
     cached: int = 0
+    times: list[tuple[int, float, float]] = field(default_factory=list, compare=False)
+    """(tokens seen before, queue seconds, prefill seconds) of every output that carried first-token times."""
 
 
 class Harness:
@@ -162,6 +164,9 @@ class Harness:
         for o in outputs:
             s = self.streams[o.request_id]
             assert s.reason is None, f"{o.request_id}: output after it finished"
+            assert (o.queue_s is None) == (o.prefill_s is None)
+            if o.queue_s is not None:
+                s.times.append((len(s.tokens), o.queue_s, o.prefill_s))
             s.tokens += o.new_token_ids
             assert o.num_output_tokens == len(s.tokens)
             s.cached = o.num_cached_tokens
@@ -202,6 +207,23 @@ def test_admission_in_arrival_order_within_max_num_seqs(overlap):
     assert len(h.steps[0].new_rows) == 2
     for rid, p in prompts.items():
         assert streams[rid].tokens == reference(p, SamplingParams(max_tokens=6), 256)
+    assert h.drained()
+
+
+@MODES
+def test_first_token_reports_queue_and_prefill_times(overlap):
+    """The output carrying a request's first token, and only it, says how long the request waited for the
+    running batch and how long from its first scheduling to that token; with one row, the second request
+    waits at least as long as the first one's prefill took."""
+    h = Harness(overlap, max_num_seqs=1, max_num_batched_tokens=8)
+    h.add("first", prompt(20, seed=1), max_tokens=3)  # prefilled over three steps
+    h.add("second", prompt(5, seed=2), max_tokens=3)
+    streams = h.run()
+    (seen, queue1, prefill1), = streams["first"].times
+    (seen2, queue2, prefill2), = streams["second"].times
+    assert seen == seen2 == 0  # on the output that carried the first token
+    assert min(queue1, prefill1, queue2, prefill2) >= 0
+    assert queue2 >= prefill1  # it was queued for the whole of the first request's prefill
     assert h.drained()
 
 
