@@ -12,7 +12,6 @@ import pytest
 import torch
 from openai import OpenAI
 
-from tests.api.test_openai_routes import sse_events
 
 HELLO = [{"role": "user", "content": "你好"}]
 ALIAS = "my-alias"

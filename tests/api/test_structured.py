@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import OpenAI
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string"},

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from argparse import Namespace
-from pathlib import Path
 
 import psutil
 import pytest

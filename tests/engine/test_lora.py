@@ -19,6 +19,7 @@ from telechat.engine.core import EngineConfig, LLMEngine
 from telechat.engine.request import Request
 from telechat.engine.sampling import SamplingParams
 from telechat.engine.scheduler import Scheduler, SchedulerConfig
+from telechat.engine.scheduler_output import SchedulerOutput
 from telechat.model import kernels
 from telechat.model.config import TelechatConfig
 from telechat.model.forward_batch import CausalAttention, ForwardBatch
