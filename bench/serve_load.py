@@ -256,8 +256,10 @@ async def fresh_client(client: httpx.AsyncClient, url: str, seed: str, sizes: di
                               output_len) for i in range(n)]
 
 
-async def run_multi_turn(url: str, sessions: int, args) -> tuple[list[dict], float, list[dict], float]:
-    """Sessions first, then the fresh prompts at the same concurrency; each list with its wall time."""
+async def run_multi_turn(url: str, sessions: int, args) -> tuple[list[dict], float, list[dict], float, dict]:
+    """Sessions first, then the fresh prompts at the same concurrency; each list with its wall time, and
+    the server's own times of each phase (:func:`server_time_split`, keys prefixed ``sessions_`` and
+    ``fresh_``)."""
     limits = httpx.Limits(max_connections=sessions + 1, max_keepalive_connections=sessions + 1)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         per_word, template = await calibrate(client, url)
@@ -265,15 +267,20 @@ async def run_multi_turn(url: str, sessions: int, args) -> tuple[list[dict], flo
                  "user_words": max(1, round(args.user_tokens / per_word)),
                  "fresh_words": max(1, round((args.fresh_tokens - template) / per_word))}
         await chat_stream(client, url, [{"role": "user", "content": words(8, f"warm-{sessions}")}], 4)
+        marks = [server_times(url)]
         t0 = time.perf_counter()
         chats = await asyncio.gather(*(chat_session(client, url, f"s{sessions}-{i}", sizes, args.turns,
                                                     args.output_len) for i in range(sessions)))
         chat_wall = time.perf_counter() - t0
+        marks.append(server_times(url))
         t0 = time.perf_counter()
         fresh = await asyncio.gather(*(fresh_client(client, url, f"f{sessions}-{i}", sizes, args.turns,
                                                     args.output_len) for i in range(sessions)))
         fresh_wall = time.perf_counter() - t0
-    return [r for s in chats for r in s], chat_wall, [r for c in fresh for r in c], fresh_wall
+        marks.append(server_times(url))
+    server = {f"{phase}_{k}": v for phase, (a, b) in (("sessions", marks[:2]), ("fresh", marks[1:]))
+              for k, v in server_time_split(a, b).items()}
+    return [r for s in chats for r in s], chat_wall, [r for c in fresh for r in c], fresh_wall, server
 
 
 def ttft_ms(results: list[dict]) -> list[float]:
@@ -467,11 +474,11 @@ def load_levels(url: str, workloads: dict[int, list[list[int]]], warmup: list[li
 def multi_turn_levels(url: str, levels: list[int], args) -> None:
     """The multi-turn chat test, per-turn rows and a summary row per level."""
     for sessions in levels:
-        turns, wall, fresh, fresh_wall = asyncio.run(run_multi_turn(url, sessions, args))
+        turns, wall, fresh, fresh_wall, server = asyncio.run(run_multi_turn(url, sessions, args))
         per_turn, summary = multi_turn_rows(sessions, turns, wall, fresh, fresh_wall)
         for row in per_turn:
             record(**row)
-        record(**summary)
+        record(**summary, **server)
 
 
 def engine_levels(model: Path, workloads: dict[int, list[list[int]]], warmup: list[list[int]], args) -> None:

@@ -135,6 +135,10 @@ def test_serving_suite_tiny_reports_every_figure(tmp_path):
         # Every turn resends the history and adds a reply and a user message.
         assert r["last_turn_prompt_tokens"] > r["first_turn_prompt_tokens"] >= TINY.history_tokens * 0.75
         assert r["fresh_prompt_tokens"] == pytest.approx(TINY.fresh_tokens, rel=0.25)
+        # the server's own split of each phase: its queue and prefill share within its TTFT
+        for phase in ("sessions", "fresh"):
+            engine = r[f"{phase}_server_queue_mean_ms"] + r[f"{phase}_server_prefill_mean_ms"]
+            assert 0 < engine <= r[f"{phase}_server_ttft_mean_ms"]
 
 
 def test_engine_bench_measures_constrained_fractions(tmp_path):
