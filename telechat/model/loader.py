@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,10 +53,11 @@ def load_model(
     except ValueError as e:
         raise CheckpointError(f"{info.path / 'config.json'}: {first_line(e)}") from e
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
-            output_loading_info=True,
-        )
+        with _quiet_generation_config():
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                info.path, config=config, dtype=torch_dtype, device_map=device_map or device,
+                output_loading_info=True,
+            )
     except torch.OutOfMemoryError as e:
         raise CheckpointError(f"out of memory loading {info.path} on {device} as {torch_dtype}; use a GPU with more "
                               "memory, --device-map auto, a lower precision or a quantized checkpoint") from e
@@ -66,3 +70,17 @@ def load_model(
                               "the checkpoint is incomplete or not a TeleChat checkpoint")
     model.eval()
     return model
+
+
+@contextmanager
+def _quiet_generation_config() -> Iterator[None]:
+    """transformers validates a checkpoint's ``generation_config.json`` when it loads the model and warns
+    about sampling fields beside ``do_sample: false`` (the official files have them); we read those
+    defaults ourselves (``CheckpointInfo.generation``), so while loading the warning is noise."""
+    logger = logging.getLogger("transformers.generation.configuration_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -82,6 +82,16 @@ def test_metrics_move(demo_server):
     assert metric(demo_server, 'telechat:requests_total{status="200"}') > ok_before
 
 
+def test_no_transformers_noise_in_the_log(demo_server):
+    """Neither loading the checkpoint (transformers' generation-config check) nor a prompt longer than the
+    tokenizer's nominal maximum (refused with a 400 by the API itself) puts transformers warnings in the log."""
+    long = {"messages": [{"role": "user", "content": "天气晴朗 " * 6000}], "max_tokens": 2}
+    r = httpx.post(demo_server.url + CHAT, json=long, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    log = demo_server.log()
+    assert "generation flags" not in log and "Token indices sequence length" not in log
+
+
 def test_disconnect_aborts_and_frees_the_slot(demo_server):
     """Closing a stream mid-way aborts its generation: running goes back to 0, tokens stop growing."""
     aborted = metric(demo_server, 'telechat:request_success_total{finished_reason="abort"}', 0.0)
