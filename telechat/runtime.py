@@ -133,7 +133,9 @@ class Runtime:
         from telechat.engine.core_client import EngineClient
         from telechat.engine.core_process import build_engine
         from telechat.model.checkpoint import inspect_checkpoint
-        from telechat.tokenizer import UNLIMITED_LENGTH, load_tokenizer
+        from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+        from telechat.tokenizer import load_tokenizer
 
         info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path, need_tokenizer=True)
         path = Path(info.path).expanduser().resolve()
@@ -146,7 +148,7 @@ class Runtime:
         try:
             # No length limit in the tokenizer: the API refuses a prompt past the context itself (a 400 naming
             # it), so transformers' "longer than the maximum sequence length" warning would only be noise.
-            tokenizer = load_tokenizer(path, model_max_length=UNLIMITED_LENGTH)
+            tokenizer = load_tokenizer(path, model_max_length=VERY_LARGE_INTEGER)
             chat = ChatFormat(tokenizer, info.generation, content_markers=content_markers)
             engine.wait_ready()
         except BaseException:

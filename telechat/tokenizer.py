@@ -398,11 +398,6 @@ def register_tokenizers() -> None:
     )
 
 
-UNLIMITED_LENGTH = int(1e30)
-"""``model_max_length`` for a tokenizer whose caller enforces the context itself (transformers' own value for
-"no limit")."""
-
-
 def load_tokenizer(path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a TeleChat folder (12B ``tokenizer.model`` or 7B ``tokenizer.json``).
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from telechat.model.checkpoint import CheckpointInfo, canonical_key, iter_tensors
-from telechat.model.fp8 import FP8_MAX, MIN_SCALE, Fp8Scheme, fp8_quantization_config, quantize_weight
+from telechat.model.fp8 import FP8_MAX, FP8_MIN_SCALE, Fp8Scheme, fp8_quantization_config, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def calibrate_input_scales(model, samples: list[list[int]], names: set[str]) -> 
     unseen = sorted(names - set(amax))
     if unseen:
         raise RuntimeError(f"calibration never reached {len(unseen)} Linears (first: {unseen[0]})")
-    return {name: max(a.item() / FP8_MAX, MIN_SCALE) for name, a in amax.items()}
+    return {name: max(a.item() / FP8_MAX, FP8_MIN_SCALE) for name, a in amax.items()}
 
 
 def _source_tensors(info: CheckpointInfo) -> Iterator[tuple[str, torch.Tensor]]:

@@ -178,13 +178,9 @@ class EngineClient(EngineFront):
                 log.warning("the engine core did not stop; killing it")  # it ignores SIGTERM (see core_process)
                 self._proc.kill()
         else:
-            deadline = time.monotonic() + grace_s
-            while self._streams and time.monotonic() < deadline and not self._exited.is_set():
-                time.sleep(0.05)
+            self._wait_for_streams(grace_s)
             self._send(AbortAll("the server is shutting down"))
-            deadline = time.monotonic() + DETACH_WAIT_S
-            while self._streams and time.monotonic() < deadline and not self._exited.is_set():
-                time.sleep(0.02)
+            self._wait_for_streams(DETACH_WAIT_S)
             self._exited.set()  # the client thread ends at its next look
         self._thread.join()
         with self._lock:
@@ -192,6 +188,12 @@ class EngineClient(EngineFront):
         self._ctx.term()
         if self._owner:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _wait_for_streams(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for every open stream of this client to end (or the core to go)."""
+        deadline = time.monotonic() + seconds
+        while self._streams and time.monotonic() < deadline and not self._exited.is_set():
+            time.sleep(0.02)
 
     def _send(self, msg: ClientMessage) -> None:
         data = self._encoder.encode(msg)

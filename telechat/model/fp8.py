@@ -44,7 +44,6 @@ from telechat.model.kernels import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_r
 
 log = logging.getLogger(__name__)
 
-MIN_SCALE = FP8_MIN_SCALE
 MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards."""
 
@@ -63,7 +62,7 @@ LINEAR_TARGET = "Linear"
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: E4M3 ``q [out, in]`` and float32 ``scale [out, 1]`` with ``weight ≈ q * scale``."""
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
@@ -71,9 +70,9 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None
     """``(q, scale)`` with ``x ≈ q * scale``: per token (over the last dim, ``scale [..., 1]``) when
     ``input_scale`` is None, else with that static per-tensor scale (``scale`` all ones-shaped)."""
     if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and triton_available():
-        return quantize_rows_fp8(x, input_scale, MIN_SCALE)  # the same numbers in one launch
+        return quantize_rows_fp8(x, input_scale, FP8_MIN_SCALE)  # the same numbers in one launch
     if input_scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_min(MIN_SCALE)
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_min(FP8_MIN_SCALE)
     else:
         scale = input_scale.float().reshape((1,) * x.dim())
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

@@ -742,7 +742,7 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
     buckets = sorted({gemv_bucket(b) for b in batch_sizes if b <= GEMV_MAX_M})
     t0 = time.perf_counter()
     rows = []
-    for (n, k, dtype, has_bias, x_fp8), layers in groups.items():
+    for (n, k, dtype, _, x_fp8), layers in groups.items():
         scale = _gemv_scale(layers[0])
         act = dtype if scale is None else next(model.parameters()).dtype  # FP8 weights are buffers
         # FP8: the GEMV dequantizes weights only; its reference is the dequantized weight times x
@@ -768,7 +768,7 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
                     continue
                 if t < best_t:
                     best, best_t = config, t
-            key = (n, k, m, dtype, has_bias, x_fp8)
+            key = _plan_key(layers[0], m)
             if best is None:
                 _gemv_plan.pop(key, None)
             else:

@@ -283,18 +283,17 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
 @pytest.mark.parametrize("m, k", [(1, 4096), (64, 12288), (3, 100)])
 def test_fused_activation_quantization_equals_the_pytorch_formula(m, k, static):
     """One-launch per-token (or static) FP8 activation quantization gives the PyTorch formula's bytes."""
-    from telechat.model.fp8 import MIN_SCALE
-    from telechat.model.kernels import quantize_rows_fp8
+    from telechat.model.kernels import FP8_MIN_SCALE, quantize_rows_fp8
 
     torch.manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
     x[0] = 0  # an all-zero token: the scale floor, zeros out
     static_scale = torch.tensor([0.01], device="cuda") if static else None
-    q, scale = quantize_rows_fp8(x, static_scale, MIN_SCALE)
+    q, scale = quantize_rows_fp8(x, static_scale, FP8_MIN_SCALE)
     if static:
         ref_scale = static_scale.expand(m, 1)
     else:
-        ref_scale = (x.abs().amax(dim=-1, keepdim=True).float() / 448.0).clamp_min(MIN_SCALE)
+        ref_scale = (x.abs().amax(dim=-1, keepdim=True).float() / 448.0).clamp_min(FP8_MIN_SCALE)
     ref_q = (x.float() / ref_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(scale, ref_scale)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
