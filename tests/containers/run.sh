@@ -11,9 +11,10 @@
 #    and extra CA certificates.
 # 3. torch: a PEP 503 index on the docker0 address holding the torch wheel (and its dependencies) this
 #    machine's pip resolves, passed as CPU_TORCH_INDEX_URL; pip's index-url here, if any, is passed too.
-# 4. Builds api, web, train (compose.yaml + compose.cpu.yaml, unmodified), `up --wait`, then checks: /ready,
-#    a streamed chat from the web container to http://api:8070, the web page in Chromium (it shows the model
-#    and asks the API for it), `run --rm finetune` (LoRA, 5 steps) -> `run --rm quant` (GPTQ int4) with a
+# 4. Checks the build context dockerd receives (only the COPY sources, small); builds api, web, train
+#    (compose.yaml + compose.cpu.yaml, unmodified), `up --wait`, then checks: /ready, a streamed chat from
+#    the web container to http://api:8070, the web page in Chromium (it shows the model and asks the API
+#    for it), `run --rm finetune` (LoRA, 5 steps) -> `run --rm quant` (GPTQ int4) with a
 #    models folder owned by an ordinary host user, api restarted on the int4 model and a chat with it,
 #    then `down -v`.
 # Any failure: exit 1 with the failing step's log tail. Environment: LANE_STATE (default
@@ -235,6 +236,33 @@ wait_for_index() {
 
 # ------------------------------------------------------------------ the stack
 
+check_build_context() {
+    # The build context as dockerd receives it (.dockerignore applied), read back from a scratch image of
+    # it: only what the Dockerfiles COPY, and small, whatever else this checkout holds (.venv, .venv-vllm).
+    local image=telechat-lane/context:check container size
+    printf 'FROM scratch\nCOPY . /context/\n' | docker build -q -t "$image" -f - .
+    size=$(docker image inspect -f '{{.Size}}' "$image")
+    container=$(docker create "$image" none)
+    docker export "$container" | tar -t > "$WORK/context.txt"
+    docker rm "$container" >/dev/null
+    docker rmi "$image" >/dev/null
+    python3 - "$WORK/context.txt" "$size" docker/*.Dockerfile <<'PY'
+import re, sys
+listing, size, dockerfiles = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+sources = set()
+for dockerfile in dockerfiles:
+    text = re.sub(r"\\\n\s*", " ", open(dockerfile, encoding="utf-8").read())
+    sources |= {s.rstrip("/") for line in text.splitlines() if line.startswith("COPY ")
+                for s in line.split()[1:-1] if not s.startswith("--")}
+paths = open(listing, encoding="utf-8").read().splitlines()
+files = [p.removeprefix("context/") for p in paths if p.startswith("context/") and not p.endswith("/")]
+stray = [f for f in files if not any(f == s or f.startswith(s + "/") for s in sources)]
+print(f"build context: {len(files)} files, {size / 2**20:.1f} MiB; COPY sources {sorted(sources)}")
+assert not stray, f"in the build context but never copied: {stray[:20]}"
+assert size < 20 * 2**20, f"build context of {size / 2**20:.0f} MiB"
+PY
+}
+
 build_images() { compose --profile finetune build api web finetune; }
 
 up_stack() { compose up -d --wait --wait-timeout 540 api web || { compose logs --tail 80; return 1; }; compose ps; }
@@ -342,6 +370,7 @@ API_PORT=$(free_port) WEB_PORT=$(free_port)
 export API_PORT WEB_PORT
 log "torch index $CPU_TORCH_INDEX_URL; pip index ${PIP_INDEX_URL:-pip default}; api :$API_PORT, web :$WEB_PORT"
 
+step context 300 check_build_context
 step build 1200 build_images
 step up 600 up_stack
 step ready 60 check_ready

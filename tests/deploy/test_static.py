@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -232,12 +233,85 @@ def test_job_default_command_prints_usage(module):
     assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_copy_sources_are_in_the_build_context(dockerfile):
+def glob_regex(glob: str) -> re.Pattern:
+    """A .dockerignore glob as a regex: `**` spans folders, `*` and `?` stay within one."""
+    regex, i = "", 0
+    while i < len(glob):
+        for token, replacement in (("**/", "(.*/)?"), ("**", ".*"), ("*", "[^/]*"), ("?", "[^/]")):
+            if glob.startswith(token, i):
+                regex, i = regex + replacement, i + len(token)
+                break
+        else:
+            regex, i = regex + re.escape(glob[i]), i + 1
+    return re.compile(regex + "$")
+
+
+def dockerignore_patterns() -> list[tuple[bool, str, re.Pattern]]:
+    """.dockerignore as Docker reads it: (is_exception, glob, regex) per line, in order."""
+    patterns = []
+    for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            glob = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+            patterns.append((line.startswith("!"), glob, glob_regex(glob)))
+    return patterns
+
+
+def docker_ignores(path: str, patterns: list[tuple[bool, str, re.Pattern]]) -> bool:
+    """Whether the build context leaves ``path`` out: the last line matching it or a parent folder wins."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for exception, _, regex in patterns:
+        if any(regex.match(candidate) for candidate in candidates):
+            ignored = not exception
+    return ignored
+
+
+def copy_sources() -> set[str]:
+    """Every source path the Dockerfiles COPY from the build context."""
+    return {source for dockerfile in DOCKERFILES for args in dockerfile_instruction(dockerfile, "COPY")
+            for source in args.split()[:-1] if not source.startswith("--")}
+
+
+def test_copy_sources_are_in_the_build_context():
     """Every COPY source exists and .dockerignore keeps it (README.md: pyproject's `readme`, pip needs it)."""
-    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
-               if line.strip() and not line.startswith("#")]
-    for args in dockerfile_instruction(dockerfile, "COPY"):
-        for source in args.split()[:-1]:
-            assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
-            assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
+    patterns = dockerignore_patterns()
+    for source in sorted(copy_sources()):
+        assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+        assert not docker_ignores(source, patterns), f"{source} is in .dockerignore"
+        inside = next((REPO / source).rglob("*.py"), None) if (REPO / source).is_dir() else None
+        if inside is not None:
+            assert not docker_ignores(inside.relative_to(REPO).as_posix(), patterns), f"{inside} is left out"
+
+
+@pytest.mark.parametrize("path", [
+    ".venv-vllm/lib/python3.11/site-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so", ".venv/bin/python",
+    ".venv-anything/pyvenv.cfg", "models/demo/model.safetensors", "bench/results/h200.json", ".git/HEAD", ".env",
+    "logs/api.log", "tests/conftest.py", "runs/lora/adapter_model.safetensors", "telechat/__pycache__/cli.cpython-311.pyc",
+    "services/api/__pycache__/app.cpython-311.pyc", "telechat_stack.egg-info/PKG-INFO", "a-new-folder/big.bin",
+    "docker/api.Dockerfile", "deploy.py",
+])
+def test_build_context_leaves_out(path):
+    """Checkouts hold virtual environments, weights and caches (CI's .venv-vllm once filled dockerd's disk)."""
+    assert docker_ignores(path, dockerignore_patterns())
+
+
+def test_build_context_of_this_checkout_is_only_what_the_images_copy():
+    """Walk this checkout (its .venv and all) as dockerd would receive it: only COPY sources, and small."""
+    patterns, sources = dockerignore_patterns(), copy_sources()
+    exceptions = [glob for exception, glob, _ in patterns if exception]
+    kept, size = [], 0
+    for folder, dirs, files in os.walk(REPO):
+        relative = Path(folder).relative_to(REPO).as_posix()
+        prefix = "" if relative == "." else relative + "/"
+        # An ignored folder is skipped unless an exception line may bring back something inside it.
+        dirs[:] = [d for d in dirs if not docker_ignores(prefix + d, patterns)
+                   or any(glob.startswith(prefix + d + "/") for glob in exceptions)]
+        for name in files:
+            if not docker_ignores(prefix + name, patterns):
+                kept.append(prefix + name)
+                size += (Path(folder) / name).stat().st_size
+    stray = [path for path in kept if not any(path == s or path.startswith(s.rstrip("/") + "/") for s in sources)]
+    assert not stray, f"in the build context but never copied: {stray[:10]}"
+    assert size < 20 * 2**20, f"build context of {size / 2**20:.0f} MiB"
