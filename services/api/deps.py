@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
+from services.api.grammar_check import GrammarChecker
 from services.api.metrics import Metrics
 from services.api.protocol.openai import APIError
 from services.api.settings import Settings
@@ -39,6 +40,8 @@ class ServerState:
         self.draining = False
         self.metrics = Metrics(lambda: self.runtime.engine.stats() if self.runtime else None,
                                multiprocess=core is not None)
+        self.grammars = GrammarChecker(settings.grammar_timeout_s)
+        """Checks structured-output grammars before requests are queued (services/api/grammar_check.py)."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -69,7 +69,8 @@ def engine_options(settings: Settings) -> tuple[CheckpointInfo, dict]:
                           enable_prefix_caching=settings.prefix_caching, kv_cache_dtype=settings.kv_cache_dtype,
                           gpu_memory_utilization=settings.gpu_memory_utilization,
                           max_loras=settings.max_loras if settings.lora_enabled else 0,
-                          max_lora_rank=lora_slot_rank(settings.lora_module_map, settings.max_lora_rank))
+                          max_lora_rank=lora_slot_rank(settings.lora_module_map, settings.max_lora_rank),
+                          grammar_timeout_s=settings.grammar_timeout_s)
     return info, dict(device=settings.device, dtype=settings.dtype, engine_config=config, lora=settings.lora_path,
                       lora_modules=settings.lora_module_map, rope_mode=settings.rope_mode,
                       training_seqlen=settings.training_seqlen, base_seqlen=settings.base_seqlen)
@@ -296,6 +297,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
         state.attach(asyncio.get_running_loop())
         threading.Thread(target=_load_in_background, args=(state, on_fatal), name="model-loader", daemon=True).start()
         yield
+        state.grammars.close()
         if state.runtime is not None:
             # Requests had the grace period (see ServerState.begin_shutdown); stop the engine.
             await asyncio.to_thread(state.runtime.engine.shutdown, 0)

@@ -28,6 +28,7 @@ from services.api.protocol.openai import (
     DeltaMessage,
     Usage,
 )
+from telechat.errors import RequestRefused
 
 if TYPE_CHECKING:
     from services.api.choices import Choices
@@ -145,22 +146,27 @@ async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], para
         t0 = last = time.perf_counter()
         tokens = 0
         reason = "abort"  # unless the engine says otherwise (e.g. the client left)
-        async for d in rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora, after=after):
-            now = time.perf_counter()
-            if tokens == 0 and d.completion_tokens:
-                m.time_to_first_token.observe(now - t0)
-            elif d.completion_tokens > tokens:
-                # One observation per delta: the mean gap of the tokens it carries.
-                m.inter_token_latency.observe((now - last) / (d.completion_tokens - tokens))
-            if d.completion_tokens > tokens:
-                tokens, last = d.completion_tokens, now
-            if d.queue_s is not None:
-                m.request_queue_time.observe(d.queue_s)
-                m.request_prefill_time.observe(d.prefill_s)
-            if d.finish_reason:
-                reason = d.finish_reason
-                m.e2e_request_latency.observe(now - t0)
-            yield d
+        async with aclosing(rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora,
+                                      after=after)) as stream:
+            try:
+                async for d in stream:
+                    now = time.perf_counter()
+                    if tokens == 0 and d.completion_tokens:
+                        m.time_to_first_token.observe(now - t0)
+                    elif d.completion_tokens > tokens:
+                        # One observation per delta: the mean gap of the tokens it carries.
+                        m.inter_token_latency.observe((now - last) / (d.completion_tokens - tokens))
+                    if d.completion_tokens > tokens:
+                        tokens, last = d.completion_tokens, now
+                    if d.queue_s is not None:
+                        m.request_queue_time.observe(d.queue_s)
+                        m.request_prefill_time.observe(d.prefill_s)
+                    if d.finish_reason:
+                        reason = d.finish_reason
+                        m.e2e_request_latency.observe(now - t0)
+                    yield d
+            except RequestRefused as e:  # it never started
+                raise APIError(400, f"the request was refused: {e}", type="invalid_request_error") from e
     finally:
         m.request_success.labels(finished_reason=reason).inc()
         state.release()
@@ -274,6 +280,9 @@ async def _terminated(rid: str, deltas: AsyncIterator[StreamDelta], events: Asyn
     except StreamFailed as e:
         log.warning("%s ended early: %s", rid, e)
         yield _sse_error(e.error)
+    except APIError as e:  # refused by the engine after the response started
+        log.info("%s: %s", rid, e.message)
+        yield _sse_error(e)
     except Exception as e:  # noqa: BLE001 - fail this stream only, in-band
         log.exception("%s failed", rid)
         yield _sse_error(APIError(500, f"generation failed: {e}", type="server_error"))

@@ -59,6 +59,10 @@ class Settings(ModelSettings):
     shutdown_grace_s: int = Field(10, ge=0, le=3600, description="on SIGTERM/SIGINT, seconds running requests "
                                   "may take to finish; then each ends with an error event (streams) or a 503",
                                   json_schema_extra={"flags": ["--shutdown-grace"]})
+    grammar_timeout_s: float = Field(10.0, gt=0, le=3600, description="seconds a structured-output "
+                                     "grammar (response_format, guided_*, tools) may take to build, in the API's check "
+                                     "and in the engine; a slower one is refused with a 400",
+                                     json_schema_extra={"flags": ["--grammar-timeout"]})
     content_markers: ContentMarkers = Field(
         "text", description="marker strings (<_user>, <_bot>, <_end>, <_system>) typed inside message content: "
         "`text` = plain text (default), `control` = read as the markers, as the official service does")

@@ -1,6 +1,6 @@
 """Structured output and forced tool calls of the OpenAI routes: from a request to the grammar its
 reply must match (:class:`~telechat.engine.guided.GrammarSpec`, checked here before queuing so a bad
-schema or regex is a 400 naming its field), and from a constrained reply to OpenAI ``tool_calls``,
+schema or regex is a 400 naming its field; services/api/grammar_check.py), and from a constrained reply to OpenAI ``tool_calls``,
 whole or streamed (docs/engine.md, "Constrained decoding").
 """
 
@@ -14,6 +14,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from services.api.grammar_check import GrammarChecker
 from services.api.protocol.openai import (
     APIError,
     ChatChunkChoice,
@@ -33,7 +34,6 @@ from telechat.engine.guided import (
     GrammarSpec,
     any_json_object,
     bound_json_schema,
-    check_grammar,
     json_bounds,
 )
 
@@ -106,11 +106,12 @@ def _tool_schema(plan: ToolPlan, max_items: int) -> dict[str, Any]:
             "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
 
 
-def grammar_spec(body: ChatCompletionRequest | CompletionRequest, max_tokens: int,
-                 plan: ToolPlan | None = None) -> GrammarSpec | None:
-    """The grammar a request's reply must match (None: free text), checked: a 400 names the field
-    whose schema, regex or choices cannot be compiled. Free-form JSON parts get the bounds of
-    :func:`~telechat.engine.guided.json_bounds` (docs/engine.md: why)."""
+async def grammar_spec(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, checker: GrammarChecker,
+                       plan: ToolPlan | None = None) -> GrammarSpec | None:
+    """The grammar a request's reply must match (None: free text), checked by ``checker`` (in a worker
+    process, time-limited): a 400 names the field whose schema, regex or choices cannot be compiled, or
+    not in time. Free-form JSON parts get the bounds of :func:`~telechat.engine.guided.json_bounds`
+    (docs/engine.md: why)."""
     fmt = body.response_format
     asked: list[tuple[str, str, Any]] = []  # (param, kind, value)
     if fmt is not None and fmt.type == "json_object":
@@ -152,7 +153,7 @@ def grammar_spec(body: ChatCompletionRequest | CompletionRequest, max_tokens: in
     else:
         spec = GrammarSpec(kind, value)
     try:
-        check_grammar(spec)
+        await checker.check(spec)
     except GrammarError as e:
         what = {"regex": "the regular expression", "choice": "the choices"}.get(spec.kind, "the JSON schema")
         raise APIError(400, f"{param}: {what} cannot be used: {e}", param=param) from e

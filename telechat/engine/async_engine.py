@@ -34,6 +34,7 @@ from telechat.engine.core_messages import (
 from telechat.engine.core_process import CoreLoop, engine_info
 from telechat.engine.request import RequestOutput
 from telechat.engine.sampling import SamplingParams
+from telechat.errors import RequestRefused
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class EngineFront:
 
         Outputs that queued up while the consumer was busy arrive merged into one (several tokens),
         so a slow client or a busy event loop costs one update per wake-up, not one per token. A
-        request the engine refuses raises ``ValueError``; if the engine stops, the stream ends with
+        request the engine refuses raises :class:`~telechat.errors.RequestRefused` (a ``ValueError``); if the engine stops, the stream ends with
         finish reason ``error`` and the reason.
         """
         if not self.alive:
@@ -211,7 +212,7 @@ class EngineFront:
                     pass
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for rid, item in [(out.request_id, out) for out in batch.outputs] + \
-                [(rid, ValueError(why)) for rid, why in batch.rejected.items()]:
+                [(rid, RequestRefused(why)) for rid, why in batch.rejected.items()]:
             target = self._streams.get(rid)
             if target is not None:
                 by_loop[target[0]].append((target[1], item))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from telechat.engine.guided import GrammarCompiler, GuidedRequests
+from telechat.engine.guided import GRAMMAR_TIMEOUT_S, GrammarCompiler, GrammarError, GuidedRequests
 from telechat.engine.kv_cache import PagedKVCache, check_kv_cache_device, kv_cache_torch_dtype
 from telechat.engine.request import Request, RequestOutput
 from telechat.engine.runner import ModelRunner, StepResult
@@ -35,6 +35,8 @@ from telechat.model.lora import AdapterError, LoraAdapter, read_adapter
 
 log = logging.getLogger(__name__)
 
+GRAMMAR_POLL_S = 0.005
+"""How long an idle step waits for a compiling grammar before the loop looks at its inbox again."""
 GRAMMAR_VIOLATION = "structured output failed: a token outside the grammar was sampled"
 
 
@@ -74,6 +76,8 @@ class EngineConfig:
     """``auto`` (the model's dtype) or ``fp8`` (E4M3, half the bytes per token; docs/engine.md)."""
     warm_up: bool | None = None
     """Run dummy prefills and decodes at start (:meth:`LLMEngine.warm_up`; default: on for CUDA devices)."""
+    grammar_timeout_s: float = GRAMMAR_TIMEOUT_S
+    """Most seconds a structured-output grammar may compile before its request is refused."""
 
 
 class LLMEngine:
@@ -122,7 +126,8 @@ class LLMEngine:
         self.overlap = self.device.type == "cuda" if config.overlap is None else config.overlap
         self._in_flight: tuple[SchedulerOutput, StepResult] | None = None
         self._ids = itertools.count()
-        self.guided = GuidedRequests(grammars)
+        self.guided = GuidedRequests(grammars, config.grammar_timeout_s)
+        self._refused: dict[str, str] = {}
         if self.device.type == "cuda" if config.warm_up is None else config.warm_up:
             self.warm_up()
         log.info("KV cache (%s): %d blocks × %d tokens = %d tokens capacity (%.1f MiB); prefix caching %s",
@@ -170,14 +175,21 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        if params.guided is not None:  # GrammarError (a ValueError): the request is refused alone
-            self.guided.add(rid, params.guided, params.stop_token_ids)
+        # A grammar compiled before starts its matcher now; a new one compiles off the loop while the request
+        # waits (refused later, see take_refused, if it cannot be compiled). GrammarError: no compiler at all.
+        ready = params.guided is None or self.guided.add(rid, params.guided, params.stop_token_ids)
         rope = self.model.rope_params(len(prompt_ids))
         self.scheduler.add_request(Request(
             rid, list(prompt_ids), params, max_len=min(self.max_model_len, len(prompt_ids) + params.max_tokens),
             rope=rope, cache_salt=(rope.base, rope.mscale) + ((adapter.id,) if adapter else ()), after=after,
-            lora=adapter))
+            lora=adapter, waiting_for_grammar=not ready))
         return rid
+
+    def take_refused(self) -> dict[str, str]:
+        """Requests refused since the last call, after :meth:`add_request` accepted them (their grammar could
+        not be compiled in time, or at all), with why; they left with no output."""
+        refused, self._refused = self._refused, {}
+        return refused
 
     def load_adapter(self, name: str, path: str) -> LoraAdapter:
         """Read the PEFT LoRA adapter at ``path`` for requests that name ``name``; raises
@@ -219,7 +231,7 @@ class LLMEngine:
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with finish reason ``error`` (the engine itself failed)."""
         self._in_flight = None
-        self.guided = GuidedRequests(self.guided.compiler)
+        self.guided.clear()
         return self.scheduler.fail_all(error)
 
     # ------------------------------------------------------------------ step
@@ -227,6 +239,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and launch one forward pass; return the outputs of the step whose tokens are now read
         (this one, or with overlap the previous one)."""
+        if self.guided.compiling:
+            self._poll_grammars()
         with record_function("engine.schedule"):
             sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
@@ -244,6 +258,8 @@ class LLMEngine:
         launched = None
         if sched.empty:
             outputs.extend(sched.finished)  # aborts; a launched step reports them with its tokens
+            if previous is None and self.guided.compiling:  # nothing runs: wait for a grammar, do not spin
+                self.guided.wait(GRAMMAR_POLL_S)
         else:
             try:
                 with record_function("engine.execute"):
@@ -257,11 +273,23 @@ class LLMEngine:
             outputs.extend(self._update(*previous))
         if launched is not None and not self.overlap:
             outputs.extend(self._update(*launched))
-        if self.guided:
+        if self.guided or self.guided.compiling:
             for out in outputs:
                 if out.finished:
                     self.guided.remove(out.request_id)
         return outputs
+
+    def _poll_grammars(self) -> None:
+        """Admit the requests whose grammar compiled; refuse those whose grammar failed or timed out."""
+        ready, refused = self.guided.poll()
+        for request_id in ready:
+            if request_id in self.scheduler.requests:  # (an abort may have ended it since)
+                self.scheduler.requests[request_id].waiting_for_grammar = False
+        for request_id, why in refused.items():
+            if request_id in self.scheduler.requests:
+                self.scheduler.refuse(request_id)
+                self._refused[request_id] = why
+                log.info("%s refused: %s", request_id, why)
 
     def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         try:
@@ -313,13 +341,18 @@ class LLMEngine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         results: dict[str, list[int]] = {i: [] for i in ids}
         reasons: dict[str, str] = {}
+        refused: dict[str, str] = {}
         while self.has_unfinished():
-            for out in self.step():
+            outputs = self.step()
+            refused.update(self.take_refused())
+            for out in outputs:
                 results[out.request_id].extend(out.new_token_ids)
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
                     if out.error:
                         raise RuntimeError(out.error)
+        if refused:
+            raise GrammarError(next(iter(refused.values())))
         final = []
         for i, sp in zip(ids, plist):
             toks = results[i]

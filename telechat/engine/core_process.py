@@ -178,6 +178,7 @@ class CoreLoop:
                 outputs = [RequestOutput(rid, [], finished=True, finish_reason="error", error=STEP_ERROR)
                            for rid in list(self.engine.requests)]
                 self._abort_all(STEP_ERROR)
+        self._rejected.update(self.engine.take_refused())
         adapters = {name: a.path for name, a in self.engine.adapters.items()} if self._replies else None
         batch = OutputBatch(outputs, self._rejected, self.engine.stats(), self._replies, adapters)
         self._rejected, self._replies = {}, {}

@@ -2,8 +2,9 @@
 
 A request brings a :class:`GrammarSpec` (plain data: it crosses the process boundary inside
 :class:`~telechat.engine.sampling.SamplingParams`). The engine core compiles it against the served
-tokenizer (:class:`GrammarCompiler`, compiled grammars cached LRU by size), keeps one matcher per
-constrained request (:class:`GuidedRequests`), advances it with every token the host reads, and
+tokenizer on worker threads (:class:`GrammarCompiler`, compiled grammars cached LRU by size; the request
+waits unscheduled meanwhile, its batch-mates do not), keeps one matcher per constrained request
+(:class:`GuidedRequests`), advances it with every token the host reads, and
 before each sampling fills a per-row token bitmask that the sampler applies to the logits
 (:func:`allowed_tokens`). A grammar that is complete allows only the stop tokens, so its request
 ends with finish reason "stop"; unconstrained rows never touch any of this.
@@ -13,10 +14,15 @@ xgrammar is imported on first use: servers that never see a constrained request 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
+import queue
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +36,11 @@ GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "ebnf"]
 GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "ebnf")
 CACHE_LIMIT_BYTES = 256 << 20
 """Memory the compiled-grammar cache may hold before it evicts the least recently used."""
+GRAMMAR_TIMEOUT_S = 10.0
+"""Default limit on building one grammar (the API's check, then the engine's compile): some inputs take
+minutes (xgrammar 0.2.9 took 478 s for a JSON-schema ``pattern`` of ``[0-9a-f]{1,50000}``)."""
+COMPILE_THREADS = 2
+"""Threads an engine compiles grammars on."""
 JSON_SEPARATORS = (", ", ": ")
 """JSON is constrained to one layout (no free whitespace): a small model cannot wander off into
 endless blanks, and the text is the same for every sampler (docs/engine.md)."""
@@ -193,8 +204,9 @@ def check_grammar(spec: GrammarSpec) -> None:
 
 
 class GrammarCompiler:
-    """Compiles grammar specs against one tokenizer (xgrammar ``GrammarCompiler``, whose cache keeps
-    compiled grammars LRU up to :data:`CACHE_LIMIT_BYTES`).
+    """Compiles grammar specs against one tokenizer, keeping compiled grammars LRU up to
+    :data:`CACHE_LIMIT_BYTES`. Thread-safe: the engine compiles on worker threads (:class:`GuidedRequests`)
+    and looks finished grammars up from its loop (:meth:`cached`).
 
     ``load_tokenizer`` is called once, on the first compile: an engine that never sees a
     constrained request never builds the tokenizer's token table.
@@ -204,6 +216,11 @@ class GrammarCompiler:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
         self._compiler = None
+        self._prepare_lock = threading.Lock()
+        self._lock = threading.Lock()
+        """Guards the cache only (held for dict operations: the engine loop takes it)."""
+        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache_bytes = 0
 
     @classmethod
     def from_path(cls, path: str, vocab_size: int) -> GrammarCompiler:
@@ -215,37 +232,67 @@ class GrammarCompiler:
 
         return cls(load, vocab_size)
 
-    def _get(self):
-        if self._compiler is None:
-            xgr = _xgr()
-            info = xgr.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
-                                                 cache_limit_bytes=CACHE_LIMIT_BYTES)
-        return self._compiler
+    def prepare(self) -> None:
+        """Build the tokenizer's token table now (seconds for a 160k vocabulary; done once)."""
+        with self._prepare_lock:
+            if self._compiler is None:
+                xgr = _xgr()
+                info = xgr.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
+                                                     cache_enabled=False)
+
+    def cached(self, spec: GrammarSpec) -> Any | None:
+        """The compiled grammar of ``spec`` if it was compiled before and is still kept, else None (no work)."""
+        with self._lock:
+            compiled = self._cache.get(spec.key)
+            if compiled is not None:
+                self._cache.move_to_end(spec.key)
+            return compiled
 
     def compile(self, spec: GrammarSpec) -> Any:
         """The compiled grammar of ``spec`` (from the cache when compiled before)."""
-        compiler = self._get()
+        compiled = self.cached(spec)
+        if compiled is not None:
+            return compiled
+        self.prepare()
+        compiler = self._compiler
         try:
             if spec.kind in ("json_schema", "json_object"):
                 schema = _json_schema_text(spec)
                 ebnf = bounded_strings_ebnf(schema)
                 if ebnf is not None:
-                    return compiler.compile_grammar(ebnf)
-                return compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
-            if spec.kind == "regex":
-                return compiler.compile_regex(spec.value)
-            if spec.kind == "choice":
-                return compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
-            return compiler.compile_grammar(spec.value)
+                    compiled = compiler.compile_grammar(ebnf)
+                else:
+                    compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
+            elif spec.kind == "regex":
+                compiled = compiler.compile_regex(spec.value)
+            elif spec.kind == "choice":
+                compiled = compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
+            else:
+                compiled = compiler.compile_grammar(spec.value)
         except GrammarError:
             raise
         except Exception as e:  # noqa: BLE001
             raise GrammarError(_message(e)) from e
+        self._keep(spec.key, compiled)
+        return compiled
 
-    def matcher(self, spec: GrammarSpec, stop_token_ids: list[int]) -> Any:
-        """A fresh matcher of ``spec`` that ends on ``stop_token_ids`` (the request's own)."""
-        return _xgr().GrammarMatcher(self.compile(spec), override_stop_tokens=list(stop_token_ids) or None)
+    def _keep(self, key: tuple[str, str], compiled: Any) -> None:
+        size = compiled.memory_size_bytes
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = compiled
+            self._cache_bytes += size
+            while self._cache_bytes > CACHE_LIMIT_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.memory_size_bytes
+
+    def matcher(self, spec: GrammarSpec, stop_token_ids: list[int], compiled: Any | None = None) -> Any:
+        """A fresh matcher of ``spec`` (``compiled``: its compiled grammar, when at hand) that ends on
+        ``stop_token_ids`` (the request's own)."""
+        return _xgr().GrammarMatcher(compiled if compiled is not None else self.compile(spec),
+                                     override_stop_tokens=list(stop_token_ids) or None)
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -260,28 +307,130 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(1)[:, :vocab_size].bool()
 
 
-class GuidedRequests:
-    """The matchers of the constrained requests an engine holds, by request id."""
+@dataclass
+class _Compile:
+    """One grammar compiling on a worker thread (shared by the requests that wait for the same spec)."""
 
-    def __init__(self, compiler: GrammarCompiler | None):
+    spec: GrammarSpec
+    compiler: GrammarCompiler
+    done: concurrent.futures.Future
+    started: float | None = None
+    """When a worker began compiling it (``time.monotonic``); None while it waits for a worker."""
+
+
+_jobs: queue.SimpleQueue[_Compile] = queue.SimpleQueue()
+_workers: list[threading.Thread] = []
+_workers_lock = threading.Lock()
+
+
+def _submit(job: _Compile) -> None:
+    """Queue a compile for the process's :data:`COMPILE_THREADS` worker threads (started on first use)."""
+    _jobs.put(job)
+    with _workers_lock:
+        if len(_workers) < COMPILE_THREADS:
+            thread = threading.Thread(target=_work, name=f"grammar-compile-{len(_workers)}", daemon=True)
+            thread.start()
+            _workers.append(thread)
+
+
+def _work() -> None:
+    while True:
+        job = _jobs.get()
+        if not job.done.set_running_or_notify_cancel():  # its requests left before a worker got to it
+            continue
+        try:
+            job.compiler.prepare()  # the token table, once: not part of any grammar's time
+            job.started = time.monotonic()
+            job.done.set_result(job.compiler.compile(job.spec))
+        except BaseException as e:  # noqa: BLE001 - handed to the engine loop with the requests
+            job.done.set_exception(e)
+
+
+class GuidedRequests:
+    """The matchers of the constrained requests an engine holds, by request id, and the grammars still
+    compiling for the ones that wait.
+
+    Compiling runs on the process's :data:`COMPILE_THREADS` daemon threads (xgrammar releases the GIL): a
+    grammar that takes seconds to compile — the first one also builds the tokenizer's token table — holds
+    back its own request only, never the engine loop. A compile running longer than ``timeout_s`` refuses its requests
+    (:meth:`poll`).
+    """
+
+    def __init__(self, compiler: GrammarCompiler | None, timeout_s: float = GRAMMAR_TIMEOUT_S):
         self.compiler = compiler
+        self.timeout_s = timeout_s
         self._matchers: dict[str, Any] = {}
+        self._waiting: dict[str, tuple[_Compile, list[int]]] = {}
+        """Request id -> (its grammar's compile, its stop tokens)."""
 
     def __bool__(self) -> bool:
         return bool(self._matchers)
 
-    def add(self, request_id: str, spec: GrammarSpec, stop_token_ids: list[int]) -> None:
-        """Compile ``spec`` and start a matcher for the request; :class:`GrammarError` if it cannot."""
+    @property
+    def compiling(self) -> bool:
+        """True while any request waits for its grammar."""
+        return bool(self._waiting)
+
+    def add(self, request_id: str, spec: GrammarSpec, stop_token_ids: list[int]) -> bool:
+        """Start a matcher for the request: now when its grammar was compiled before (True), else once a
+        worker has compiled it (False: the request waits, see :meth:`poll`). :class:`GrammarError` when
+        this engine cannot compile grammars at all."""
         if self.compiler is None:
             raise GrammarError("this engine has no tokenizer to compile grammars with")
-        self._matchers[request_id] = self.compiler.matcher(spec, stop_token_ids)
+        compiled = self.compiler.cached(spec)
+        if compiled is not None:
+            self._matchers[request_id] = self.compiler.matcher(spec, stop_token_ids, compiled)
+            return True
+        job = next((j for j, _ in self._waiting.values() if j.spec.key == spec.key), None)
+        if job is None:
+            job = _Compile(spec, self.compiler, concurrent.futures.Future())
+            _submit(job)
+        self._waiting[request_id] = (job, list(stop_token_ids))
+        return False
+
+    def poll(self) -> tuple[list[str], dict[str, str]]:
+        """Requests whose grammar is ready now (their matchers are started), and those refused, with why:
+        the grammar cannot be compiled, or compiling it ran past ``timeout_s`` (the compile finishes in the
+        background and is cached; nobody waits for it)."""
+        ready, refused = [], {}
+        now = time.monotonic()
+        for request_id, (job, stop_token_ids) in list(self._waiting.items()):
+            if job.done.done():
+                del self._waiting[request_id]
+                error = job.done.exception()
+                if error is None:
+                    self._matchers[request_id] = self.compiler.matcher(job.spec, stop_token_ids, job.done.result())
+                    ready.append(request_id)
+                else:
+                    refused[request_id] = (f"the grammar cannot be used: {error}" if isinstance(error, GrammarError)
+                                           else f"compiling the grammar failed ({type(error).__name__}: {error})")
+            elif job.started is not None and now - job.started > self.timeout_s:
+                del self._waiting[request_id]
+                refused[request_id] = (f"the grammar took longer than {self.timeout_s:g} s to compile; simplify it "
+                                       "(long bounded repetitions such as {1,5000} are the usual cause)")
+        return ready, refused
+
+    def wait(self, timeout_s: float) -> None:
+        """Block up to ``timeout_s`` until a compile finishes (the engine has nothing else to do)."""
+        futures = {job.done for job, _ in self._waiting.values()}
+        if futures:
+            concurrent.futures.wait(futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def clear(self) -> None:
+        """Forget every matcher and waiting request (the engine failed them all)."""
+        for request_id in list(self._waiting):
+            self.remove(request_id)
+        self._matchers.clear()
 
     def remove(self, request_id: str) -> None:
-        """Forget a request's matcher (it finished); unknown ids are ignored."""
+        """Forget a request's matcher or compile (it finished or left); unknown ids are ignored."""
         self._matchers.pop(request_id, None)
+        job, _ = self._waiting.pop(request_id, (None, None))
+        if job is not None and all(j is not job for j, _ in self._waiting.values()):
+            job.done.cancel()  # nobody waits for it: skipped if no worker has started it
 
     def constrained(self, request_id: str) -> bool:
-        """True while ``request_id`` has a matcher."""
+        """True while ``request_id`` has a matcher (not while it waits for its grammar)."""
         return request_id in self._matchers
 
     def accept(self, request_id: str, tokens: list[int]) -> bool:

@@ -74,6 +74,8 @@ class Request:
     """The LoRA adapter this request runs with (None: the base model); the scheduler only reads its ``id``."""
     lora_slot: int | None = None
     """The device slot holding its adapter, held like ``row`` from the first admission to the end."""
+    waiting_for_grammar: bool = False
+    """Its structured-output grammar is still compiling: not admitted until the engine clears this."""
     arrival: float = field(default_factory=time.monotonic)
     first_scheduled: float | None = None
     """When it was first admitted to the running batch (``time.monotonic``)."""

@@ -111,6 +111,16 @@ class Scheduler:
         request.abort_error = error
         self._aborted.append(request)
 
+    def refuse(self, request_id: str) -> None:
+        """Remove a request that was never admitted, with no output (the engine refuses it after all, e.g.
+        its grammar cannot be compiled). Unknown ids are ignored; ``ValueError`` for one that ran."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if request.row is not None:
+            raise ValueError(f"request {request_id!r} has run; end it with abort()")
+        self._finish(request, "abort")
+
     def has_unfinished(self) -> bool:
         """True while any request is waiting or running."""
         return bool(self.requests)
@@ -200,7 +210,7 @@ class Scheduler:
                 return
             # Preempted with a token in flight. No admission follows a preemption in the same step, so
             # the update in between has normally read it; this keeps a re-admission from ever needing it.
-            if request.num_placeholders or self._sibling_pending(request):
+            if request.num_placeholders or request.waiting_for_grammar or self._sibling_pending(request):
                 continue
             if request.row is None and not self._free_rows:
                 return

@@ -5,8 +5,10 @@ loop, markers typed in content stay text, unsupported fields are refused by name
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -225,9 +227,9 @@ def test_markers_in_content_are_text(demo_server, demo_model_dir):
 
 @pytest.fixture(scope="module")
 def options_server(demo_model_dir, api_server):
-    """Opt-ins: official marker reading, API key, /metrics behind the key."""
+    """Opt-ins: official marker reading, API key, /metrics behind the key; a 2 s limit on building grammars."""
     server = api_server(demo_model_dir, env={"CONTENT_MARKERS": "control", "API_KEY": "k",
-                                             "METRICS_REQUIRE_KEY": "true"})
+                                             "METRICS_REQUIRE_KEY": "true", "GRAMMAR_TIMEOUT_S": "2"})
     yield server
     server.stop()
 
@@ -283,3 +285,48 @@ def test_openapi_says_what_the_server_answers(demo_server):
     roles = spec["components"]["schemas"]["ChatMessage"]["properties"]["role"]["enum"]
     assert sorted(roles) == ["assistant", "bot", "developer", "system", "tool", "user"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def child_pids(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_grammar_that_builds_for_minutes_is_refused_alone(options_server):
+    """xgrammar 0.2.9 takes 478 s to build this schema's grammar; built on the event loop it froze every
+    stream and /health. Now its check runs in a worker process that is stopped at the limit (2 s here):
+    a 400 naming the field and saying what to simplify, /health and a plain chat answered meanwhile, no
+    process left behind, and the next constrained request served by a fresh worker."""
+    url, auth = options_server.url, {"Authorization": "Bearer k"}
+    slow = {"messages": HELLO, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "hex", "schema": {"type": "string", "pattern": "^[0-9a-f]{1,50000}$"}}}}
+    before = child_pids(options_server.proc.pid)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, url + CHAT, json=slow, headers=auth, timeout=120)
+        time.sleep(0.5)
+        chat = httpx.post(url + CHAT, json={"messages": HELLO, "max_tokens": 4}, headers=auth, timeout=60)
+        assert chat.status_code == 200 and not pending.done()
+        worst = 0.0
+        while not pending.done():
+            t0 = time.monotonic()
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        r = pending.result()
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["param"] == "response_format" and "longer than 2 s to build" in error["message"], error
+    assert worst < 1.0, f"/health took {worst:.2f}s while the grammar was checked"
+    assert child_pids(options_server.proc.pid) == before
+    fine = {**slow, "max_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "hex", "schema": {"type": "string", "pattern": "^[0-9a-f]{1,8}$"}}}}
+    r = httpx.post(url + CHAT, json=fine, headers=auth, timeout=120)
+    assert r.status_code == 200 and re.fullmatch(r'"[0-9a-f]{1,8}"', r.json()["choices"][0]["message"]["content"])

@@ -160,11 +160,13 @@ def token_steps(engine: LLMEngine, prompts: list[list[int]], params: list[Sampli
 def test_constrained_rows_do_not_delay_their_batch_mates(demo):
     """With overlap, a step with constrained rows reads the previous step's tokens before sampling: every
     token of a free request beside constrained ones is returned in the same step as without them, and the
-    constrained rows' first tokens come in that step too (nothing held back a step, no step added)."""
+    constrained rows' first tokens come in that step too when their grammar was compiled before (nothing
+    held back a step, no step added)."""
     model, tokenizer, chat, compiler = demo
     questions = ["你好", "介绍一下你自己", "What is TeleChat?", "写一首诗"]
     free = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     spec = GrammarSpec("json_schema", json.dumps(bound_json_schema(PERSON, *json_bounds(24))))
+    compiler.compile(spec)
     guided = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, guided=spec)
     alone = token_steps(LLMEngine(model, EngineConfig(max_num_seqs=8, overlap=True)),
                         [prompt(chat, q) for q in questions], [free] * 4)
@@ -236,20 +238,68 @@ def test_bounded_strings_take_json_string_characters_only(demo):
 
 
 def test_bad_grammar_is_refused_alone(demo):
-    """A schema or regex that cannot compile raises GrammarError (a ValueError: the core refuses that
-    request) and the engine serves the next request as before."""
+    """A schema or regex that cannot compile is refused after add_request accepted it (it compiles off the
+    engine loop): the request leaves with no output, take_refused says why, and a free request sent with
+    it runs exactly as alone."""
     model, tokenizer, chat, compiler = demo
-    engine = LLMEngine(model, EngineConfig(max_num_seqs=2), grammars=compiler)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4), grammars=compiler)
     p = prompt(chat, "你好")
-    for spec in (GrammarSpec("json_schema", '{"type": "objx"}'), GrammarSpec("regex", "a(b")):
-        with pytest.raises(GrammarError):
-            engine.add_request(p, SamplingParams(max_tokens=8, stop_token_ids=chat.stop_token_ids, guided=spec))
-    assert not engine.has_unfinished() and not engine.guided
     free = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=chat.stop_token_ids)
-    assert run(engine, [p], [free]) == run(LLMEngine(model, EngineConfig(max_num_seqs=2)), [p], [free])
-    with pytest.raises(GrammarError):  # an engine without a compiler refuses constrained requests
+    bad = [SamplingParams(max_tokens=8, stop_token_ids=chat.stop_token_ids, guided=spec)
+           for spec in (GrammarSpec("json_schema", '{"type": "objx"}'), GrammarSpec("regex", "a(b"))]
+    ids = [engine.add_request(p, sp) for sp in bad]
+    refused, out = {}, []
+    free_id = engine.add_request(p, free)
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id == free_id
+            out += o.new_token_ids
+        refused.update(engine.take_refused())
+    assert sorted(refused) == sorted(ids) and all("the grammar cannot be used" in why for why in refused.values())
+    assert not engine.guided and not engine.guided.compiling
+    plain, expected = LLMEngine(model, EngineConfig(max_num_seqs=2)), []
+    plain.add_request(p, free)
+    while plain.has_unfinished():
+        expected += [t for o in plain.step() for t in o.new_token_ids]
+    assert out == expected
+    with pytest.raises(GrammarError):  # generate() raises it
+        engine.generate([p], bad[1])
+    with pytest.raises(GrammarError):  # an engine without a compiler refuses constrained requests at once
         LLMEngine(model, EngineConfig(max_num_seqs=2)).add_request(
             p, SamplingParams(max_tokens=8, guided=GrammarSpec("regex", "[a-z]+")))
+
+
+SLOW = GrammarSpec("json_schema", json.dumps({"type": "string", "pattern": "^[0-9a-f]{1,2500}$"}))
+"""About a second to build with xgrammar 0.2.9 (the cost grows with the square of the bound)."""
+
+
+def test_a_slow_grammar_holds_back_its_request_only(demo):
+    """A grammar that takes long to compile: the free requests beside it stream every token at the same
+    step as when alone, while it compiles on a worker thread; then its request runs and matches. With a
+    limit shorter than the compile, it is refused alone, saying why."""
+    model, tokenizer, chat, _ = demo
+    compiler = GrammarCompiler(lambda: tokenizer, model.config.vocab_size)  # nothing compiled yet
+    questions = ["你好", "介绍一下你自己"]
+    free = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    slow = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=chat.stop_token_ids, guided=SLOW)
+    alone = token_steps(LLMEngine(model, EngineConfig(max_num_seqs=4)), [prompt(chat, q) for q in questions],
+                        [free] * 2)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4), grammars=compiler)
+    mixed = token_steps(engine, [prompt(chat, "写一个十六进制数")] + [prompt(chat, q) for q in questions],
+                        [slow] + [free] * 2)
+    assert mixed[1:] == alone
+    assert mixed[0] and mixed[0][0] > alone[0][-1]  # its first token after the free requests ended
+    ids, reason = run(engine, [prompt(chat, "写一个十六进制数")], [slow])[0]  # compiled now: no wait
+    assert re.fullmatch(r'"[0-9a-f]{1,2500}"', tokenizer.decode(ids)) or reason == "length"
+
+    hurried = LLMEngine(model, EngineConfig(max_num_seqs=4, grammar_timeout_s=0.05),
+                        grammars=GrammarCompiler(lambda: tokenizer, model.config.vocab_size))
+    rid = hurried.add_request(prompt(chat, "你好"), slow)
+    done = token_steps(hurried, [prompt(chat, q) for q in questions], [free] * 2)
+    while hurried.has_unfinished():
+        hurried.step()
+    refused = hurried.take_refused()
+    assert done == alone and list(refused) == [rid] and "took longer than 0.05 s to compile" in refused[rid]
 
 
 @pytest.mark.gpu

@@ -335,6 +335,37 @@ def test_abort_of_waiting_running_and_in_flight_requests(overlap):
     assert h.drained()
 
 
+@MODES
+def test_a_request_waiting_for_its_grammar_is_passed_over_then_admitted_or_refused(overlap):
+    """A request whose grammar still compiles is not admitted; those behind it are (no head-of-line
+    blocking). Cleared, it is admitted with its reference tokens; refused, it leaves with no output and
+    no block or row held, and refusing a request that ran is an error."""
+    h = Harness(overlap, max_num_seqs=4)
+    slow = h.add("slow", prompt(5, seed=40), max_tokens=6)
+    slow.waiting_for_grammar = True
+    bad = h.add("bad", prompt(5, seed=41), max_tokens=6)
+    bad.waiting_for_grammar = True
+    free = h.add("free", prompt(5, seed=42), max_tokens=6)
+    for _ in range(3):
+        step = h.step()
+        assert all(c.request is free for c in step.chunks)
+    assert slow.row is None and bad.row is None and h.streams["free"].tokens
+    h.sched.refuse("bad")
+    assert "bad" not in h.sched.requests and bad.block_ids == []
+    slow.waiting_for_grammar = False
+    streams = h.run()
+    del streams["bad"]  # never started: its client is told by the engine, not by an output
+    assert streams["slow"].tokens == reference(slow.prompt_ids, slow.params, 256)
+    assert streams["free"].tokens == reference(free.prompt_ids, free.params, 256)
+    with pytest.raises(ValueError, match="has run"):
+        h.add("ran", prompt(5, seed=43), max_tokens=20)
+        h.step()
+        h.sched.refuse("ran")
+    h.sched.abort("ran")
+    h.run()
+    assert h.drained()
+
+
 def test_abort_of_a_request_that_ends_first_is_a_no_op():
     """A request that ends at the update after its abort was asked reports its own finish once; a new
     request reusing its id is not aborted."""

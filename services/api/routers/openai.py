@@ -79,7 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, rt: Ru
         messages, continue_final=body.continues_final_message, add_generation_prompt=body.add_generation_prompt),
         "messages")
     max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
-    guided = structured.grammar_spec(body, max_tokens, plan)
+    guided = await structured.grammar_spec(body, max_tokens, state.grammars, plan)
     params = serving.build_params(lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens),
                                                   guided=guided))
     rid = new_id("chatcmpl")
@@ -128,7 +128,7 @@ async def completions(body: CompletionRequest, request: Request, rt: RuntimeDep,
             if min(prompt) < 0 or max(prompt) >= vocab:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         max_tokens = serving.resolve_max_tokens(rt, len(prompt), body.requested_max_tokens)
-        guided = structured.grammar_spec(body, max_tokens)
+        guided = await structured.grammar_spec(body, max_tokens, state.grammars)
         prompts.append((prompt, serving.build_params(
             lambda: replace(body.to_sampling_params(rt.sampling_params, max_tokens), guided=guided))))
     rid = new_id("cmpl")
