@@ -1,7 +1,7 @@
 """Structured output and forced tool calls of the OpenAI routes: from a request to the grammar its
 reply must match (:class:`~telechat.engine.guided.GrammarSpec`, checked here before queuing so a bad
-schema or regex is a 400 naming its field; services/api/grammar_check.py), and from a constrained reply to OpenAI ``tool_calls``,
-whole or streamed (docs/engine.md, "Constrained decoding").
+schema or regex is a 400 naming its field; services/api/grammar_check.py), and from a constrained reply
+to OpenAI ``tool_calls``, whole or streamed (docs/engine.md, "Constrained decoding").
 """
 
 from __future__ import annotations

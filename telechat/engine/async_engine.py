@@ -120,8 +120,8 @@ class EngineFront:
 
         Outputs that queued up while the consumer was busy arrive merged into one (several tokens),
         so a slow client or a busy event loop costs one update per wake-up, not one per token. A
-        request the engine refuses raises :class:`~telechat.errors.RequestRefused` (a ``ValueError``); if the engine stops, the stream ends with
-        finish reason ``error`` and the reason.
+        request the engine refuses raises :class:`~telechat.errors.RequestRefused` (a ``ValueError``);
+        if the engine stops, the stream ends with finish reason ``error`` and the reason.
         """
         if not self.alive:
             raise EngineDeadError(self.stopped_reason or "the engine has stopped")

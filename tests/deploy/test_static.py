@@ -288,9 +288,9 @@ def test_copy_sources_are_in_the_build_context():
 @pytest.mark.parametrize("path", [
     ".venv-vllm/lib/python3.11/site-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so", ".venv/bin/python",
     ".venv-anything/pyvenv.cfg", "models/demo/model.safetensors", "bench/results/h200.json", ".git/HEAD", ".env",
-    "logs/api.log", "tests/conftest.py", "runs/lora/adapter_model.safetensors", "telechat/__pycache__/cli.cpython-311.pyc",
-    "services/api/__pycache__/app.cpython-311.pyc", "telechat_stack.egg-info/PKG-INFO", "a-new-folder/big.bin",
-    "docker/api.Dockerfile", "deploy.py",
+    "logs/api.log", "tests/conftest.py", "runs/lora/adapter_model.safetensors",
+    "telechat/__pycache__/cli.cpython-311.pyc", "services/api/__pycache__/app.cpython-311.pyc",
+    "telechat_stack.egg-info/PKG-INFO", "a-new-folder/big.bin", "docker/api.Dockerfile", "deploy.py",
 ])
 def test_build_context_leaves_out(path):
     """Checkouts hold virtual environments, weights and caches (CI's .venv-vllm once filled dockerd's disk)."""
