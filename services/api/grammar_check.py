@@ -27,8 +27,8 @@ WORKERS = 2
 """Worker processes one API process checks grammars in, at most (each holds xgrammar, ~300 MB)."""
 START_TIMEOUT_S = 120.0
 """A worker that has not imported xgrammar by then is broken."""
-PASSED_KEPT = 1024
-"""Grammars that passed, remembered (LRU) so that they are not checked again."""
+PASSED_KEPT_BYTES = 16 << 20
+"""Grammars that passed are remembered (LRU, up to this much of their text) so that they are not checked again."""
 
 
 def _serve(conn: Connection) -> None:
@@ -74,7 +74,9 @@ class GrammarChecker:
         self._slots: asyncio.Semaphore | None = None
         self._workers = workers
         self._waits = ThreadPoolExecutor(workers, thread_name_prefix="grammar-check")
-        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._passed: OrderedDict[tuple[str, str], int] = OrderedDict()
+        """Specs that passed -> the length of their text."""
+        self._passed_bytes = 0
 
     async def check(self, spec: GrammarSpec) -> None:
         """Return if ``spec`` builds within the limit; raise :class:`GrammarError` saying why it cannot be used
@@ -94,9 +96,11 @@ class GrammarChecker:
             self._idle.append(worker)
         if why is not None:
             raise GrammarError(why)
-        self._passed[spec.key] = None
-        if len(self._passed) > PASSED_KEPT:
-            self._passed.popitem(last=False)
+        if spec.key not in self._passed:
+            self._passed[spec.key] = size = len(spec.kind) + len(spec.value)
+            self._passed_bytes += size
+            while self._passed_bytes > PASSED_KEPT_BYTES:
+                self._passed_bytes -= self._passed.popitem(last=False)[1]
 
     async def _run(self, worker: _Worker, spec: GrammarSpec) -> str | None:
         loop = asyncio.get_running_loop()
