@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from telechat.chat_format import ContentMarkers
+from telechat.engine.guided import GRAMMAR_TIMEOUT_S
 from telechat.settings import (
     ApiHost,
     ApiKey,
@@ -59,7 +60,7 @@ class Settings(ModelSettings):
     shutdown_grace_s: int = Field(10, ge=0, le=3600, description="on SIGTERM/SIGINT, seconds running requests "
                                   "may take to finish; then each ends with an error event (streams) or a 503",
                                   json_schema_extra={"flags": ["--shutdown-grace"]})
-    grammar_timeout_s: float = Field(10.0, gt=0, le=3600, description="seconds a structured-output "
+    grammar_timeout_s: float = Field(GRAMMAR_TIMEOUT_S, gt=0, le=3600, description="seconds a structured-output "
                                      "grammar (response_format, guided_*, tools) may take to build, in the API's check "
                                      "and in the engine; a slower one is refused with a 400",
                                      json_schema_extra={"flags": ["--grammar-timeout"]})
