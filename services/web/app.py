@@ -281,16 +281,14 @@ def _edit_form(lang: Lang, text: str, chat_id: str) -> None:
 
 
 @st.fragment(run_every=LIVE_POLL_S)
-def _live_reply(lang: Lang, user_id: int, reply_id: int) -> None:
-    """The reply being written, re-read from the database on every tick, with its Stop button."""
+def _live_reply(user_id: int, reply_id: int) -> None:
+    """The reply being written, re-read from the database on every tick."""
     msg = chats.get_reply(shared_database(), user_id, reply_id)
     if msg is None or not msg.streaming:
         st.rerun()  # settled (here, in another tab or by the writer): draw the whole page again
     with st.container(key="live_reply"):
         with st.chat_message("assistant"):
             st.markdown(display_markdown(msg.content) + CURSOR)
-        st.button(t("stop", lang), key="stop", icon=":material/stop_circle:", type="primary", on_click=_on_stop,
-                  args=(reply_id,))
 
 
 def _actions(conv: Conversation, lang: Lang) -> None:
@@ -359,7 +357,11 @@ def main() -> None:
         else:
             _history(conv, lang)
         if live is not None and live.id is not None:
-            _live_reply(lang, user.id, live.id)
+            _live_reply(user.id, live.id)
+            # Outside the fragment: a click reruns the whole page, which Streamlit always honours. Inside, the click
+            # competed with the fragment's own reruns (four a second); on a loaded CI machine one went unanswered.
+            st.button(t("stop", lang), key="stop", icon=":material/stop_circle:", type="primary", on_click=_on_stop,
+                      args=(live.id,))
         _errors(conv, lang)
         if conv is not None and conv.messages and live is None:
             _actions(conv, lang)
