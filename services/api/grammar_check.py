@@ -105,21 +105,25 @@ class GrammarChecker:
     async def _run(self, worker: _Worker, spec: GrammarSpec) -> str | None:
         loop = asyncio.get_running_loop()
         if not worker.ready:  # its start (importing xgrammar) is not part of any grammar's time
-            if not await loop.run_in_executor(self._waits, worker.conn.poll, START_TIMEOUT_S):
-                raise RuntimeError(f"the grammar check process did not start in {START_TIMEOUT_S:g} s")
-            worker.conn.recv()
+            started = await loop.run_in_executor(self._waits, worker.conn.poll, START_TIMEOUT_S)
+            try:
+                if not started or worker.conn.recv() != "ready":
+                    raise EOFError
+            except EOFError:
+                raise RuntimeError(f"the grammar check process did not start (exit code {worker.proc.exitcode}); "
+                                   "see the server log") from None
             worker.ready = True
         start = time.monotonic()
         worker.conn.send(spec)
         if not await loop.run_in_executor(self._waits, worker.conn.poll, self.timeout_s):
             log.warning("a grammar took over %g s to build; its check process was stopped", self.timeout_s)
-            raise _TooSlow(f"it takes longer than {self.timeout_s:g} s to build; simplify it (long bounded "
-                           "repetitions such as {1,5000} are the usual cause)")
+            raise GrammarError(f"it takes longer than {self.timeout_s:g} s to build; simplify it (long bounded "
+                               "repetitions such as {1,5000} are the usual cause)")
         try:
             why = worker.conn.recv()
         except EOFError:  # the process died building it (xgrammar crashed)
             log.warning("building a grammar crashed its check process (exit code %s)", worker.proc.exitcode)
-            raise _Crashed("building it crashed the grammar checker") from None
+            raise GrammarError("building it crashed the grammar checker") from None
         log.debug("grammar checked in %.3f s", time.monotonic() - start)
         return why
 
@@ -130,10 +134,3 @@ class GrammarChecker:
         self._idle.clear()
         self._waits.shutdown(wait=False, cancel_futures=True)
 
-
-class _TooSlow(GrammarError):
-    """The check ran past the limit."""
-
-
-class _Crashed(GrammarError):
-    """The worker died checking it."""
