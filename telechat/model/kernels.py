@@ -17,6 +17,7 @@ uses whichever won (bench/gemv.py measures every tiling).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -50,6 +51,44 @@ def _use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and not torch.is_grad_enabled()
 
 
+# ---------------------------------------------------------------------------- programmatic dependent launch
+
+PDL = True
+"""Launch the decode kernels with programmatic dependent launch where the GPU has it (Hopper and newer):
+each kernel lets the next one in the stream start at once and waits for its predecessor only before it
+reads what that one wrote, so launch latency and ramp-up overlap the previous kernel's tail (a bs1 decode
+step is ~270 dependent kernels), and a GEMV reads its first weight tile before it waits. ``False``
+launches them plainly (bench/profile_decode.py measures both)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def pdl_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (:data:`PDL`): CUDA sm90+,
+    not under the Triton interpreter or while torch.compile traces (it does not pass the launch option)."""
+    return (PDL and device.type == "cuda" and not torch.compiler.is_compiling()
+            and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_release(PDL: tl.constexpr):
+        """Let the next kernel in the stream launch now (it waits in :func:`pdl_wait` before using our output)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel in the stream has finished and its writes are visible; every kernel
+        launched with ``launch_pdl`` calls this before it reads or writes memory another kernel touches."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+
 # ---------------------------------------------------------------------------- RMSNorm
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,7 +102,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride, n_cols, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -81,8 +122,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
+    pdl = pdl_launch(x.device)
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), x2.shape[1], eps,
-                                     BLOCK=triton.next_power_of_2(x2.shape[1]))
+                                     BLOCK=triton.next_power_of_2(x2.shape[1]), PDL=pdl, launch_pdl=pdl)
     return out.view_as(x)
 
 
@@ -103,7 +145,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, stride_x, stride_r, n_cols, eps,
-                             BLOCK: tl.constexpr):
+                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -127,8 +171,9 @@ def _launch_add_rms_norm(x, residual, weight, eps):
         r2 = r2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(out)
+    pdl = pdl_launch(x.device)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, x2.stride(0), r2.stride(0), n, eps,
-                                         BLOCK=triton.next_power_of_2(n))
+                                         BLOCK=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl)
     return out.view(x.shape), h.view(x.shape)
 
 
@@ -137,7 +182,10 @@ def _launch_add_rms_norm(x, residual, weight, eps):
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_cols
@@ -173,8 +221,9 @@ def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tens
     """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
     out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
     block = 1024
+    pdl = pdl_launch(gate.device)
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
-                                                              BLOCK=block)
+                                                              BLOCK=block, PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -184,7 +233,9 @@ if triton is not None:
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, stride_x, stride_q, inv_max, min_scale,
-                              STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                              STATIC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         row = tl.program_id(0)
         x_row = x_ptr + row * stride_x
         if STATIC:
@@ -214,9 +265,10 @@ def quantize_rows_fp8(x: torch.Tensor, static_scale: torch.Tensor | None, min_sc
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     static = static_scale if static_scale is not None else scale
+    pdl = pdl_launch(x.device)
     _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), 1.0 / FP8_MAX, min_scale,
                                 STATIC=static_scale is not None, BLOCK=min(4096, triton.next_power_of_2(k)),
-                                num_warps=8)
+                                num_warps=8, PDL=pdl, launch_pdl=pdl)
     return q, scale
 
 
@@ -228,7 +280,10 @@ if triton is not None:
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, q_out_ptr,
                            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                            stride_ct, stride_cs, stride_ch, k_scale, v_scale,
-                           n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr):
+                           n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr,
+                           PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         t = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, H_PAD)
@@ -308,11 +363,13 @@ def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, 
     t, n_q, d = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    pdl = pdl_launch(q.device)
     _rope_cache_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, slots, k_cache, v_cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
         q_out.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1), float(k_scale), float(v_scale),
         n_q, n_kv, HALF=d // 2, H_PAD=triton.next_power_of_2(d // 2), FP8=k_cache.dtype == FP8_DTYPE,
+        PDL=pdl, launch_pdl=pdl,
     )
     return q_out
 
@@ -520,7 +577,8 @@ if triton is not None:
                          stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr):
+                         EVEN_K: tl.constexpr, PDL: tl.constexpr):
+        pdl_release(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -530,17 +588,22 @@ if triton is not None:
         x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        # the first weight tile is read before waiting for x: weights never come from the previous kernel
+        offs_k = tl.max_contiguous(tl.multiple_of(k_lo + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+        w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
+        pdl_wait(PDL)
+        x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
         if M_PAD == 1:
-            part = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            part = w.to(tl.float32) * x.to(tl.float32)
+            for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
                 offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
                 part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
         else:
-            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
                 offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
@@ -553,8 +616,10 @@ if triton is not None:
                          stride_xm, stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr):
+                         EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr, PDL: tl.constexpr):
         """``tl.dot`` tiles; with X_FP8, x is E4M3 with per-row scales ``xs`` and the weight too (FP8 MMA)."""
+        pdl_release(PDL)
+        pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -586,7 +651,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
-                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         m = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -644,9 +711,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     counters = _split_counters(x.device, grid[0]) if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
+    pdl = pdl_launch(x.device)
     common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
                   SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
-                  num_stages=config.num_stages)
+                  num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
     args = (x2, weight, b, scales, out, ws, counters)
     sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
              out.stride(0))
@@ -657,7 +725,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)
     if split > 1 and not serial:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
-                                                         SPLIT_K=split, BLOCK=1024)
+                                                         SPLIT_K=split, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
     return out.view(*x.shape[:-1], n)
 
 

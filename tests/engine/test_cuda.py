@@ -168,10 +168,20 @@ def test_graph_decode_with_overlap_matches_generate_fp32():
         assert tokens[r] == hf_generate(model, r.prompt_ids, 30)[0]
 
 
-def test_bf16_graph_decode_logits_close_to_reference():
+def _use_pdl(monkeypatch, on: bool) -> None:
+    """Kernels launch with programmatic dependent launch or not; on a Hopper card "on" really is on."""
+    monkeypatch.setattr(kernels, "PDL", on)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        assert kernels.pdl_launch(torch.device("cuda")) == on
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain-launch", "pdl"])
+def test_bf16_graph_decode_logits_close_to_reference(monkeypatch, pdl):
     """bf16 graph decode steps (GEMV tuned at capture: Triton where it won) are as close to the float32
     truth as a full bf16 forward with RoPE fixed at the prompt length is: the engine's kernels (fused
-    norms, fused projections, paged attention) add no error beyond bf16 rounding."""
+    norms, fused projections, paged attention) add no error beyond bf16 rounding — also when each kernel
+    starts before the previous one ends (programmatic dependent launch: a missing wait reads stale inputs)."""
+    _use_pdl(monkeypatch, pdl)
     model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2816, n_head=8)
     s = Steps(model, block_size=16, max_num_seqs=2)
     s.runner.capture_graphs()
@@ -206,9 +216,12 @@ def test_linear_uses_the_tuned_gemv_only_where_it_won():
             assert (kernels.linear(x, model.lm_head).float() - ref).norm() / ref.norm() < 1e-2
 
 
-def test_fp8_kv_cache_graph_decode_equals_eager():
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain-launch", "pdl"])
+def test_fp8_kv_cache_graph_decode_equals_eager(monkeypatch, pdl):
     """With an FP8 cache, graph-replayed decode steps give the eager steps' tokens (same kernels; the
-    quality of the FP8 cache is measured on a trained model in tests/quant/test_fp8.py)."""
+    quality of the FP8 cache is measured on a trained model in tests/quant/test_fp8.py), with and without
+    programmatic dependent launch."""
+    _use_pdl(monkeypatch, pdl)
     from telechat.engine.core import EngineConfig, LLMEngine
     from telechat.engine.sampling import SamplingParams
 
