@@ -269,8 +269,11 @@ def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor, s
 
 
 def test_fp8_model_decodes_through_the_tuned_gemv():
-    """An FP8 model (fused FP8 projections) tunes the GEMV for its FP8 shapes at capture, and graph decode
-    with it gives the tokens of eager decode for the first steps."""
+    """An FP8 model (fused FP8 projections) tunes the GEMV for its FP8 shapes at capture, and every token
+    graph decode picks is the FP8 model's own choice (its unfused forward, ``_scaled_mm``) or within a
+    rounding margin of it: the tuned kernels round differently (weight-only at one row, FP8 × FP8 at more),
+    so a near-tie may go either way — as two tunings of the same engine were seen to — but a wrong input
+    would pick tokens far below the best."""
     from telechat.engine.core import EngineConfig, LLMEngine
     from telechat.engine.sampling import SamplingParams
     from telechat.model.fp8 import Fp8Linear
@@ -286,10 +289,13 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=512))
     assert any(key[3] == torch.float8_e4m3fn for key in kernels._gemv_plan), "no FP8 shape was tuned"
     prompts = [prompt(n, n) for n in (5, 40)]
-    got = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
-    want = LLMEngine(reference, EngineConfig(max_num_seqs=4, max_model_len=512, cuda_graphs=False)).generate(
-        prompts, SamplingParams(max_tokens=8, temperature=0))
-    assert all(a[:4] == b[:4] for a, b in zip(got, want))
+    for ids, got in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))):
+        with torch.inference_mode():
+            logits = reference(torch.tensor([ids + got], device="cuda"), use_cache=False).logits[0].float()
+        steps = logits[len(ids) - 1:-1]  # the logits each generated token was chosen from
+        picked = steps.gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0]
+        best, spread = steps.max(dim=1).values, steps.max(dim=1).values - steps.min(dim=1).values
+        assert bool((best - picked <= 0.05 * spread).all()), (got, (best - picked) / spread)
 
 
 @pytest.mark.parametrize("static", [False, True])
