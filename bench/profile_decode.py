@@ -55,12 +55,15 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--pdl", choices=("on", "off", "both"), default="on",
                    help="programmatic dependent launch of the decode kernels (both: off, then on, same model)")
+    p.add_argument("--pdl-max-rows", type=int, default=kernels.PDL_MAX_ROWS,
+                   help="launches over more rows run plainly (default %(default)s)")
     args = p.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = TelechatForCausalLM(preset(args.preset, seq_length=args.max_model_len)).to(torch.bfloat16).eval()
     if args.fp8:
         quantize_in_place(model)
+    kernels.PDL_MAX_ROWS = args.pdl_max_rows
     steps = {}
     for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]:
         kernels.PDL = pdl

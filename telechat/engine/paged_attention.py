@@ -173,7 +173,7 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
     direct = parts == 1
     acc = out if direct else torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
     stats = out if direct else torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
-    pdl = pdl_launch(q.device)
+    pdl = pdl_launch(q.device, bsz)
     _paged_decode_kernel[(bsz, heads, parts)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, k_scale / math.sqrt(d), v_scale,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),

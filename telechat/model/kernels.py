@@ -59,6 +59,9 @@ each kernel lets the next one in the stream start at once and waits for its pred
 reads what that one wrote, so launch latency and ramp-up overlap the previous kernel's tail (a bs1 decode
 step is ~270 dependent kernels), and a GEMV reads its first weight tile before it waits. ``False``
 launches them plainly (bench/profile_decode.py measures both)."""
+PDL_MAX_ROWS = 64
+"""Launches over more rows (tokens) than this run plainly: larger steps are not launch-bound, and at 64
+decode rows the H200 measured PDL slower (bench/RESULTS.md)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,10 +69,11 @@ def _pdl_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def pdl_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (:data:`PDL`): CUDA sm90+,
-    not under the Triton interpreter or while torch.compile traces (it does not pass the launch option)."""
-    return (PDL and device.type == "cuda" and not torch.compiler.is_compiling()
+def pdl_launch(device: torch.device, rows: int) -> bool:
+    """Whether a kernel over ``rows`` rows on ``device`` launches with programmatic dependent launch
+    (:data:`PDL`, :data:`PDL_MAX_ROWS`): CUDA sm90+, not while torch.compile traces (it does not pass the
+    launch option)."""
+    return (PDL and rows <= PDL_MAX_ROWS and device.type == "cuda" and not torch.compiler.is_compiling()
             and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
 
 
@@ -122,7 +126,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
-    pdl = pdl_launch(x.device)
+    pdl = pdl_launch(x.device, x2.shape[0])
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), x2.shape[1], eps,
                                      BLOCK=triton.next_power_of_2(x2.shape[1]), PDL=pdl, launch_pdl=pdl)
     return out.view_as(x)
@@ -171,7 +175,7 @@ def _launch_add_rms_norm(x, residual, weight, eps):
         r2 = r2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(out)
-    pdl = pdl_launch(x.device)
+    pdl = pdl_launch(x.device, x2.shape[0])
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, x2.stride(0), r2.stride(0), n, eps,
                                          BLOCK=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl)
     return out.view(x.shape), h.view(x.shape)
@@ -221,7 +225,7 @@ def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tens
     """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
     out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
     block = 1024
-    pdl = pdl_launch(gate.device)
+    pdl = pdl_launch(gate.device, gate.shape[0])
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
                                                               BLOCK=block, PDL=pdl, launch_pdl=pdl)
     return out
@@ -265,7 +269,7 @@ def quantize_rows_fp8(x: torch.Tensor, static_scale: torch.Tensor | None, min_sc
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     static = static_scale if static_scale is not None else scale
-    pdl = pdl_launch(x.device)
+    pdl = pdl_launch(x.device, m)
     _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), 1.0 / FP8_MAX, min_scale,
                                 STATIC=static_scale is not None, BLOCK=min(4096, triton.next_power_of_2(k)),
                                 num_warps=8, PDL=pdl, launch_pdl=pdl)
@@ -363,7 +367,7 @@ def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, 
     t, n_q, d = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    pdl = pdl_launch(q.device)
+    pdl = pdl_launch(q.device, t)
     _rope_cache_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, slots, k_cache, v_cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
@@ -711,7 +715,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     counters = _split_counters(x.device, grid[0]) if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
-    pdl = pdl_launch(x.device)
+    pdl = pdl_launch(x.device, m)
     common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
                   SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
                   num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)

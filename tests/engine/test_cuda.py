@@ -172,7 +172,7 @@ def _use_pdl(monkeypatch, on: bool) -> None:
     """Kernels launch with programmatic dependent launch or not; on a Hopper card "on" really is on."""
     monkeypatch.setattr(kernels, "PDL", on)
     if torch.cuda.get_device_capability() >= (9, 0):
-        assert kernels.pdl_launch(torch.device("cuda")) == on
+        assert kernels.pdl_launch(torch.device("cuda"), 1) == on
 
 
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain-launch", "pdl"])
