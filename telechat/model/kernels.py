@@ -59,9 +59,9 @@ each kernel lets the next one in the stream start at once and waits for its pred
 reads what that one wrote, so launch latency and ramp-up overlap the previous kernel's tail (a bs1 decode
 step is ~270 dependent kernels), and a GEMV reads its first weight tile before it waits. ``False``
 launches them plainly (bench/profile_decode.py measures both)."""
-PDL_MAX_ROWS = 64
-"""Launches over more rows (tokens) than this run plainly: larger steps are not launch-bound, and at 64
-decode rows the H200 measured PDL slower (bench/RESULTS.md)."""
+PDL_MAX_ROWS = 16
+"""Launches over more rows (tokens) than this run plainly: on an H200 PDL made 7B decode steps 5-7 % faster
+at 1 row, ~1 % at 4 and 16, and 0.6 % / 2 % slower at 32 / 64 rows (bench/RESULTS.md)."""
 
 
 @functools.lru_cache(maxsize=None)
