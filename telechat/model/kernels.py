@@ -593,6 +593,7 @@ if triton is not None:
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         # the first weight tile is read before waiting for x: weights never come from the previous kernel
+        # (a split past K reads nothing: EVEN_K only when every split holds whole tiles of real columns)
         offs_k = tl.max_contiguous(tl.multiple_of(k_lo + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
         pdl_wait(PDL)
@@ -717,7 +718,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
     pdl = pdl_launch(x.device, m)
     common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
-                  SERIAL=serial, EVEN_K=k % k_per_split == 0, num_warps=config.num_warps,
+                  SERIAL=serial, EVEN_K=k == k_per_split * split, num_warps=config.num_warps,
                   num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
     args = (x2, weight, b, scales, out, ws, counters)
     sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
