@@ -145,17 +145,19 @@ def test_swiglu_on_halves_equals_silu_mul():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_gemv_tiling_equals_linear_in_the_triton_interpreter(dtype):
     """Each GEMV candidate (FMA, tensor-core and swap-AB tiles, split-K reduced by a second launch or by
-    the last program) equals F.linear for 1, 3 and 8 rows with uneven N and K and a bias, twice in a row
-    (the serial split-K's counters are back at zero after each call)."""
+    the last program) equals F.linear for 1, 3 and 8 rows with uneven N and K and a bias, and with a K of
+    one tile (splits past K read nothing), twice in a row (the serial split-K's counters are back at zero
+    after each call)."""
     torch.manual_seed(0)
-    w = torch.randn(200, 1000, dtype=dtype) * 0.05
-    b = torch.randn(200, dtype=dtype)
-    for m in (1, 3, 8):
-        x = torch.randn(m, 1000, dtype=dtype)
-        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
-        for config in GEMV_CANDIDATES:
-            if m <= config.max_m and config.kind != "dot8":  # FP8 tensor cores: CUDA only (tests/engine)
-                for _ in range(2):
-                    out = gemv(x, w, b, config).float()
-                    assert (out - ref).norm() / ref.norm() < 1e-2, (config, m)
+    for n, k in ((200, 1000), (200, 512)):
+        w = torch.randn(n, k, dtype=dtype) * 0.05
+        b = torch.randn(n, dtype=dtype)
+        for m in (1, 3, 8):
+            x = torch.randn(m, k, dtype=dtype)
+            ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+            for config in GEMV_CANDIDATES:
+                if m <= config.max_m and config.kind != "dot8":  # FP8 tensor cores: CUDA only (tests/engine)
+                    for _ in range(2):
+                        out = gemv(x, w, b, config).float()
+                        assert (out - ref).norm() / ref.norm() < 1e-2, (config, m, k)
     assert all(int(c.count_nonzero()) == 0 for c in kernels._gemv_counters.values())
