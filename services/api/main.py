@@ -43,6 +43,7 @@ from services.api.routers import docs, health, legacy, lora, openai, tokenize
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
+from telechat.heap import freeze_startup_heap
 from telechat.model.checkpoint import first_line
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def load_runtime(settings: Settings, core: CoreAddress | None = None):
 def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None) -> None:
     t0 = time.perf_counter()
     try:
-        state.runtime = load_runtime(state.settings, state.core)
+        runtime = load_runtime(state.settings, state.core)
     except Exception as e:  # noqa: BLE001 - reported by /ready and the exit code
         if state.core is not None and isinstance(e, (UserError, EngineStartError)):
             log.debug("loading the model failed: %s", e)  # the supervising process says why, once
@@ -101,7 +102,8 @@ def _load_in_background(state: ServerState, on_fatal: Callable[[], None] | None)
         if on_fatal:
             on_fatal()
         return
-    rt = state.runtime
+    log.debug("API process: %d start-up objects frozen out of garbage collection", freeze_startup_heap())
+    state.runtime = rt = runtime  # ready from here on
     log.log(logging.DEBUG if state.core is not None else logging.INFO,  # with several API processes: said once
             "model %r ready in %.1fs: context %d tokens, KV capacity %d tokens%s", rt.name,
             time.perf_counter() - t0, rt.max_model_len, rt.engine.info.kv_capacity_tokens,

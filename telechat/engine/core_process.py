@@ -48,6 +48,7 @@ from telechat.engine.core_messages import (
     UnloadLoraAdapter,
 )
 from telechat.engine.request import RequestOutput
+from telechat.heap import freeze_startup_heap
 
 if TYPE_CHECKING:
     from telechat.engine.core import EngineConfig
@@ -359,6 +360,7 @@ def _serve(spec: EngineSpec, address: CoreAddress, parent_pid: int) -> int:
             for identity in clients.identities:
                 clients.send(identity, StartFailed(error, user))
             return 1
+        log.debug("engine core: %d start-up objects frozen out of garbage collection", freeze_startup_heap())
         CoreLoop(engine).run(receive, clients.deliver, keep_going=lambda: os.getppid() == parent_pid)
         log.info("engine core stopped")
         return 0
