@@ -255,24 +255,10 @@ class GrammarCompiler:
         if compiled is not None:
             return compiled
         self.prepare()
-        compiler = self._compiler
+        grammar = grammar_of(spec)  # the API's check, the same parse: one dispatch over the kinds
         try:
-            if spec.kind in ("json_schema", "json_object"):
-                schema = _json_schema_text(spec)
-                ebnf = bounded_strings_ebnf(schema)
-                if ebnf is not None:
-                    compiled = compiler.compile_grammar(ebnf)
-                else:
-                    compiled = compiler.compile_json_schema(schema, any_whitespace=False, separators=JSON_SEPARATORS)
-            elif spec.kind == "regex":
-                compiled = compiler.compile_regex(spec.value)
-            elif spec.kind == "choice":
-                compiled = compiler.compile_grammar(choice_ebnf(json.loads(spec.value)))
-            else:
-                compiled = compiler.compile_grammar(spec.value)
-        except GrammarError:
-            raise
-        except Exception as e:  # noqa: BLE001
+            compiled = self._compiler.compile_grammar(grammar)
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError
             raise GrammarError(_message(e)) from e
         self._keep(spec.key, compiled)
         return compiled
