@@ -17,3 +17,9 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def thaw_startup_heap() -> None:
+    """Undo :func:`freeze_startup_heap` when the process is about to exit, so the interpreter's teardown
+    collects as usual (native modules such as Triton's report objects still alive then as leaks)."""
+    gc.unfreeze()

@@ -43,7 +43,7 @@ from services.api.routers import docs, health, legacy, lora, openai, tokenize
 from services.api.settings import MAX_BODY_BYTES, Settings, get_settings
 from telechat.engine.core_client import EngineStartError
 from telechat.errors import UserError
-from telechat.heap import freeze_startup_heap
+from telechat.heap import freeze_startup_heap, thaw_startup_heap
 from telechat.model.checkpoint import first_line
 
 if TYPE_CHECKING:
@@ -303,6 +303,7 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | 
         if state.runtime is not None:
             # Requests had the grace period (see ServerState.begin_shutdown); stop the engine.
             await asyncio.to_thread(state.runtime.engine.shutdown, 0)
+        thaw_startup_heap()
 
     app = FastAPI(title="TeleChat Stack API", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None,  # served by routers/docs.py with local assets
