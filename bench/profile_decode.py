@@ -66,13 +66,12 @@ def main() -> None:
     kernels.PDL_MAX_ROWS = args.pdl_max_rows
     steps = {}
     for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]:
+        engine = None  # the previous engine's memory goes back before the next one sizes its KV pool
+        free_device_memory()
         kernels.PDL = pdl
         engine, steps[pdl] = decode_step_ms(model, args)
         print(f"batch {args.batch}, PDL {'on' if pdl else 'off'}: {steps[pdl]:.3f} ms/step, "
               f"{args.batch / steps[pdl] * 1e3:.0f} tok/s", flush=True)
-        if len(steps) < 2 and args.pdl == "both":
-            del engine
-            free_device_memory()
     if len(steps) == 2:
         print(f"PDL off ÷ on: {steps[False] / steps[True]:.3f}")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

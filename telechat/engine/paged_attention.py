@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from telechat.model.attention import attention
-from telechat.model.kernels import FP8_DTYPE, pdl_launch
+from telechat.model.kernels import FP8_DTYPE, pdl_options
 
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton
     import triton.language as tl
 
-    from telechat.model.kernels import pdl_release, pdl_wait
+    from telechat.model.kernels import pdl_begin
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -72,8 +72,7 @@ if triton is not None:
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         TOKENS: tl.constexpr, DIRECT: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
     ):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         part = tl.program_id(2)
@@ -125,8 +124,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["num_parts"])
     def _merge_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, num_parts, num_heads,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         row0 = (b * num_heads + h) * num_parts
@@ -173,17 +171,17 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
     direct = parts == 1
     acc = out if direct else torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
     stats = out if direct else torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
-    pdl = pdl_launch(q.device, bsz)
+    pdl = pdl_options(q.device, bsz)
     _paged_decode_kernel[(bsz, heads, parts)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, k_scale / math.sqrt(d), v_scale,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         out.stride(0), out.stride(1), parts, heads,
         GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, TOKENS=config.tokens, DIRECT=direct,
-        EARLY_V=config.early_v, num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl,
+        EARLY_V=config.early_v, num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if not direct:
         _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
-                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=MAX_PARTITIONS, PDL=pdl, launch_pdl=pdl)
+                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=MAX_PARTITIONS, **pdl)
     return out
 
 

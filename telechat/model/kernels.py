@@ -77,6 +77,13 @@ def pdl_launch(device: torch.device, rows: int) -> bool:
             and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()))
 
 
+def pdl_options(device: torch.device, rows: int) -> dict[str, bool]:
+    """The launch options of a decode kernel taking a ``PDL`` constexpr: it waits for its predecessor
+    (``PDL``) exactly when it may start before that one ends (``launch_pdl``), so the two come as one."""
+    on = pdl_launch(device, rows)
+    return {"PDL": on, "launch_pdl": on}
+
+
 if triton is not None:
 
     @triton.jit
@@ -91,6 +98,12 @@ if triton is not None:
         launched with ``launch_pdl`` calls this before it reads or writes memory another kernel touches."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def pdl_begin(PDL: tl.constexpr):
+        """The start of a kernel that needs its inputs at once: :func:`pdl_release`, then :func:`pdl_wait`."""
+        pdl_release(PDL)
+        pdl_wait(PDL)
 
 
 # ---------------------------------------------------------------------------- RMSNorm
@@ -107,8 +120,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride, n_cols, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -126,9 +138,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
-    pdl = pdl_launch(x.device, x2.shape[0])
+    pdl = pdl_options(x.device, x2.shape[0])
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), x2.shape[1], eps,
-                                     BLOCK=triton.next_power_of_2(x2.shape[1]), PDL=pdl, launch_pdl=pdl)
+                                     BLOCK=triton.next_power_of_2(x2.shape[1]), **pdl)
     return out.view_as(x)
 
 
@@ -150,8 +162,7 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, stride_x, stride_r, n_cols, eps,
                              BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -175,9 +186,9 @@ def _launch_add_rms_norm(x, residual, weight, eps):
         r2 = r2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(out)
-    pdl = pdl_launch(x.device, x2.shape[0])
+    pdl = pdl_options(x.device, x2.shape[0])
     _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, x2.stride(0), r2.stride(0), n, eps,
-                                         BLOCK=triton.next_power_of_2(n), PDL=pdl, launch_pdl=pdl)
+                                         BLOCK=triton.next_power_of_2(n), **pdl)
     return out.view(x.shape), h.view(x.shape)
 
 
@@ -188,8 +199,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n_cols, stride_g, stride_u, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_cols
@@ -225,9 +235,9 @@ def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tens
     """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
     out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
     block = 1024
-    pdl = pdl_launch(gate.device, gate.shape[0])
+    pdl = pdl_options(gate.device, gate.shape[0])
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
-                                                              BLOCK=block, PDL=pdl, launch_pdl=pdl)
+                                                              BLOCK=block, **pdl)
     return out
 
 
@@ -238,8 +248,7 @@ if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, n_cols, stride_x, stride_q, inv_max, min_scale,
                               STATIC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         row = tl.program_id(0)
         x_row = x_ptr + row * stride_x
         if STATIC:
@@ -269,10 +278,10 @@ def quantize_rows_fp8(x: torch.Tensor, static_scale: torch.Tensor | None, min_sc
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     static = static_scale if static_scale is not None else scale
-    pdl = pdl_launch(x.device, m)
+    pdl = pdl_options(x.device, m)
     _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), 1.0 / FP8_MAX, min_scale,
                                 STATIC=static_scale is not None, BLOCK=min(4096, triton.next_power_of_2(k)),
-                                num_warps=8, PDL=pdl, launch_pdl=pdl)
+                                num_warps=8, **pdl)
     return q, scale
 
 
@@ -286,8 +295,7 @@ if triton is not None:
                            stride_ct, stride_cs, stride_ch, k_scale, v_scale,
                            n_q, n_kv, HALF: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr,
                            PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         t = tl.program_id(0)
         head = tl.program_id(1)
         offs = tl.arange(0, H_PAD)
@@ -367,13 +375,13 @@ def _launch_rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, 
     t, n_q, d = q.shape
     n_kv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    pdl = pdl_launch(q.device, t)
+    pdl = pdl_options(q.device, t)
     _rope_cache_kernel[(t, n_q + n_kv)](
         q, k, v, cos, sin, slots, k_cache, v_cache, q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), q_out.stride(0),
         q_out.stride(1), cos.stride(0), k_cache.stride(0), k_cache.stride(1), float(k_scale), float(v_scale),
         n_q, n_kv, HALF=d // 2, H_PAD=triton.next_power_of_2(d // 2), FP8=k_cache.dtype == FP8_DTYPE,
-        PDL=pdl, launch_pdl=pdl,
+        **pdl,
     )
     return q_out
 
@@ -623,8 +631,7 @@ if triton is not None:
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
                          EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr, PDL: tl.constexpr):
         """``tl.dot`` tiles; with X_FP8, x is E4M3 with per-row scales ``xs`` and the weight too (FP8 MMA)."""
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -657,8 +664,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _splitk_reduce_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
                               SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        pdl_release(PDL)
-        pdl_wait(PDL)
+        pdl_begin(PDL)
         m = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -716,10 +722,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     counters = _split_counters(x.device, grid[0]) if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
-    pdl = pdl_launch(x.device, m)
+    pdl = pdl_options(x.device, m)
     common = dict(HAS_BIAS=bias is not None, HAS_SCALE=fp8, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=split,
                   SERIAL=serial, EVEN_K=k == k_per_split * split, num_warps=config.num_warps,
-                  num_stages=config.num_stages, PDL=pdl, launch_pdl=pdl)
+                  num_stages=config.num_stages, **pdl)
     args = (x2, weight, b, scales, out, ws, counters)
     sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
              out.stride(0))
@@ -730,7 +736,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)
     if split > 1 and not serial:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
-                                                         SPLIT_K=split, BLOCK=1024, PDL=pdl, launch_pdl=pdl)
+                                                         SPLIT_K=split, BLOCK=1024, **pdl)
     return out.view(*x.shape[:-1], n)
 
 
