@@ -263,7 +263,12 @@ assert size < 20 * 2**20, f"build context of {size / 2**20:.0f} MiB"
 PY
 }
 
-build_images() { compose --profile finetune build api web finetune; }
+build_images() {
+    compose --profile finetune build api web finetune
+    # The images this build replaced are left untagged in the lane's own data root; without this every run
+    # on the same machine kept ~6.5 GB more (53 GB seen after a day of runs).
+    docker image prune -f | tail -1
+}
 
 up_stack() { compose up -d --wait --wait-timeout 540 api web || { compose logs --tail 80; return 1; }; compose ps; }
 
