@@ -113,8 +113,7 @@ class StepAttention:
     """``[decode_rows]`` int32: context length of each decode, its new token included."""
     prefills: Sequence[PrefillChunk] = ()
     _fresh: list[tuple[slice | torch.Tensor, int, int]] | None = field(default=None, repr=False)
-    _context: list[tuple[slice | torch.Tensor, int, int, torch.Tensor, torch.Tensor]] | None = field(
-        default=None, repr=False)
+    _context: list[tuple[slice | torch.Tensor, int, int, torch.Tensor]] | None = field(default=None, repr=False)
 
     def fresh_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int]]:
         """The fresh prompts (no cached context) grouped by length, each group attended in one batched call
@@ -128,13 +127,11 @@ class StepAttention:
             self._fresh = [(_group_rows(firsts, n, device), len(firsts), n) for n, firsts in by_length.items()]
         return self._fresh
 
-    def context_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int, torch.Tensor,
-                                                                      torch.Tensor]]:
+    def context_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int, torch.Tensor]]:
         """The chunks with cached context grouped by ``(start, end)``, each group attended in one batched call
         (a burst of prompts served from the prefix cache at the same length costs one call per layer, not one
         per prompt; at most :data:`CONTEXT_GROUP_TOKENS` context tokens per call): ``(rows, count, length,
-        context slots [count, end], mask [1, 1, length, end])``, ``rows`` as in :meth:`fresh_groups`. Built once
-        per step."""
+        context slots [count, end])``, ``rows`` as in :meth:`fresh_groups`. Built once per step."""
         if self._context is None:
             by_span: dict[tuple[int, int], list[PrefillChunk]] = {}
             for chunk in self.prefills:
@@ -143,12 +140,10 @@ class StepAttention:
             groups = []
             for (start, end), span in by_span.items():
                 n = end - start
-                qpos = torch.arange(start, end, device=device)
-                mask = (torch.arange(end, device=device)[None, :] <= qpos[:, None])[None, None]
                 per_call = max(1, CONTEXT_GROUP_TOKENS // end)
                 for chunks in (span[i : i + per_call] for i in range(0, len(span), per_call)):
                     groups.append((_group_rows([c.row for c in chunks], n, device), len(chunks), n,
-                                   torch.stack([c.context_slots for c in chunks]), mask))
+                                   torch.stack([c.context_slots for c in chunks])))
             self._context = groups
         return self._context
 
@@ -174,9 +169,9 @@ class StepAttention:
         for rows, count, n in self.fresh_groups(q.device):  # fresh sequences: their own keys, causal
             qg, kg, vg = (t[rows].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (G, H, n, d)
             out[rows] = attention(qg, kg, vg, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
-        for rows, count, n, slots, mask in self.context_groups(q.device):  # over context read from the cache
+        for rows, count, n, slots in self.context_groups(q.device):  # over context read from the cache
             qg = q[rows].view(count, n, *q.shape[1:]).transpose(1, 2)  # (G, Hq, n, d)
             kk, vv = (read_kv(t, slots, scale, q.dtype).transpose(1, 2)
                       for t, scale in ((kc, ks), (vc, vs)))  # (G, Hkv, end, d)
-            out[rows] = attention(qg, kk, vv, mask=mask).transpose(1, 2).reshape(count * n, *q.shape[1:])
+            out[rows] = attention(qg, kk, vv, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
         return out

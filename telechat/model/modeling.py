@@ -180,7 +180,7 @@ class TelechatAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+        causal = mask is None and q.shape[2] > 1  # (a chunk after cached positions: aligned at the bottom right)
         out = attention(q, k, v, mask=mask, causal=causal, dropout=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(*x.shape[:-1], self.n_head * self.head_dim)
         return self.dense(out)

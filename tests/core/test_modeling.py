@@ -50,6 +50,33 @@ def test_cached_decode_equals_full_forward(kw):
     torch.testing.assert_close(torch.stack(steps[:-1]), full[23:39], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("tq, tk", [(7, 7), (5, 19), (1, 9)])
+def test_causal_attention_is_aligned_at_the_bottom_right(heads, kv_heads, tq, tk):
+    """``causal`` lets query i see keys 0 .. Tk - Tq + i: the last Tq positions of a Tk-long causal pass."""
+    from telechat.model.attention import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, tk, 16)
+    k, v = torch.randn(2, kv_heads, tk, 16), torch.randn(2, kv_heads, tk, 16)
+    full = attention(q, k, v, causal=True)
+    torch.testing.assert_close(attention(q[:, :, tk - tq:], k, v, causal=True), full[:, :, tk - tq:])
+    with pytest.raises(ValueError, match="mask or causal"):
+        attention(q, k, v, causal=True, mask=torch.ones(1, 1, tk, tk, dtype=torch.bool))
+
+
+def test_cached_chunk_equals_full_forward():
+    """A multi-token chunk after cached positions (chunked prefill through the transformers cache) gives the
+    logits of one pass."""
+    model = make()
+    ids = torch.randint(0, 300, (1, 30))
+    with torch.inference_mode():
+        full = model(ids, use_cache=False).logits[0]
+        out = model(ids[:, :12], use_cache=True)
+        chunk = model(ids[:, 12:], past_key_values=out.past_key_values).logits[0]
+    torch.testing.assert_close(chunk, full[12:], rtol=1e-4, atol=1e-5)
+
+
 def test_batched_left_padding_matches_single():
     """Left-padded batch rows give the same last logits as each row alone."""
     model = make()

@@ -52,6 +52,33 @@ def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8, config):
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("tq, tk", [(131, 131), (48, 4433)])
+def test_attention_never_plans_with_cudnn(heads, kv_heads, tq, tk):
+    """Causal (fresh and after a cached context) and masked attention match float32 SDPA and run no cuDNN
+    kernel: cuDNN builds a plan for every new shape, which a server meets with nearly every prompt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from telechat.model.attention import attention
+
+    torch.manual_seed(0)
+    q = torch.randn(3, heads, tq, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(3, kv_heads, tk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    causal = torch.arange(tk, device="cuda")[None, :] <= torch.arange(tk - tq, tk, device="cuda")[:, None]
+    padded = causal.clone()
+    padded[:, :5] = False
+    ref = {name: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                                  enable_gqa=heads != kv_heads) for name, m in
+           (("causal", causal), ("masked", padded))}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = {"causal": attention(q, k, v, causal=True), "masked": attention(q, k, v, mask=padded[None, None])}
+        torch.cuda.synchronize()
+    for name in ref:
+        torch.testing.assert_close(got[name].float(), ref[name], atol=2e-2, rtol=2e-2)
+    kernels = [e.key for e in prof.key_averages()]
+    assert kernels and not [n for n in kernels if "cudnn" in n.lower()], kernels
+
+
 def test_rope_and_cache_writes_fp8_like_the_reference():
     """The fused rotary + cache write into an FP8 cache stores exactly the fused bf16 write divided by the
     scale, saturated at ±448 and rounded to E4M3 (as the PyTorch path quantizes)."""
