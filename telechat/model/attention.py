@@ -6,8 +6,10 @@ On CUDA, SDPA never runs cuDNN's attention here: cuDNN builds an execution plan 
 a server meets a new shape with nearly every prompt length and batch of prompts. Measured on an H200
 (bench/RESULTS.md, "Attention without cuDNN plans"): a cached-history chat turn whose context length was
 new took 60 ms to its first token against 18 ms for a fresh prompt of a length already seen, and 16
-prompts of assorted lengths waited 0.3 s. Causal attention goes through PyTorch's causal bias (its flash
-or memory-efficient kernel, no mask tensor); other masks run with the cuDNN backend turned off.
+prompts of assorted lengths waited 0.3 s. SDPA runs with the cuDNN backend turned off for the call (the
+flag is process-wide: PyTorch's ``sdpa_kernel`` context costs 17 us, flipping the flag 0.6 us, and a
+prefill step makes hundreds of calls); a causal chunk after cached positions goes through PyTorch's causal
+bias (its flash or memory-efficient kernel, no mask tensor).
 """
 
 from __future__ import annotations
@@ -18,13 +20,9 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 log = logging.getLogger(__name__)
-
-_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-"""SDPA backends for a masked attention on CUDA: every one but cuDNN (see the module doc)."""
 
 
 @lru_cache(maxsize=1)
@@ -68,11 +66,17 @@ def attention(
         return out.transpose(1, 2)
     gqa = k.shape[1] != q.shape[1]
     tq, tk = q.shape[2], k.shape[2]
-    if causal and (q.is_cuda or tq != tk):
-        bias = causal_lower_right(tq, tk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, enable_gqa=gqa)
-    if q.is_cuda and mask is not None:
-        with sdpa_kernel(_CUDA_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                          enable_gqa=gqa)
+    if causal and tq != tk:
+        mask, causal = causal_lower_right(tq, tk), False
+    return _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=gqa)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``; on CUDA with the cuDNN backend off for the call (see the module doc)."""
+    if not (q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled()):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
