@@ -8,7 +8,8 @@ prefix cache); then as many fresh ``--fresh-len`` prompts at once, ``--turns`` t
 TTFT of each request (from submitting the phase to the step that read its first token, in ms), and
 the rows, prefill and context tokens and wall time of its prefill steps and the step after each (the time
 between two ``step()`` returns; with the overlap on CUDA, a step's wait for the device shows in the next
-one). ``--profile-turn N`` also prints the CUDA kernels of turn N by total time. Random weights of a released shape, engine sized as the server sizes it.
+one). ``--profile PHASE`` (e.g. ``"turn 2"``, ``"fresh 1"``) also prints that phase's operators by device
+time and by host time. Random weights of a released shape, engine sized as the server sizes it.
 
     python bench/profile_multi_turn.py --preset 7B --sessions 16 --turns 4
     python bench/profile_multi_turn.py --preset tiny --sessions 4 --turns 2 --history-len 512   # CPU smoke run
@@ -77,6 +78,18 @@ def run_phase(engine: LLMEngine, log: StepLog, prompts: list[list[int]], params:
     return [ttft[i] for i in ids], [outputs[i] for i in ids], log.steps[first:]
 
 
+def phase(name: str, engine: LLMEngine, log: StepLog, prompts: list[list[int]], params: SamplingParams,
+          profiled: str) -> tuple[list[float], list[list[int]], list[dict]]:
+    """:func:`run_phase`, under the torch profiler when ``name`` is the ``profiled`` phase."""
+    if name != profiled:
+        return run_phase(engine, log, prompts, params)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = run_phase(engine, log, prompts, params)
+    for key in ("cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70))
+    return result
+
+
 def describe(name: str, ttft: list[float], steps: list[dict]) -> None:
     """Print the phase's TTFT spread, its prefill steps one by one and its decode steps in summary."""
     decode_ms = [s["ms"] for s in steps if not s["prefills"] and "ms" in s]
@@ -101,7 +114,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the server's step budget")
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--profile-turn", type=int, default=0, help="torch-profile this turn (0: none)")
+    p.add_argument("--profile", default="", metavar="PHASE", help='torch-profile this phase ("turn 2", "fresh 1")')
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -118,17 +131,13 @@ def main() -> None:
     run_phase(engine, log, [toks(args.fresh_len)], params)  # warm-up
     prompts = [toks(args.history_len + args.user_len) for _ in range(args.sessions)]
     for turn in range(1, args.turns + 1):
-        if turn == args.profile_turn:
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                ttft, replies, steps = run_phase(engine, log, prompts, params)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
-        else:
-            ttft, replies, steps = run_phase(engine, log, prompts, params)
+        ttft, replies, steps = phase(f"turn {turn}", engine, log, prompts, params, args.profile)
         describe(f"turn {turn} ({args.sessions} sessions, prompts of {len(prompts[0])} tokens)", ttft, steps)
         prompts = [p + r + toks(args.user_len) for p, r in zip(prompts, replies)]
-    for i in range(min(args.turns, 3)):
-        ttft, _, steps = run_phase(engine, log, [toks(args.fresh_len) for _ in range(args.sessions)], params)
-        describe(f"fresh {i + 1} ({args.sessions} prompts of {args.fresh_len} tokens)", ttft, steps)
+    for i in range(1, min(args.turns, 3) + 1):
+        fresh = [toks(args.fresh_len) for _ in range(args.sessions)]
+        ttft, _, steps = phase(f"fresh {i}", engine, log, fresh, params, args.profile)
+        describe(f"fresh {i} ({args.sessions} prompts of {args.fresh_len} tokens)", ttft, steps)
     print(f"prefix cache: {engine.scheduler.pool.hits} of {engine.scheduler.pool.queries} looked-up tokens found")
 
 
