@@ -5,8 +5,8 @@ The choice is made once per process and logged once. Shapes follow SDPA: ``[B, h
 On CUDA, SDPA never runs cuDNN's attention here: cuDNN builds an execution plan for every new shape, and
 a server meets a new shape with nearly every prompt length and batch of prompts. Measured on an H200
 (bench/RESULTS.md, "Attention without cuDNN plans"): a cached-history chat turn whose context length was
-new took 60 ms to its first token against 18 ms for a fresh prompt of a length already seen, and 16
-prompts of assorted lengths waited 0.3 s. SDPA runs with the cuDNN backend turned off for the call (the
+new took 60 ms to its first token against 18 ms for a fresh prompt of a length already seen, and fresh
+prompts of assorted lengths under 16 chat sessions waited 0.30 s for their first token (0.14 s without). SDPA runs with the cuDNN backend turned off for the call (the
 flag is process-wide: PyTorch's ``sdpa_kernel`` context costs 17 us, flipping the flag 0.6 us, and a
 prefill step makes hundreds of calls); a causal chunk after cached positions goes through PyTorch's causal
 bias (its flash or memory-efficient kernel, no mask tensor).
