@@ -172,3 +172,20 @@ def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
     assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio", *PROVENANCE))
     long_rows = [r for r in data["results"] if r["measure"] == "fp8_long_request"]
     assert [r["kv_cache"] for r in long_rows] == ["auto", "fp8"] and all(r["wall_s"] for r in long_rows)
+
+
+def test_multi_turn_profile_serves_later_turns_from_the_cache():
+    """bench/profile_multi_turn.py: the first turn prefills its whole history, later turns only their new tokens
+    over the cached history (the replies are resent as sampled), and fresh prompts have no context."""
+    proc = run_script("bench/profile_multi_turn.py", "--preset", "tiny", "--sessions", "3", "--turns", "2",
+                      "--history-len", "200", "--user-len", "20", "--output-len", "8", "--fresh-len", "40")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    turn1, turn2, fresh = (out.split(f"{name} (")[1].split("\n    step", 1)[1]
+                           for name in ("turn 1", "turn 2", "fresh 1"))
+    assert "3 prefill chunks of    660 tokens (0 over 0 cached" in turn1  # 3 x (200 + 20)
+    # Turn 2: 3 x 248 tokens; turn 1 computed 228 per session (prompt and reply but its last token): 14 full
+    # blocks (224) each are cached, 24 new tokens per session.
+    assert "3 prefill chunks of     72 tokens (3 over 672 cached context tokens)" in turn2
+    assert "3 prefill chunks of    120 tokens (0 over 0 cached" in fresh
+    assert "prefix cache: 672 of" in out
