@@ -6,10 +6,11 @@ On CUDA, SDPA never runs cuDNN's attention here: cuDNN builds an execution plan 
 a server meets a new shape with nearly every prompt length and batch of prompts. Measured on an H200
 (bench/RESULTS.md, "Attention without cuDNN plans"): a cached-history chat turn whose context length was
 new took 60 ms to its first token against 18 ms for a fresh prompt of a length already seen, and fresh
-prompts of assorted lengths under 16 chat sessions waited 0.30 s for their first token (0.14 s without). SDPA runs with the cuDNN backend turned off for the call (the
-flag is process-wide: PyTorch's ``sdpa_kernel`` context costs 17 us, flipping the flag 0.6 us, and a
-prefill step makes hundreds of calls); a causal chunk after cached positions goes through PyTorch's causal
-bias (its flash or memory-efficient kernel, no mask tensor).
+prompts of assorted lengths under 16 chat sessions waited 0.30 s for their first token (0.14 s without).
+SDPA runs with the cuDNN backend turned off for the call (the flag is process-wide: PyTorch's
+``sdpa_kernel`` context costs 17 us, flipping the flag 0.6 us, and a prefill step makes hundreds of
+calls); a causal chunk after cached positions goes through PyTorch's causal bias (its flash or
+memory-efficient kernel, no mask tensor).
 """
 
 from __future__ import annotations
