@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
@@ -30,13 +30,16 @@ SHUTTING_DOWN = "the server is shutting down"
 class ServerState:
     """What the app holds: settings, metrics, the runtime once loaded, and the in-flight count."""
 
-    def __init__(self, settings: Settings, core: CoreAddress | None = None):
-        """``core``: this is one of ``settings.api_server_count`` API processes over the engine core there."""
+    def __init__(self, settings: Settings, core: CoreAddress | None = None, admitted: Any = None):
+        """``core``: this is one of ``settings.api_server_count`` API processes over the engine core there;
+        ``admitted``: then the count of requests in flight in all of them (a ``multiprocessing.Value``)."""
         self.settings = settings
         self.core = core
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.in_flight = 0
+        """Requests in flight in this process."""
+        self._admitted = admitted
         self.draining = False
         self.metrics = Metrics(lambda: self.runtime.engine.stats() if self.runtime else None,
                                multiprocess=core is not None)
@@ -65,27 +68,40 @@ class ServerState:
 
     @property
     def capacity(self) -> int:
-        """Requests this process admits at once: the batch plus the bounded waiting queue, shared
-        evenly among the API processes."""
-        return -(-(self.settings.max_num_seqs + self.settings.max_queue) // self.settings.api_server_count)
+        """Requests the server admits at once: the batch plus the bounded waiting queue (with several API
+        processes, counted over all of them: a connection landing on a busy process is not refused while
+        the server has room)."""
+        return self.settings.max_num_seqs + self.settings.max_queue
 
     def admit(self) -> None:
         """Take a slot, or raise 503 while shutting down and 429 (with ``Retry-After``) when the queue is full."""
         if self.draining:
             raise APIError(503, f"{SHUTTING_DOWN}; send the request again (to another instance)",
                            type="service_unavailable_error", code="shutting_down")
-        if self.in_flight >= self.capacity:
-            share = f" / API_SERVER_COUNT {self.settings.api_server_count}" if self.settings.api_server_count > 1 else ""
-            raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight = (MAX_NUM_SEQS "
-                           f"{self.settings.max_num_seqs} + MAX_QUEUE {self.settings.max_queue}){share}); retry later",
+        total = self._take_slot()
+        if total is not None:
+            raise APIError(429, f"the server is at capacity ({total} requests in flight = MAX_NUM_SEQS "
+                           f"{self.settings.max_num_seqs} + MAX_QUEUE {self.settings.max_queue}); retry later",
                            type="rate_limit_error", code="server_overloaded",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += 1
 
+    def _take_slot(self) -> int | None:
+        """Count one more request in flight; when the server is full, the count instead (nothing taken)."""
+        if self._admitted is None:
+            return self.in_flight if self.in_flight >= self.capacity else None
+        with self._admitted.get_lock():
+            if self._admitted.value >= self.capacity:
+                return self._admitted.value
+            self._admitted.value += 1
+        return None
+
     def release(self) -> None:
         """Give a slot back."""
         self.in_flight -= 1
-
+        if self._admitted is not None:
+            with self._admitted.get_lock():
+                self._admitted.value -= 1
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import signal
 import threading
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -288,11 +289,12 @@ def _legacy_response(e: LegacyError) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- app
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
-               core: CoreAddress | None = None) -> FastAPI:
+               core: CoreAddress | None = None, admitted: Any = None) -> FastAPI:
     """The ASGI app. The model loads in a background thread at startup (``/health`` answers
     meanwhile, ``/ready`` turns 200 when done); ``on_fatal`` is called if loading fails. ``core``: the
-    app is one of several API processes over the engine core there (services/api/processes.py)."""
-    state = ServerState(settings or get_settings(), core)
+    app is one of several API processes over the engine core there (services/api/processes.py), which
+    count their requests in flight together in ``admitted``."""
+    state = ServerState(settings or get_settings(), core, admitted)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -396,6 +398,23 @@ def prepare_signals() -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
 
 
+def api_server_count(settings: Settings) -> int:
+    """``API_SERVER_COUNT``, or when unset: with the engine on CUDA one API process per 4 CPU cores this
+    process may use, at most 4 (at 64 concurrent streams on an H200 four cut the TTFT tail by 12 %,
+    bench/RESULTS.md); on CPU 1 (the engine needs the cores)."""
+    if settings.api_server_count is not None:
+        return settings.api_server_count
+    device = settings.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus // 4))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if the model failed to load."""
     settings = parse_settings(list(argv or []))
@@ -409,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for folder in ([settings.lora_path] if settings.lora_path else []) + list(settings.lora_module_map.values()):
             check_adapter(folder)
+    settings = settings.model_copy(update={"api_server_count": api_server_count(settings)})
     if settings.api_server_count > 1:
         from services.api.processes import serve_many
 

@@ -5,7 +5,8 @@ streamed tokens per second it can become the limit. As vLLM's ``--api-server-cou
 process then supervises: it binds the listening socket, starts the engine core (and owns it), and
 starts that many API processes (multiprocessing ``spawn``), each a uvicorn server on the shared socket
 whose runtime joins the core (:meth:`~telechat.engine.core_client.EngineClient.connect`); the kernel
-spreads connections over them. Each API process admits its share of ``MAX_NUM_SEQS + MAX_QUEUE``;
+spreads connections over them, unevenly at times. They count their requests in flight together (a shared
+counter), so the server admits ``MAX_NUM_SEQS + MAX_QUEUE`` whichever process a connection lands on;
 ``/metrics`` in any of them sums the request figures of all (prometheus_client's multiprocess files).
 
 Lifecycle: SIGTERM or SIGINT here sends SIGTERM to every API process (each drains its streams for
@@ -26,6 +27,7 @@ import socket
 import tempfile
 import threading
 import time
+from typing import Any
 
 from services.api.main import Server, UVICORN_EXTRA_GRACE_S, create_app, engine_options, prepare_signals, uvicorn_config
 from services.api.settings import Settings
@@ -55,8 +57,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_api_process(settings: Settings, sock: socket.socket, core: CoreAddress, parent_pid: int) -> None:
-    """One API process: the app over the core at ``core``, served on ``sock`` until SIGTERM."""
+def run_api_process(settings: Settings, sock: socket.socket, core: CoreAddress, admitted: Any,
+                    parent_pid: int) -> None:
+    """One API process: the app over the core at ``core``, served on ``sock`` until SIGTERM; ``admitted``
+    counts the requests in flight in every API process (one capacity for the server)."""
     follow_parent(parent_pid)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S")
     logging.getLogger("telechat.runtime").setLevel(logging.WARNING)  # which model is served: said once, above
@@ -66,7 +70,7 @@ def run_api_process(settings: Settings, sock: socket.socket, core: CoreAddress, 
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=stop, core=core)
+    app = create_app(settings, on_fatal=stop, core=core, admitted=admitted)
     server = Server(uvicorn_config(app, settings), app.state.server)
     prepare_signals()
     server.run(sockets=[sock])
@@ -118,8 +122,9 @@ def serve_many(settings: Settings) -> int:
 
     ctx = multiprocessing.get_context("spawn")
     core = engine.started_address()
-    workers = [ctx.Process(target=run_api_process, args=(settings, sock, core, os.getpid()), name=f"telechat-api-{i}")
-               for i in range(count)]
+    admitted = ctx.Value("i", 0)
+    workers = [ctx.Process(target=run_api_process, args=(settings, sock, core, admitted, os.getpid()),
+                           name=f"telechat-api-{i}") for i in range(count)]
     code = 0
     try:
         for w in workers:
