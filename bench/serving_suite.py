@@ -67,7 +67,7 @@ class Workload:
     """Reply tokens per turn (and per fresh prompt)."""
     fresh_tokens: int = 128
     api_servers: int = 1
-    """API processes of the served parts (``--api-server-count``; the suite's flag of that name)."""
+    """API processes of the served parts (the suite's ``--api-server-count``; default: the server's default)."""
     http_clients: int = 4
     """Client processes of the HTTP load part (one Python client parsing ~8,000 SSE events/s is itself a bottleneck)."""
     part_timeout_s: int = 300
@@ -297,6 +297,14 @@ def print_summary(s: dict, w: Workload) -> None:
         print("\nfailed parts: " + "; ".join(f"{k}: {v}" for k, v in s["errors"].items()))
 
 
+def default_api_servers() -> int:
+    """The API process count ``telechat serve`` picks on this machine when none is given."""
+    from services.api.main import api_server_count
+    from services.api.settings import Settings
+
+    return api_server_count(Settings())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="7B", choices=PRESET_NAMES,
@@ -306,14 +314,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="summary json (default bench/results/h200.json; with --preset tiny WORK_DIR/suite.json)")
     p.add_argument("--commit", help="commit to record (default: git, or BENCH_COMMIT; a copied tree has no .git)")
-    p.add_argument("--api-server-count", type=int, default=1, help="API processes of the served parts")
+    p.add_argument("--api-server-count", type=int, default=None,
+                   help="API processes of the served parts (default: the server's own default on this machine)")
     args = p.parse_args()
     if args.commit:
         os.environ["BENCH_COMMIT"] = args.commit  # the parts read it too
     args.work_dir = (args.work_dir or Path("/tmp/telechat-bench")).resolve()
     tiny = args.preset == "tiny"
     args.out = (args.out or (args.work_dir / "suite.json" if tiny else REPO / "bench/results/h200.json")).resolve()
-    w = dataclasses.replace(TINY if tiny else FULL, api_servers=args.api_server_count)
+    w = dataclasses.replace(TINY if tiny else FULL, api_servers=args.api_server_count or default_api_servers())
     summary = run_suite(args, w)
     print_summary(summary, w)
     print(f"\nwrote {args.out}")
