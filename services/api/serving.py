@@ -32,6 +32,7 @@ from telechat.errors import RequestRefused
 
 if TYPE_CHECKING:
     from services.api.choices import Choices
+    from services.api.metrics import Metrics
     from telechat.engine.sampling import SamplingParams
     from telechat.runtime import Runtime, StreamDelta
 
@@ -135,40 +136,54 @@ async def start(state: ServerState, rt: Runtime, prompt_ids: list[int], params: 
     return agen
 
 
+class _StreamMetrics:
+    """The latency figures of one request's stream as its deltas arrive (TTFT, inter-token latency, the engine's
+    queue and prefill times, end to end) and the reason it ended."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+        self.start = self.last = time.perf_counter()
+        self.tokens = 0
+        self.reason = "abort"  # unless the engine says otherwise (e.g. the client left)
+
+    def observe(self, d: StreamDelta) -> None:
+        """Record one delta."""
+        now, m = time.perf_counter(), self.m
+        if d.completion_tokens > self.tokens:
+            if self.tokens == 0:
+                m.time_to_first_token.observe(now - self.start)
+            else:  # one observation per delta: the mean gap of the tokens it carries
+                m.inter_token_latency.observe((now - self.last) / (d.completion_tokens - self.tokens))
+            self.tokens, self.last = d.completion_tokens, now
+        if d.queue_s is not None:
+            m.request_queue_time.observe(d.queue_s)
+            m.request_prefill_time.observe(d.prefill_s)
+        if d.finish_reason:
+            self.reason = d.finish_reason
+            m.e2e_request_latency.observe(now - self.start)
+
+
 async def _generate(state: ServerState, rt: Runtime, prompt_ids: list[int], params: SamplingParams,
                     request_id: str, continuation: bool, lora: str | None,
                     after: str | None = None) -> AsyncIterator[StreamDelta | None]:
     state.admit()
-    m = state.metrics
+    # Made before the first yield: a stream closed right after its admission (a sibling choice was refused)
+    # still counts its end and gives its slot back.
+    times = _StreamMetrics(state.metrics)
     try:
         yield None  # admitted
-        m.prompt_tokens.inc(len(prompt_ids))
-        t0 = last = time.perf_counter()
-        tokens = 0
-        reason = "abort"  # unless the engine says otherwise (e.g. the client left)
+        state.metrics.prompt_tokens.inc(len(prompt_ids))
+        times.start = times.last = time.perf_counter()
         async with aclosing(rt.stream(prompt_ids, params, request_id, continuation=continuation, lora=lora,
                                       after=after)) as stream:
             try:
                 async for d in stream:
-                    now = time.perf_counter()
-                    if tokens == 0 and d.completion_tokens:
-                        m.time_to_first_token.observe(now - t0)
-                    elif d.completion_tokens > tokens:
-                        # One observation per delta: the mean gap of the tokens it carries.
-                        m.inter_token_latency.observe((now - last) / (d.completion_tokens - tokens))
-                    if d.completion_tokens > tokens:
-                        tokens, last = d.completion_tokens, now
-                    if d.queue_s is not None:
-                        m.request_queue_time.observe(d.queue_s)
-                        m.request_prefill_time.observe(d.prefill_s)
-                    if d.finish_reason:
-                        reason = d.finish_reason
-                        m.e2e_request_latency.observe(now - t0)
+                    times.observe(d)
                     yield d
             except RequestRefused as e:  # it never started
                 raise APIError(400, f"the request was refused: {e}", type="invalid_request_error") from e
     finally:
-        m.request_success.labels(finished_reason=reason).inc()
+        state.metrics.request_success.labels(finished_reason=times.reason).inc()
         state.release()
 
 

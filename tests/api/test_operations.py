@@ -149,6 +149,17 @@ def test_api_key_accepted_and_ops_routes_open(strict_server):
     assert c.chat.completions.create(model="telechat-demo", messages=HELLO, max_tokens=3).choices[0].message.content
 
 
+def test_choices_past_capacity_get_429_and_give_their_slots_back(strict_server):
+    """n = 3 on a server that admits 2: the third choice is refused, so the request gets 429 (not a 500), and
+    the two choices admitted before it are closed and give their slots back — the next request is served."""
+    r = httpx.post(strict_server.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 3}, headers=KEY,
+                   timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "server_overloaded", r.text
+    ok = httpx.post(strict_server.url + CHAT, json={"messages": HELLO, "max_tokens": 2, "n": 2}, headers=KEY,
+                    timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2, ok.text
+
+
 def test_overload_gets_429_with_retry_after(strict_server):
     """Capacity is one running + one queued: of requests arriving together, the rest get 429 with
     Retry-After, on both route families; once the others finish, requests are accepted again."""
