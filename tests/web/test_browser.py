@@ -295,10 +295,10 @@ def test_regenerate_replaces_the_answer(page) -> None:
     first = _wait_reply(page, 2)
     _set_max_tokens(page, 64)
     page.get_by_role("button", name="重新生成").click()
-    page.wait_for_function(
+    page.wait_for_function(  # (the reply's text is briefly absent while the page redraws it)
         "(old) => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
-        " return m.length === 2 && !document.querySelector('.st-key-live_reply')"
-        " && m[1].querySelector('[data-testid=stMarkdownContainer]').innerText !== old; }",
+        " const text = m.length === 2 && m[1].querySelector('[data-testid=stMarkdownContainer]');"
+        " return !!text && !document.querySelector('.st-key-live_reply') && text.innerText !== old; }",
         arg=first)
     _wait_idle(page)
     second = _reply_text(page, 1)
