@@ -103,6 +103,7 @@ class ServerState:
             with self._admitted.get_lock():
                 self._admitted.value -= 1
 
+
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
