@@ -16,9 +16,7 @@ measurement (``--all-configs``: one per tiling too) and a table; ``--json PATH``
 With ``--fp8`` the weights are E4M3 with per-output-channel scales (what ``telechat quantize --method fp8``
 writes): the baseline is then the FP8 Linear's own path (per-token activation quantization + row-wise
 ``torch._scaled_mm``) and the Triton tilings read one byte per weight (weight-only dequantization); the
-head stays bf16 as the quant job leaves it, so it is not measured. Each FMA tiling is then also measured with
-``fp8_unpack="cvt"`` (the hardware E4M3 converts) beside the integer unpacking the engine uses: the table's
-"FMA bits / cvt" column holds the best of each.
+head stays bf16 as the quant job leaves it, so it is not measured.
 
     python bench/gemv.py --all-configs --json bench/results/h200-gemv.json
     python bench/gemv.py --preset 12B --m 1,8
@@ -28,7 +26,6 @@ head stays bf16 as the quant job leaves it, so it is not measured. Each FMA tili
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -101,9 +98,6 @@ def main() -> None:
     if not all(0 < m <= GEMV_MAX_M for m in ms):
         sys.exit(f"--m: each row count must be 1 to {GEMV_MAX_M}")
     copy_bw = copy_bandwidth()
-    # FP8: each FMA tiling also with the hardware converts, the unpacking it replaced (same run, same shapes)
-    candidates = GEMV_CANDIDATES + tuple(dataclasses.replace(c, fp8_unpack=u) for c in GEMV_CANDIDATES for u in ("cvt", "asm")
-                                         if args.fp8 and c.kind == "fma")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = [{"measure": "copy_bandwidth", "gb_s": round(copy_bw / 1e9, 1)}]
     print(json.dumps(rows[0]), flush=True)
@@ -129,7 +123,7 @@ def main() -> None:
                 cublas = rate(lambda w: w.module(x), True)
                 cublas_eager = rate(lambda w: w.module(x), False)
                 measured = []  # (config, graph bytes/s, eager bytes/s) of the correct tilings
-                for config in candidates:
+                for config in GEMV_CANDIDATES:
                     if m > config.max_m or config.kind not in kinds or (config.kind == "dot8" and not args.fp8):
                         continue
                     want = ref_x_fp8 if config.kind == "dot8" else ref
@@ -152,8 +146,6 @@ def main() -> None:
                     if ok:
                         measured.append((config, r, r_eager))
                 best = max(measured, key=lambda c: c[1], default=(None, 0.0, 0.0))
-                fma = {u: max((c[1] for c in measured if c[0].kind == "fma" and c[0].fp8_unpack == u), default=0.0)
-                       for u in ("bits", "cvt", "asm")}
                 tuned = max((c for c in measured if c[0] in GEMV_CONFIGS), key=lambda c: c[1],
                             default=(None, 0.0, 0.0))
                 row = {"measure": "gemv", "shape": name, "n": n, "k": k, "m": m,
@@ -163,8 +155,6 @@ def main() -> None:
                        "triton_eager_pct_copy": round(100 * best[2] / copy_bw, 1), "triton_config": str(best[0]),
                        "tuned_pct_copy": round(100 * tuned[1] / copy_bw, 1), "tuned_config": str(tuned[0]),
                        "engine_uses": "triton" if tuned[1] * (1 - GEMV_MIN_GAIN) > cublas else "cublas"}
-                if args.fp8:
-                    row.update({f"fma_{u}_pct_copy": round(100 * r / copy_bw, 1) for u, r in fma.items()})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             weights = None  # free this shape's copies before the next
@@ -174,13 +164,12 @@ def main() -> None:
     baseline = "_scaled_mm" if args.fp8 else "cuBLAS"
     print(f"\n{args.preset} {'FP8 weights, ' if args.fp8 else ''}{args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of copy, CUDA graph (eager)")
     print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {baseline:>13}  {'best Triton':>13}  {'tuned set':>9}  engine  "
-          + ("FMA bits / cvt  " if args.fp8 else "") + "best tiling")
+          "best tiling")
     for r in (r for r in rows if r["measure"] == "gemv"):
-        unpack = f"{r['fma_bits_pct_copy']:5.1f} / {r['fma_cvt_pct_copy']:5.1f} / {r['fma_asm_pct_copy']:5.1f}  " if args.fp8 else ""
         print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_pct_copy']:5.1f} "
               f"({r['cublas_eager_pct_copy']:5.1f})  {r['triton_pct_copy']:5.1f} ({r['triton_eager_pct_copy']:5.1f})  "
               f"{r['tuned_pct_copy']:9.1f}  "
-              f"{r['engine_uses']:6}  {unpack}{r['triton_config']}")
+              f"{r['engine_uses']:6}  {r['triton_config']}")
 
 
 if __name__ == "__main__":

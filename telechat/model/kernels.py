@@ -406,10 +406,6 @@ class GemvConfig:
     Hopper's wgmma shape when ``block_n`` ≥ 64); ``"dot8"``: FP8 weights only, swap-AB on FP8 tensor cores
     with x quantized per token first (one more launch; the FP8 Linear's own numerics, no weight
     conversion in the loop)."""
-    fp8_unpack: str = "bits"
-    """FMA tilings reading FP8 weights: ``"bits"`` moves each E4M3 byte's fields into an fp32 with three
-    integer ops per weight (:func:`_e4m3_bits_to_f32`), ``"cvt"`` uses the hardware converts (E4M3 pairs →
-    f16 pairs → fp32). bench/gemv.py measures both."""
     serial_reduce: bool = False
     """With ``split_k`` > 1: the last program of a row block (an atomic counter) sums the partials, adds
     the bias and writes the output; else a second launch does. The counters reset themselves, so a
@@ -420,8 +416,6 @@ class GemvConfig:
     def __post_init__(self):
         if self.kind not in GEMV_KINDS:
             raise ValueError(f"GemvConfig kind must be one of {GEMV_KINDS}, got {self.kind!r}")
-        if self.fp8_unpack not in ("bits", "cvt", "asm"):
-            raise ValueError(f"GemvConfig fp8_unpack must be 'bits' or 'cvt', got {self.fp8_unpack!r}")
 
     @property
     def max_m(self) -> int:
@@ -560,50 +554,12 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _e4m3_bits_to_f32(w):
-        """E4M3 weights to fp32 with integer ops: each byte's sign to bit 31 and its exponent and mantissa to
-        bits 20-26 — an fp32 of the E4M3 value × 2⁻¹²⁰, exactly, subnormals included (as fp32 subnormals, which
-        Triton's FFMA keeps: no .ftz). :func:`_gemv_finish` multiplies the sums by 2¹²⁰."""
-        top = w.to(tl.uint8, bitcast=True).to(tl.int32) << 24  # the byte in bits 24-31, its sign in bit 31
-        return ((top >> 4) & -2014314496).to(tl.float32, bitcast=True)  # arithmetic shift; mask 0x87F00000
-
-    @triton.jit
-    def _e4m3_asm_to_f32(w):
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 a, b, c;
-            shl.b32 a, $4, 24;
-            shl.b32 b, $4, 16;
-            shl.b32 c, $4, 8;
-            shr.s32 a, a, 4;
-            shr.s32 b, b, 4;
-            shr.s32 c, c, 4;
-            and.b32 $0, a, 0x87F00000;
-            and.b32 $1, b, 0x87F00000;
-            and.b32 $2, c, 0x87F00000;
-            shr.s32 a, $4, 4;
-            and.b32 $3, a, 0x87F00000;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[w.to(tl.uint8, bitcast=True)], dtype=tl.float32, is_pure=True,
-            pack=4)
-
-    @triton.jit
-    def _weight_f32(w, FP8_BITS: tl.constexpr):
-        if FP8_BITS == 2:
-            return _e4m3_asm_to_f32(w)
-        if FP8_BITS:
-            return _e4m3_bits_to_f32(w)
-        return w.to(tl.float32)
-
-    @triton.jit
     def _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
                      stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
-                     SERIAL: tl.constexpr, FP8_BITS: tl.constexpr = False):
+                     SERIAL: tl.constexpr):
         """Store ``acc [M_PAD, BLOCK_N]`` (fp32) times the weight scales (FP8 weights): the output (+ bias),
         or this split's partial; with SERIAL, the split arriving last for this row block sums all partials
-        into the output. FP8_BITS: ``acc`` holds sums of weights × 2⁻¹²⁰ (:func:`_e4m3_bits_to_f32`)."""
-        if FP8_BITS:
-            acc = acc * 1.329227995784916e36  # 2¹²⁰, exact: undoes the unpacking's 2⁻¹²⁰
+        into the output."""
         if HAS_SCALE:
             acc = acc * tl.load(s_ptr + offs_n * stride_s, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -633,7 +589,7 @@ if triton is not None:
                          stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, FP8_BITS: tl.constexpr, PDL: tl.constexpr):
+                         EVEN_K: tl.constexpr, PDL: tl.constexpr):
         pdl_release(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -651,22 +607,22 @@ if triton is not None:
         pdl_wait(PDL)
         x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
         if M_PAD == 1:
-            part = _weight_f32(w, FP8_BITS) * x.to(tl.float32)
+            part = w.to(tl.float32) * x.to(tl.float32)
             for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
                 offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
-                part += _weight_f32(w, FP8_BITS) * x.to(tl.float32)
+                part += w.to(tl.float32) * x.to(tl.float32)
             acc = tl.sum(part, axis=1)[None, :]
         else:
-            acc = tl.sum(x.to(tl.float32)[:, None, :] * _weight_f32(w, FP8_BITS)[None, :, :], axis=2)
+            acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
                 offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * _weight_f32(w, FP8_BITS)[None, :, :], axis=2)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         _gemv_finish(acc, pid_n, pid_k, offs_m, offs_n, M, N, b_ptr, s_ptr, stride_s, out_ptr, ws_ptr, cnt_ptr,
-                     stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL, FP8_BITS)
+                     stride_om, HAS_BIAS, HAS_SCALE, SPLIT_K, SERIAL)
 
     @triton.jit(do_not_specialize=["M"])  # eager steps pass any row count: one compile per M_PAD
     def _gemv_dot_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, xs_ptr, M, N, K, k_per_split,
@@ -774,8 +730,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
              out.stride(0))
     if config.kind == "fma":
-        _gemv_fma_kernel[grid](*args, *sizes, M_PAD=triton.next_power_of_2(m),
-                               FP8_BITS=(2 if config.fp8_unpack == "asm" else 1) if fp8 and config.fp8_unpack != "cvt" else 0, **common)
+        _gemv_fma_kernel[grid](*args, *sizes, M_PAD=triton.next_power_of_2(m), **common)
     else:
         _gemv_dot_kernel[grid](*args, xs, *sizes, M_PAD=max(16, triton.next_power_of_2(m)),
                                SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)

@@ -295,27 +295,6 @@ def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor, s
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("unpack", ["bits", "cvt", "asm"])
-@pytest.mark.parametrize("m", [1, 2])
-def test_fp8_gemv_unpacks_every_e4m3_code_exactly(unpack, m):
-    """Weight row n holds E4M3 code n (zero, the subnormals, every normal value, both signs; the NaN codes
-    as zero) once, in column n: with x all ones each output is that code's value times the row's scale,
-    exactly — the integer unpacking's fields, its 2¹²⁰ rescale and the subnormals included."""
-    n, k = 256, 1024
-    codes = torch.arange(n, dtype=torch.int32)
-    codes[(codes & 0x7F) == 0x7F] = 0
-    weight = torch.zeros(n, k, dtype=torch.uint8)
-    weight[codes.new_tensor(range(n)), codes.new_tensor(range(n))] = codes.to(torch.uint8)
-    weight = weight.view(torch.float8_e4m3fn).cuda()
-    scale = torch.full((n, 1), 0.5, device="cuda")  # a power of two: the products stay exact
-    x = torch.ones(m, k, device="cuda", dtype=torch.bfloat16)
-    config = GemvConfig(8, 512, num_stages=3, fp8_unpack=unpack)
-    with torch.inference_mode():
-        out = gemv(x, weight, None, config, scale)
-    want = (weight.float().diagonal()[:n] * 0.5)[None, :].expand(m, n)
-    assert torch.equal(out.float(), want)
-
-
 def test_fp8_model_decodes_through_the_tuned_gemv():
     """An FP8 model (fused FP8 projections) tunes the GEMV for its FP8 shapes at capture, and every token
     graph decode picks is the FP8 model's own choice (its unfused forward, ``_scaled_mm``) or within a
