@@ -16,7 +16,9 @@ measurement (``--all-configs``: one per tiling too) and a table; ``--json PATH``
 With ``--fp8`` the weights are E4M3 with per-output-channel scales (what ``telechat quantize --method fp8``
 writes): the baseline is then the FP8 Linear's own path (per-token activation quantization + row-wise
 ``torch._scaled_mm``) and the Triton tilings read one byte per weight (weight-only dequantization); the
-head stays bf16 as the quant job leaves it, so it is not measured.
+head stays bf16 as the quant job leaves it, so it is not measured. Every FMA tiling is also measured with its
+one-row loop pipelined through shared memory (``pipelined=True``); the table's "FMA regs / smem" column holds the
+best of each.
 
     python bench/gemv.py --all-configs --json bench/results/h200-gemv.json
     python bench/gemv.py --preset 12B --m 1,8
@@ -26,6 +28,7 @@ head stays bf16 as the quant job leaves it, so it is not measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -98,6 +101,9 @@ def main() -> None:
     if not all(0 < m <= GEMV_MAX_M for m in ms):
         sys.exit(f"--m: each row count must be 1 to {GEMV_MAX_M}")
     copy_bw = copy_bandwidth()
+    # every FMA tiling also with its one-row loop pipelined through shared memory (same run, same shapes)
+    candidates = tuple(dict.fromkeys(GEMV_CANDIDATES + tuple(dataclasses.replace(c, pipelined=True)
+                                                             for c in GEMV_CANDIDATES if c.kind == "fma")))
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = [{"measure": "copy_bandwidth", "gb_s": round(copy_bw / 1e9, 1)}]
     print(json.dumps(rows[0]), flush=True)
@@ -123,7 +129,7 @@ def main() -> None:
                 cublas = rate(lambda w: w.module(x), True)
                 cublas_eager = rate(lambda w: w.module(x), False)
                 measured = []  # (config, graph bytes/s, eager bytes/s) of the correct tilings
-                for config in GEMV_CANDIDATES:
+                for config in candidates:
                     if m > config.max_m or config.kind not in kinds or (config.kind == "dot8" and not args.fp8):
                         continue
                     want = ref_x_fp8 if config.kind == "dot8" else ref
@@ -146,6 +152,8 @@ def main() -> None:
                     if ok:
                         measured.append((config, r, r_eager))
                 best = max(measured, key=lambda c: c[1], default=(None, 0.0, 0.0))
+                fma = {p: max((c[1] for c in measured if c[0].kind == "fma" and c[0].pipelined == p), default=0.0)
+                       for p in (False, True)}
                 tuned = max((c for c in measured if c[0] in GEMV_CONFIGS), key=lambda c: c[1],
                             default=(None, 0.0, 0.0))
                 row = {"measure": "gemv", "shape": name, "n": n, "k": k, "m": m,
@@ -154,7 +162,9 @@ def main() -> None:
                        "triton_gb_s": round(best[1] / 1e9, 1), "triton_pct_copy": round(100 * best[1] / copy_bw, 1),
                        "triton_eager_pct_copy": round(100 * best[2] / copy_bw, 1), "triton_config": str(best[0]),
                        "tuned_pct_copy": round(100 * tuned[1] / copy_bw, 1), "tuned_config": str(tuned[0]),
-                       "engine_uses": "triton" if tuned[1] * (1 - GEMV_MIN_GAIN) > cublas else "cublas"}
+                       "engine_uses": "triton" if tuned[1] * (1 - GEMV_MIN_GAIN) > cublas else "cublas",
+                       "fma_plain_pct_copy": round(100 * fma[False] / copy_bw, 1),
+                       "fma_pipelined_pct_copy": round(100 * fma[True] / copy_bw, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             weights = None  # free this shape's copies before the next
@@ -164,12 +174,12 @@ def main() -> None:
     baseline = "_scaled_mm" if args.fp8 else "cuBLAS"
     print(f"\n{args.preset} {'FP8 weights, ' if args.fp8 else ''}{args.dtype}, copy bandwidth {copy_bw / 1e9:.0f} GB/s; % of copy, CUDA graph (eager)")
     print(f"{'shape':8} {'N':>7} {'K':>6} {'M':>2}  {baseline:>13}  {'best Triton':>13}  {'tuned set':>9}  engine  "
-          "best tiling")
+          "FMA regs / smem  best tiling")
     for r in (r for r in rows if r["measure"] == "gemv"):
         print(f"{r['shape']:8} {r['n']:7} {r['k']:6} {r['m']:2}  {r['cublas_pct_copy']:5.1f} "
               f"({r['cublas_eager_pct_copy']:5.1f})  {r['triton_pct_copy']:5.1f} ({r['triton_eager_pct_copy']:5.1f})  "
               f"{r['tuned_pct_copy']:9.1f}  "
-              f"{r['engine_uses']:6}  {r['triton_config']}")
+              f"{r['engine_uses']:6}  {r['fma_plain_pct_copy']:5.1f} / {r['fma_pipelined_pct_copy']:5.1f}  {r['triton_config']}")
 
 
 if __name__ == "__main__":

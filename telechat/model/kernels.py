@@ -406,6 +406,9 @@ class GemvConfig:
     Hopper's wgmma shape when ``block_n`` ≥ 64); ``"dot8"``: FP8 weights only, swap-AB on FP8 tensor cores
     with x quantized per token first (one more launch; the FP8 Linear's own numerics, no weight
     conversion in the loop)."""
+    pipelined: bool = False
+    """FMA at one row: the weight and x tiles stream through shared memory (cp.async), ``num_stages`` deep — Triton's
+    loop pipeliner — instead of straight into registers."""
     serial_reduce: bool = False
     """With ``split_k`` > 1: the last program of a row block (an atomic counter) sums the partials, adds
     the bias and writes the output; else a second launch does. The counters reset themselves, so a
@@ -453,8 +456,17 @@ GEMV_DOT8_TUNED = (
 )
 """FP8 tensor-core tilings (FP8 Linears that quantize activations) in :data:`GEMV_CONFIGS`: those that won a
 7B shape at 2-64 rows on an H200."""
+GEMV_FMA_PIPELINED = (
+    GemvConfig(8, 256, num_warps=2, num_stages=4, pipelined=True),
+    GemvConfig(8, 512, num_stages=3, pipelined=True),
+    GemvConfig(8, 1024, num_stages=3, pipelined=True),
+    GemvConfig(8, 1024, num_stages=2, pipelined=True),
+    GemvConfig(16, 512, num_stages=3, pipelined=True),
+)
+"""FMA tilings whose one-row loop streams the tiles through shared memory (in :data:`GEMV_CONFIGS`): FP8 weights
+at one row read 3-5 points more of copy bandwidth than with the tiles loaded straight into registers (bf16: no gain)."""
 GEMV_CANDIDATES = (
-    # FMA, the weight stream through registers (stages 1) or pipelined through shared memory
+    # FMA, the weight stream through registers
     GemvConfig(8, 512, num_stages=3),
     GemvConfig(16, 512, num_stages=3),
     GemvConfig(16, 256, num_stages=4),
@@ -500,6 +512,8 @@ GEMV_CANDIDATES = (
     GemvConfig(64, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
     GemvConfig(64, 256, split_k=8, kind="dot8", serial_reduce=True, num_stages=3),
     GemvConfig(128, 128, split_k=8, kind="dot8", serial_reduce=True, num_stages=4),
+    # FMA at one row through shared memory
+    *GEMV_FMA_PIPELINED,
 )
 """Every tiling bench/gemv.py measures (``--all-configs`` prints each) and the GPU tests check."""
 GEMV_CONFIGS = (
@@ -513,6 +527,7 @@ GEMV_CONFIGS = (
     GemvConfig(8, 1024, num_stages=3),
     GemvConfig(128, 256, kind="dot_w", num_warps=8, num_stages=3),
     *GEMV_DOT8_TUNED,
+    *GEMV_FMA_PIPELINED,
 )
 """Tilings timed by :func:`tune_gemv` at start (each compiles once per bias/no-bias and row padding): the
 winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.md, GEMV), few enough to keep
@@ -589,7 +604,7 @@ if triton is not None:
                          stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                         EVEN_K: tl.constexpr, LOOP_STAGES: tl.constexpr, PDL: tl.constexpr):
         pdl_release(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -608,7 +623,8 @@ if triton is not None:
         x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
         if M_PAD == 1:
             part = w.to(tl.float32) * x.to(tl.float32)
-            for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            # LOOP_STAGES > 1: the tiles stream through shared memory (cp.async), that many deep
+            for k0 in tl.range(k_lo + BLOCK_K, k_hi, BLOCK_K, num_stages=LOOP_STAGES):
                 offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
                 w = _gemv_load_w(w_rows, offs_k, k_hi, EVEN_K)
                 x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
@@ -730,7 +746,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     sizes = (m, n, k, k_per_split, x2.stride(0), weight.stride(0), scales.stride(0) if fp8 and scales.numel() > 1 else 0,
              out.stride(0))
     if config.kind == "fma":
-        _gemv_fma_kernel[grid](*args, *sizes, M_PAD=triton.next_power_of_2(m), **common)
+        _gemv_fma_kernel[grid](*args, *sizes, M_PAD=triton.next_power_of_2(m),
+                               LOOP_STAGES=config.num_stages if config.pipelined else 1, **common)
     else:
         _gemv_dot_kernel[grid](*args, xs, *sizes, M_PAD=max(16, triton.next_power_of_2(m)),
                                SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)
