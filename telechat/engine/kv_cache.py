@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from telechat.engine import prefix_attention
 from telechat.engine.paged_attention import paged_decode_attention, read_kv
+from telechat.engine.prefix_attention import ChunkTables, chunk_tables, prefix_prefill_attention
 from telechat.model.attention import attention
 from telechat.model.kernels import FP8_DTYPE, rope_and_cache, store_kv
 from telechat.model.rope import apply_rope
@@ -27,8 +29,10 @@ from telechat.model.rope import apply_rope
 KV_CACHE_DTYPES = ("auto", "fp8")
 """``auto``: the model's dtype; ``fp8``: E4M3 with per-layer scales (also spelled ``fp8_e4m3``)."""
 CONTEXT_GROUP_TOKENS = 16384
-"""Most context tokens one batched call over cached context reads back (chunks of one span are batched up
-to it; a single chunk reads its whole context, as it always did): bounds the copies of K and V it makes."""
+"""Without Triton (CPU): most context tokens one batched call over cached context reads back (chunks of one
+span are batched up to it; a single chunk reads its whole context): bounds the copies of K and V it makes.
+On CUDA the chunks with cached context are attended straight from the cache instead
+(:mod:`telechat.engine.prefix_attention`)."""
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -114,6 +118,7 @@ class StepAttention:
     prefills: Sequence[PrefillChunk] = ()
     _fresh: list[tuple[slice | torch.Tensor, int, int]] | None = field(default=None, repr=False)
     _context: list[tuple[slice | torch.Tensor, int, int, torch.Tensor]] | None = field(default=None, repr=False)
+    _tables: ChunkTables | bool | None = field(default=None, repr=False)
 
     def fresh_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int]]:
         """The fresh prompts (no cached context) grouped by length, each group attended in one batched call
@@ -147,6 +152,13 @@ class StepAttention:
             self._context = groups
         return self._context
 
+    def context_tables(self, device: torch.device) -> ChunkTables | None:
+        """The launch metadata of the chunks with cached context (None without any). Built once per step."""
+        if self._tables is None:
+            chunks = [c for c in self.prefills if c.context_slots is not None]
+            self._tables = chunk_tables(chunks, device) if chunks else False
+        return self._tables or None
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output ``[T, Hq, d]`` for unrotated ``q [T, Hq, d]``, ``k, v [T, Hkv, d]``."""
@@ -169,6 +181,11 @@ class StepAttention:
         for rows, count, n in self.fresh_groups(q.device):  # fresh sequences: their own keys, causal
             qg, kg, vg = (t[rows].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (G, H, n, d)
             out[rows] = attention(qg, kg, vg, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
+        if q.is_cuda and prefix_attention.triton is not None:  # every context chunk in one launch, from the cache
+            tables = self.context_tables(q.device)
+            if tables is not None:
+                prefix_prefill_attention(q, kc, vc, tables, out, ks, vs)
+            return out
         for rows, count, n, slots in self.context_groups(q.device):  # over context read from the cache
             qg = q[rows].view(count, n, *q.shape[1:]).transpose(1, 2)  # (G, Hq, n, d)
             kk, vv = (read_kv(t, slots, scale, q.dtype).transpose(1, 2)

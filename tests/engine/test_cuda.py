@@ -52,6 +52,42 @@ def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8, config):
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.parametrize("n_kv, d", [(8, 128), (2, 160)], ids=["mha-128", "gqa-160"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
+def test_prefix_prefill_kernel_matches_gather(n_kv, d, fp8):
+    """Chunks continuing cached context (a few tokens to 150, over 1 to 3,000 cached positions, in random
+    slots), attended in one launch straight from the cache, equal gather + SDPA per chunk; rows of other
+    chunks (decodes, fresh prompts) are left untouched."""
+    from types import SimpleNamespace
+
+    from telechat.engine.prefix_attention import chunk_tables, prefix_prefill_attention
+    from telechat.model.attention import attention
+
+    torch.manual_seed(0)
+    heads, slots = 8, 16384
+    kc = torch.randn(slots, n_kv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    k_scale, v_scale = (0.25, 0.5) if fp8 else (1.0, 1.0)
+    if fp8:
+        kc, vc = (kc / k_scale).to(torch.float8_e4m3fn), (vc / v_scale).to(torch.float8_e4m3fn)
+    chunks, row = [], 5  # rows 0-4: not context chunks
+    for start, end in [(1, 2), (64, 128), (3000, 3150), (100, 101), (4000, 4033)]:
+        chunks.append(SimpleNamespace(row=row, start=start, end=end,
+                                      context_slots=torch.randperm(slots, device="cuda")[:end]))
+        row += end - start
+    q = torch.randn(row, heads, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, 7.0)
+    prefix_prefill_attention(q, kc, vc, chunk_tables(chunks, q.device), out, k_scale, v_scale)
+    assert bool((out[:5] == 7.0).all())
+    for c in chunks:
+        n = c.end - c.start
+        kk, vv = ((t[c.context_slots].float() * scale).transpose(0, 1)[None]
+                  for t, scale in ((kc, k_scale), (vc, v_scale)))
+        ref = attention(q[c.row:c.row + n].float().transpose(0, 1)[None], kk, vv, causal=True)[0].transpose(0, 1)
+        got = out[c.row:c.row + n].float()
+        assert (got - ref).norm() / ref.norm() < 1e-2, (c.start, c.end)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("tq, tk", [(131, 131), (48, 4433)])
 def test_attention_never_plans_with_cudnn(heads, kv_heads, tq, tk):
@@ -346,15 +382,11 @@ def test_fused_activation_quantization_equals_the_pytorch_formula(m, k, static):
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
-@pytest.mark.parametrize("group_tokens", [None, 256], ids=["one-call", "split"])
-def test_cached_context_burst_matches_generate_fp32(monkeypatch, group_tokens):
+def test_cached_context_burst_matches_generate_fp32():
     """A burst of prompts served from the prefix cache at one span (112 of 128 tokens cached, as in the
-    constrained-decoding bench) is attended in batched calls per layer over the context read back from the
-    cache (SDPA with a mask, grouped-query heads, head dim 160 like the 12B): generate()'s logits and tokens."""
-    from telechat.engine import kv_cache
-
-    if group_tokens is not None:
-        monkeypatch.setattr(kv_cache, "CONTEXT_GROUP_TOKENS", group_tokens)  # 2 chunks per call
+    constrained-decoding bench) is attended over the context read back from the cache — on CUDA by the prefix
+    prefill kernel, one launch per layer (fp32 at full precision, grouped-query heads, head dim 160 like the
+    12B): generate()'s logits and tokens."""
     model = _model(torch.float32, hidden_size=640, num_key_value_heads=2)
     s = Steps(model, block_size=16)
     base = prompt(128, 40)
