@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton
@@ -49,9 +50,7 @@ def chunk_tables(chunks: Sequence, device: torch.device) -> ChunkTables:
     """:class:`ChunkTables` of context chunks (objects with ``row``, ``start``, ``end`` and ``context_slots``,
     the slots of positions ``[0, end)``)."""
     meta = torch.tensor([[c.row, c.start, c.end - c.start] for c in chunks], dtype=torch.int32)
-    slots = torch.zeros(len(chunks), max(c.end for c in chunks), dtype=torch.int64, device=device)
-    for i, c in enumerate(chunks):
-        slots[i, : c.end] = c.context_slots
+    slots = pad_sequence([c.context_slots.to(device, torch.int64) for c in chunks], batch_first=True)
     return ChunkTables(meta.to(device), slots, max(c.end - c.start for c in chunks))
 
 
