@@ -31,8 +31,14 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 CONTEXT_GROUP_TOKENS = 16384
 """Without Triton (CPU): most context tokens one batched call over cached context reads back (chunks of one
 span are batched up to it; a single chunk reads its whole context): bounds the copies of K and V it makes.
-On CUDA the chunks with cached context are attended straight from the cache instead
-(:mod:`telechat.engine.prefix_attention`)."""
+On CUDA the short chunks with cached context are attended straight from the cache instead
+(:data:`PREFIX_KERNEL_TOKENS`)."""
+PREFIX_KERNEL_TOKENS = 256
+"""On CUDA, chunks with cached context of at most this many new tokens (chat turns, prefix-cache hits) are
+attended straight from the cache by :mod:`telechat.engine.prefix_attention`, all in one launch per layer; there
+copying the context out costs more than attending to it (≈ 220 new tokens is where the two cost the same on an
+H200). Longer chunks (a long prompt's later chunks) keep the gather + SDPA path, whose flash kernel is the
+faster at that much compute."""
 
 
 def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -133,14 +139,15 @@ class StepAttention:
         return self._fresh
 
     def context_groups(self, device: torch.device) -> list[tuple[slice | torch.Tensor, int, int, torch.Tensor]]:
-        """The chunks with cached context grouped by ``(start, end)``, each group attended in one batched call
+        """The chunks with cached context (but those attended straight from the cache, :meth:`context_tables`)
+        grouped by ``(start, end)``, each group attended in one batched call
         (a burst of prompts served from the prefix cache at the same length costs one call per layer, not one
         per prompt; at most :data:`CONTEXT_GROUP_TOKENS` context tokens per call): ``(rows, count, length,
         context slots [count, end])``, ``rows`` as in :meth:`fresh_groups`. Built once per step."""
         if self._context is None:
             by_span: dict[tuple[int, int], list[PrefillChunk]] = {}
             for chunk in self.prefills:
-                if chunk.context_slots is not None:
+                if chunk.context_slots is not None and not self._from_cache(chunk, device):
                     by_span.setdefault((chunk.start, chunk.end), []).append(chunk)
             groups = []
             for (start, end), span in by_span.items():
@@ -152,10 +159,18 @@ class StepAttention:
             self._context = groups
         return self._context
 
+    @staticmethod
+    def _from_cache(chunk: PrefillChunk, device: torch.device) -> bool:
+        """Whether ``chunk`` (one with cached context) is attended straight from the cache
+        (:data:`PREFIX_KERNEL_TOKENS`)."""
+        return (device.type == "cuda" and prefix_attention.triton is not None
+                and chunk.end - chunk.start <= PREFIX_KERNEL_TOKENS)
+
     def context_tables(self, device: torch.device) -> ChunkTables | None:
-        """The launch metadata of the chunks with cached context (None without any). Built once per step."""
+        """The launch metadata of the chunks attended straight from the cache (None without any). Built once
+        per step."""
         if self._tables is None:
-            chunks = [c for c in self.prefills if c.context_slots is not None]
+            chunks = [c for c in self.prefills if c.context_slots is not None and self._from_cache(c, device)]
             self._tables = chunk_tables(chunks, device) if chunks else False
         return self._tables or None
 
@@ -181,12 +196,10 @@ class StepAttention:
         for rows, count, n in self.fresh_groups(q.device):  # fresh sequences: their own keys, causal
             qg, kg, vg = (t[rows].view(count, n, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # (G, H, n, d)
             out[rows] = attention(qg, kg, vg, causal=True).transpose(1, 2).reshape(count * n, *q.shape[1:])
-        if q.is_cuda and prefix_attention.triton is not None:  # every context chunk in one launch, from the cache
-            tables = self.context_tables(q.device)
-            if tables is not None:
-                prefix_prefill_attention(q, kc, vc, tables, out, ks, vs)
-            return out
-        for rows, count, n, slots in self.context_groups(q.device):  # over context read from the cache
+        tables = self.context_tables(q.device)
+        if tables is not None:  # the short chunks with cached context: one launch, straight from the cache
+            prefix_prefill_attention(q, kc, vc, tables, out, ks, vs)
+        for rows, count, n, slots in self.context_groups(q.device):  # the others: context read back from the cache
             qg = q[rows].view(count, n, *q.shape[1:]).transpose(1, 2)  # (G, Hq, n, d)
             kk, vv = (read_kv(t, slots, scale, q.dtype).transpose(1, 2)
                       for t, scale in ((kc, ks), (vc, vs)))  # (G, Hkv, end, d)

@@ -382,6 +382,28 @@ def test_fused_activation_quantization_equals_the_pytorch_formula(m, k, static):
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
+def test_short_and_long_chunks_over_cached_context_match_generate_fp32():
+    """One step with chunks continuing cached context on both paths — short ones attended straight from the
+    cache by the prefix kernel, a long one (over ``PREFIX_KERNEL_TOKENS`` new tokens) read back for SDPA —
+    gives generate()'s logits and tokens for each."""
+    from telechat.engine.kv_cache import PREFIX_KERNEL_TOKENS
+
+    # one rotary scale for every length here (no NTK scaling below training_seqlen): the shared blocks were
+    # computed for the 128-token prompt
+    model = _model(torch.float32, hidden_size=640, num_key_value_heads=2, training_seqlen=1024)
+    s = Steps(model, block_size=16, max_model_len=512)
+    base = prompt(128, 40)
+    first = s.request(base)
+    s.run(prefills=[s.chunk(first, 0, 128)], new=[first])
+    long_new = PREFIX_KERNEL_TOKENS + 40
+    hits = [s.request(base[:112] + prompt(n, 60 + n), shared_blocks=first.block_ids[:7]) for n in (8, long_new, 30)]
+    s.run(prefills=[s.chunk(r, 112, len(r.prompt_ids)) for r in hits], new=hits)
+    for i, r in enumerate(hits):
+        tokens, logits = hf_generate(model, r.prompt_ids, 1)
+        assert r.output_ids == tokens
+        torch.testing.assert_close(s.last_logits[i], logits[0], rtol=1e-3, atol=1e-3)
+
+
 def test_cached_context_burst_matches_generate_fp32():
     """A burst of prompts served from the prefix cache at one span (112 of 128 tokens cached, as in the
     constrained-decoding bench) is attended over the context read back from the cache — on CUDA by the prefix

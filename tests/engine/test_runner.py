@@ -54,19 +54,21 @@ class Steps:
     """A ModelRunner (over a fused copy of ``model``) and its own paged cache, with the bookkeeping a
     scheduler would do by hand."""
 
-    def __init__(self, model, *, block_size: int = 4, max_num_seqs: int = 4, cuda_graphs: bool | None = None):
+    def __init__(self, model, *, block_size: int = 4, max_num_seqs: int = 4, cuda_graphs: bool | None = None,
+                 max_model_len: int = 256):
         cfg = model.config
         self.model = model
+        self.max_model_len = max_model_len
         self.cache = PagedKVCache(num_layers=cfg.n_layer, num_blocks=300, block_size=block_size,
                                   n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim, dtype=model.dtype,
                                   device=model.device)
         self.blocks = BlockPool(300, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(copy.deepcopy(model), self.cache, max_num_seqs=max_num_seqs, max_model_len=256,
-                                  num_rows=8, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(copy.deepcopy(model), self.cache, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, num_rows=8, cuda_graphs=cuda_graphs)
         self.free_rows = list(range(8))
 
     def request(self, ids: list[int], params: SamplingParams = GREEDY, shared_blocks: list[int] = ()) -> Request:
-        req = Request(f"r{len(self.free_rows)}", list(ids), params, max_len=256,
+        req = Request(f"r{len(self.free_rows)}", list(ids), params, max_len=self.max_model_len,
                       rope=self.model.rope_params(len(ids)), block_ids=list(shared_blocks))
         req.row = self.free_rows.pop(0)
         return req
