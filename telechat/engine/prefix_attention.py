@@ -5,7 +5,8 @@ causally: the context (earlier chunks, or blocks shared through the prefix cache
 which the step has already written to the cache. The gather path (:meth:`StepAttention.attend` on CPU)
 copies every chunk's keys and values out of the cache into contiguous tensors and runs SDPA per group of
 equal spans: for 16 chat sessions continuing 4.4k-token histories that is 1.1 GB copied and read again per
-layer, and one call per distinct span. Here one launch per layer covers every chunk of the step: each
+layer, and one call per distinct span. Here one launch per layer covers every such chunk of the step (the
+short ones: :data:`telechat.engine.kv_cache.PREFIX_KERNEL_TOKENS`): each
 program holds a block of one chunk's queries for one head and streams that sequence's keys and values
 from their cache slots with an online softmax (flash attention over a slot list), so the cache is read
 once and nothing is copied.
