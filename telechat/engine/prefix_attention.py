@@ -2,8 +2,8 @@
 
 A chunk of ``n`` new tokens at positions ``[start, end)`` attends to its sequence's positions ``[0, end)``,
 causally: the context (earlier chunks, or blocks shared through the prefix cache) and its own new keys,
-which the step has already written to the cache. The gather path (:meth:`StepAttention.attend` on CPU)
-copies every chunk's keys and values out of the cache into contiguous tensors and runs SDPA per group of
+which the step has already written to the cache. The gather path (:meth:`StepAttention.attend` without
+Triton, and for long chunks) copies every chunk's keys and values out of the cache into contiguous tensors and runs SDPA per group of
 equal spans: for 16 chat sessions continuing 4.4k-token histories that is 1.1 GB copied and read again per
 layer, and one call per distinct span. Here one launch per layer covers every such chunk of the step (the
 short ones: :data:`telechat.engine.kv_cache.PREFIX_KERNEL_TOKENS`): each

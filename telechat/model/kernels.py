@@ -419,12 +419,17 @@ class GemvConfig:
     def __post_init__(self):
         if self.kind not in GEMV_KINDS:
             raise ValueError(f"GemvConfig kind must be one of {GEMV_KINDS}, got {self.kind!r}")
+        if self.pipelined and self.kind != "fma":
+            raise ValueError(f"GemvConfig pipelined applies to the 'fma' kind only, got {self.kind!r}")
 
     @property
     def max_m(self) -> int:
         """Most rows of x this tiling takes: with tensor cores up to 64 (x padded to 16, 32 or 64 rows)
         while the pipelined tiles fit a Hopper SM's shared memory; FMA tiles keep ≤ 128 fp32 products
-        per thread (8 rows at most)."""
+        per thread (8 rows at most), and a ``pipelined`` one takes one row (more rows run the loop it
+        shares with its plain twin, which the tuner already times)."""
+        if self.pipelined:
+            return 1
         if self.kind != "fma":
             size = 1 if self.kind == "dot8" else 2  # bytes per element of both tiles
             fits = [p for p in (16, 32, 64) if self.num_stages * self.block_k * size * (self.block_n + p) <= SMEM_BYTES]
