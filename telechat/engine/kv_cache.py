@@ -22,6 +22,7 @@ import torch
 from telechat.engine import prefix_attention
 from telechat.engine.paged_attention import paged_decode_attention, read_kv
 from telechat.engine.prefix_attention import ChunkTables, chunk_tables, prefix_prefill_attention
+from telechat.engine.sampling import to_device
 from telechat.model.attention import attention
 from telechat.model.kernels import FP8_DTYPE, rope_and_cache, store_kv
 from telechat.model.rope import apply_rope
@@ -55,7 +56,7 @@ def _group_rows(firsts: list[int], n: int, device: torch.device) -> slice | torc
     consecutive, else an index."""
     if all(b == a + n for a, b in zip(firsts, firsts[1:])):
         return slice(firsts[0], firsts[0] + n * len(firsts))
-    return torch.tensor([r + i for r in firsts for i in range(n)], device=device)
+    return to_device([r + i for r in firsts for i in range(n)], torch.long, device)
 
 
 def check_kv_cache_device(dtype: torch.dtype, device: torch.device) -> None:

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from telechat.engine.sampling import to_device
+
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton
     import triton.language as tl
@@ -49,15 +51,15 @@ class ChunkTables(NamedTuple):
 
 def chunk_tables(chunks: Sequence, device: torch.device) -> ChunkTables:
     """:class:`ChunkTables` of context chunks (objects with ``row``, ``start``, ``end`` and ``context_slots``,
-    the slots of positions ``[0, end)``)."""
-    meta = torch.tensor([[c.row, c.start, c.end - c.start] for c in chunks], dtype=torch.int32)
+    the slots of positions ``[0, end)``, on ``device``), copied without waiting for the device's queued work."""
+    meta = to_device([[c.row, c.start, c.end - c.start] for c in chunks], torch.int32, device)
     slots = pad_sequence([c.context_slots.to(device, torch.int64) for c in chunks], batch_first=True)
-    return ChunkTables(meta.to(device), slots, max(c.end - c.start for c in chunks))
+    return ChunkTables(meta, slots, max(c.end - c.start for c in chunks))
 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_sc"])  # the padded context length varies by step: no compile per value
     def _prefix_prefill_kernel(
         q_ptr, k_ptr, v_ptr, meta_ptr, slots_ptr, out_ptr, qk_scale, v_scale,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh, stride_sc,

@@ -420,3 +420,33 @@ def test_cached_context_burst_matches_generate_fp32():
         tokens, logits = hf_generate(model, r.prompt_ids, 1)
         assert r.output_ids == tokens
         torch.testing.assert_close(s.last_logits[i], logits[0], rtol=1e-3, atol=1e-3)
+
+
+def test_mixed_steps_launch_without_waiting_for_the_device():
+    """Steps mixing decodes, chunks over cached context and fresh prompts of one length at rows apart (an index,
+    not a slice) are staged and launched without a synchronizing CUDA call — host to device copies go through
+    pinned memory — so the host prepares step N+1 while the device runs step N (with a blocking copy, every
+    such step waited for the previous one: bench/RESULTS.md, session 8). Reading a step's tokens waits on its
+    own event, which the sync debug mode does not count."""
+    from telechat.engine.core import EngineConfig, LLMEngine
+    from telechat.engine.sampling import SamplingParams
+
+    model = _model(torch.bfloat16, training_seqlen=1024)
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=8, max_model_len=512))
+    base = prompt(128, 7)
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.generate([base], greedy)
+    engine.add_request(prompt(20, 8), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    later = [engine.add_request(ids, greedy) for ids in (prompt(17, 9), base + prompt(16, 10), prompt(17, 11))]
+    first: dict[str, list[int]] = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            for out in engine.step():
+                first.setdefault(out.request_id, out.new_token_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(first.get(r) for r in later), first
+    assert engine.scheduler.pool.hits >= 128

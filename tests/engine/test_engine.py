@@ -12,6 +12,7 @@ import torch
 from telechat.model.config import TelechatConfig
 from telechat.engine.async_engine import AsyncEngine
 from telechat.engine.core import EngineConfig, LLMEngine
+from telechat.engine.kv_cache import PREFIX_KERNEL_TOKENS
 from telechat.engine.sampling import SamplingParams
 from telechat.model.modeling import TelechatForCausalLM
 
@@ -247,6 +248,24 @@ def test_abort_all_ends_every_stream_with_the_reason(model):
             assert (reason, error) == ("abort", "the server is shutting down") and n < 400
     finally:
         engine.shutdown(grace_s=0)
+
+
+def test_warm_up_runs_a_chunk_over_cached_context():
+    """The warm-up also continues its short prompt from the prefix cache, as a chat turn does: the first real
+    turn then meets no kernel compiled on first use (on CUDA, the prefix-prefill kernel's). (Lengths within the
+    training length, as the released models' 128-token dummy prompts are: a longer one's NTK RoPE base, part
+    of the cache salt, changes with its length.)"""
+    torch.manual_seed(0)
+    model = TelechatForCausalLM(TelechatConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, ffn_hidden_size=128,
+                                               training_seqlen=512, seq_length=512)).eval()
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=300, kv_cache_memory=2 << 20))
+    steps = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: steps.append(schedule()) or steps[-1]
+    engine.warm_up()
+    over_cache = [c for s in steps for c in s.prefills if c.start > 0]
+    assert over_cache and all(c.num_tokens <= PREFIX_KERNEL_TOKENS for c in over_cache)
+    assert engine.scheduler.pool.num_free == engine.scheduler.pool.num_blocks
 
 
 def test_warm_up_leaves_no_trace(model):
