@@ -1,23 +1,28 @@
 """The multi-turn chat workload of ``bench/serve_load.py --multi-turn`` through the engine alone, with a log of
 every step — to tell what the engine costs from what the served path adds.
 
-``--sessions`` chat sessions in lock step, as the HTTP clients run them: each starts from its own
-``--history-len`` prompt; every turn resends the conversation (its previous prompt, its reply and
-``--user-len`` new tokens; the reply's ids are resent as they were sampled, so the whole history is in the
-prefix cache); then as many fresh ``--fresh-len`` prompts at once, ``--turns`` times. Per phase it prints the
-TTFT of each request (from submitting the phase to the step that read its first token, in ms), and
-the rows, prefill and context tokens and wall time of its prefill steps and the step after each (the time
-between two ``step()`` returns; with the overlap on CUDA, a step's wait for the device shows in the next
-one). ``--profile PHASE`` (e.g. ``"turn 2"``, ``"fresh 1"``) also prints that phase's operators by device
-time and by host time. Random weights of a released shape, engine sized as the server sizes it.
+``--sessions`` chat sessions in lock step: each starts from its own ``--history-len`` prompt; every turn
+resends the conversation (its previous prompt, its reply and ``--user-len`` new tokens; the reply's ids are
+resent as they were sampled, so the whole history is in the prefix cache); then as many fresh ``--fresh-len``
+prompts at once, ``--turns`` times. Over HTTP the sessions drift out of phase (their first turns are prefilled
+over several steps), so a turn's requests arrive while the others decode: ``--stagger N`` submits N per step,
+which gives those mixed steps. Per phase it prints the TTFT of each request (from its submission to the step
+that read its first token, in ms), and the rows, prefill and context tokens and wall time of its prefill steps
+and the step after each (the time between two ``step()`` returns; with the overlap on CUDA, a step's wait for
+the device shows in the next one). ``--profile PHASE`` (e.g. ``"turn 2"``, ``"fresh 1"``) also prints that
+phase's operators by device time and by host time; ``--host-profile PHASE`` its Python functions by host
+time (cProfile). Random weights of a released shape, engine sized as the server sizes it.
 
     python bench/profile_multi_turn.py --preset 7B --sessions 16 --turns 4
+    python bench/profile_multi_turn.py --preset 7B --sessions 16 --turns 2 --stagger 2   # as over HTTP
     python bench/profile_multi_turn.py --preset tiny --sessions 4 --turns 2 --history-len 512   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import statistics
 import sys
@@ -60,31 +65,43 @@ class StepLog:
         self._last = now
 
 
-def run_phase(engine: LLMEngine, log: StepLog, prompts: list[list[int]], params: SamplingParams
+def run_phase(engine: LLMEngine, log: StepLog, prompts: list[list[int]], params: SamplingParams, stagger: int = 0
               ) -> tuple[list[float], list[list[int]], list[dict]]:
-    """Submit ``prompts`` at once and step until all end: (TTFT ms of each, output ids of each, the steps)."""
+    """Submit ``prompts`` (at once, or ``stagger`` more before each step) and step until all end: (TTFT ms of
+    each from its own submission, output ids of each, the steps)."""
     first = len(log.steps)
-    t0 = time.perf_counter()
     log.mark()
-    ids = [engine.add_request(p, params) for p in prompts]
+    pending = list(enumerate(prompts))
+    ids: list[str] = [""] * len(prompts)
+    submitted: dict[str, float] = {}
     ttft: dict[str, float] = {}
-    outputs: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.has_unfinished():
+    outputs: dict[str, list[int]] = {}
+    while pending or engine.has_unfinished():
+        for i, prompt in pending[: stagger or len(pending)]:
+            ids[i] = engine.add_request(prompt, params)
+            submitted[ids[i]], outputs[ids[i]] = time.perf_counter(), []
+        del pending[: stagger or len(pending)]
         for out in engine.step():
             if out.new_token_ids and out.request_id not in ttft:
-                ttft[out.request_id] = (time.perf_counter() - t0) * 1e3
+                ttft[out.request_id] = (time.perf_counter() - submitted[out.request_id]) * 1e3
             outputs[out.request_id].extend(out.new_token_ids)
         log.mark()
     return [ttft[i] for i in ids], [outputs[i] for i in ids], log.steps[first:]
 
 
 def phase(name: str, engine: LLMEngine, log: StepLog, prompts: list[list[int]], params: SamplingParams,
-          profiled: str) -> tuple[list[float], list[list[int]], list[dict]]:
-    """:func:`run_phase`, under the torch profiler when ``name`` is the ``profiled`` phase."""
-    if name != profiled:
-        return run_phase(engine, log, prompts, params)
+          args: argparse.Namespace) -> tuple[list[float], list[list[int]], list[dict]]:
+    """:func:`run_phase`, under the torch profiler when ``name`` is the ``--profile`` phase, under cProfile
+    when it is the ``--host-profile`` one."""
+    if name == args.host_profile:
+        host = cProfile.Profile()
+        result = host.runcall(run_phase, engine, log, prompts, params, args.stagger)
+        pstats.Stats(host).sort_stats("tottime").print_stats(30)
+        return result
+    if name != args.profile:
+        return run_phase(engine, log, prompts, params, args.stagger)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = run_phase(engine, log, prompts, params)
+        result = run_phase(engine, log, prompts, params, args.stagger)
     for key in ("cuda_time_total", "self_cpu_time_total"):
         print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70))
     return result
@@ -114,7 +131,11 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the server's step budget")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--stagger", type=int, default=0, metavar="N",
+                   help="submit a phase's requests N per step (as sessions out of phase arrive over HTTP: their "
+                        "prefills share steps with the others' decodes); 0 = all at once")
     p.add_argument("--profile", default="", metavar="PHASE", help='torch-profile this phase ("turn 2", "fresh 1")')
+    p.add_argument("--host-profile", default="", metavar="PHASE", help="cProfile this phase (host time by function)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -131,12 +152,12 @@ def main() -> None:
     run_phase(engine, log, [toks(args.fresh_len)], params)  # warm-up
     prompts = [toks(args.history_len + args.user_len) for _ in range(args.sessions)]
     for turn in range(1, args.turns + 1):
-        ttft, replies, steps = phase(f"turn {turn}", engine, log, prompts, params, args.profile)
+        ttft, replies, steps = phase(f"turn {turn}", engine, log, prompts, params, args)
         describe(f"turn {turn} ({args.sessions} sessions, prompts of {len(prompts[0])} tokens)", ttft, steps)
         prompts = [p + r + toks(args.user_len) for p, r in zip(prompts, replies)]
     for i in range(1, min(args.turns, 3) + 1):
         fresh = [toks(args.fresh_len) for _ in range(args.sessions)]
-        ttft, _, steps = phase(f"fresh {i}", engine, log, fresh, params, args.profile)
+        ttft, _, steps = phase(f"fresh {i}", engine, log, fresh, params, args)
         describe(f"fresh {i} ({args.sessions} prompts of {args.fresh_len} tokens)", ttft, steps)
     print(f"prefix cache: {engine.scheduler.pool.hits} of {engine.scheduler.pool.queries} looked-up tokens found")
 

@@ -189,3 +189,16 @@ def test_multi_turn_profile_serves_later_turns_from_the_cache():
     assert "3 prefill chunks of     72 tokens (3 over 672 cached context tokens)" in turn2
     assert "3 prefill chunks of    120 tokens (0 over 0 cached" in fresh
     assert "prefix cache: 672 of" in out
+
+
+def test_multi_turn_profile_staggers_arrivals_into_mixed_steps():
+    """``--stagger 1``: one request of the phase arrives per step, so each later turn's prefill shares its step
+    with the earlier sessions' decodes (the arrival pattern of sessions out of phase over HTTP)."""
+    proc = run_script("bench/profile_multi_turn.py", "--preset", "tiny", "--sessions", "3", "--turns", "2",
+                      "--history-len", "200", "--user-len", "20", "--output-len", "8", "--fresh-len", "40",
+                      "--stagger", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    turn2 = proc.stdout.split("turn 2 (")[1].split("\nfresh 1")[0]
+    assert "step   0:   0 decodes +   1 prefill chunks of     24 tokens (1 over 224 cached" in turn2
+    assert "step   1:   1 decodes +   1 prefill chunks of     24 tokens (1 over 224 cached" in turn2
+    assert "step   2:   2 decodes +   1 prefill chunks of     24 tokens (1 over 224 cached" in turn2
