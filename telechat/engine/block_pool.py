@@ -31,11 +31,20 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: tuple = ())
     return h.digest()
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = ()) -> list[bytes]:
-    """Chained digests of every full block of ``token_ids`` (a trailing partial block has none)."""
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = (), parent: bytes | None = None) -> list[bytes]:
+    """Chained digests of every full block of ``token_ids`` (a trailing partial block has none), continuing
+    the chain after ``parent`` (the digest of the block before the first, None at the start of a sequence):
+    :func:`hash_block` of each, the ids converted to bytes once."""
+    ids = array("q", token_ids)
+    data = memoryview(ids.tobytes())
+    step = block_size * ids.itemsize
+    first = b"salt:" + repr(salt).encode()
     hashes: list[bytes] = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[start:start + block_size], salt))
+    for start in range(0, len(data) - step + 1, step):
+        h = hashlib.sha256(parent if parent is not None else first)
+        h.update(data[start:start + step])
+        parent = h.digest()
+        hashes.append(parent)
     return hashes
 
 

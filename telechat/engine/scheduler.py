@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from telechat.engine.block_pool import BlockPool, hash_block
+from telechat.engine.block_pool import BlockPool, block_hashes
 from telechat.engine.lora_slots import LoraSlotTable
 from telechat.engine.request import Request, RequestOutput, RequestStatus
 from telechat.engine.scheduler_output import ScheduledChunk, SchedulerOutput
@@ -301,11 +301,10 @@ class Scheduler:
     def _block_hashes(self, request: Request, n: int) -> list[bytes]:
         """Digests of (at least) the request's first ``n`` full blocks, whose tokens must be known."""
         hashes = self._hashes.setdefault(request.request_id, [])
-        bs = self.config.block_size
-        while len(hashes) < n:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.known_ids(i * bs, (i + 1) * bs),
-                                     request.cache_salt))
+        if len(hashes) < n:
+            bs = self.config.block_size
+            hashes += block_hashes(request.known_ids(len(hashes) * bs, n * bs), bs, request.cache_salt,
+                                   hashes[-1] if hashes else None)
         return hashes
 
     def _find_cached(self, request: Request, max_blocks: int) -> list[int]:

@@ -118,3 +118,16 @@ def test_register_keeps_the_first_copy_and_does_nothing_when_disabled():
     off.register(b, h)
     off.take_cached([], num_query_tokens=7)
     assert not off.is_cached(b) and off.find_cached([h]) == [] and (off.queries, off.hits) == (0, 0)
+
+
+def test_a_chain_continued_from_its_parent_gives_the_same_digests():
+    """Hashing a sequence in pieces (the scheduler hashes the blocks a request newly fills, after its earlier
+    ones) gives the digests of hashing it whole, block for block as :func:`hash_block` makes them."""
+    tokens, salt = list(range(3, 40)), (10000.0, 1.0)
+    whole = block_hashes(tokens, BS, salt)
+    assert len(whole) == 9
+    assert block_hashes(tokens[:12], BS, salt) + block_hashes(tokens[12:], BS, salt, parent=whole[2]) == whole
+    parent = None
+    for i, digest in enumerate(whole):
+        parent = hash_block(parent, tokens[i * BS:(i + 1) * BS], salt)
+        assert parent == digest
