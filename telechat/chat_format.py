@@ -28,6 +28,7 @@ as the official code and service do (a trusted client building raw dialogs needs
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
@@ -78,6 +79,20 @@ def _split(turns: list[Turn]) -> tuple[str | None, list[Turn]]:
     return None, turns
 
 
+def _plain_text_backend(tokenizer: Any) -> Any | None:
+    """A copy of a fast tokenizer's Rust backend that reads special-token strings as plain text (what
+    ``encode(..., split_special_tokens=True)`` does), called directly: the transformers wrapper around it costs
+    about as much as the encoding itself, on every request's whole history. None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        return None
+    plain = copy.deepcopy(backend)
+    plain.encode_special_tokens = True
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
 class ChatFormat:
     """Token-level TeleChat chat format bound to one tokenizer.
 
@@ -94,6 +109,7 @@ class ChatFormat:
         gen = dict(generation_config or {})
         self.content_markers = content_markers
         self.tokenizer = tokenizer
+        self._plain_backend = _plain_text_backend(tokenizer)
         self.user_id = self._id(gen.get("user_token_id"), USER)
         self.bot_id = self._id(gen.get("bot_token_id"), BOT)
         eos = gen.get("eos_token_id")
@@ -143,6 +159,8 @@ class ChatFormat:
         return ids
 
     def _plain(self, text: str) -> list[int]:
+        if self._plain_backend is not None:
+            return self._plain_backend.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
     def _system_ids(self, content: str | None) -> list[int]:
