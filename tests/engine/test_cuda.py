@@ -333,10 +333,11 @@ def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor, s
 
 def test_fp8_model_decodes_through_the_tuned_gemv():
     """An FP8 model (fused FP8 projections) tunes the GEMV for its FP8 shapes at capture, and every token
-    graph decode picks is the FP8 model's own choice (its unfused forward, ``_scaled_mm``) or within a
-    rounding margin of it: the tuned kernels round differently (weight-only at one row, FP8 × FP8 at more),
-    so a near-tie may go either way — as two tunings of the same engine were seen to — but a wrong input
-    would pick tokens far below the best."""
+    graph decode picks is, within a rounding margin, the best under one of the two computations the tuned
+    kernels do: FP8 × FP8 (activations quantized per token: the model's unfused forward, ``_scaled_mm``) or
+    weight-only (bf16 activations times the dequantized weights). Which one a shape gets is a timing race
+    (run to run the tuner can pick either), so a near-tie may go either way — one step was seen 5.2 % of the
+    logit spread below the FP8 × FP8 best — but a wrong input would pick tokens far below the best of both."""
     from telechat.engine.core import EngineConfig, LLMEngine
     from telechat.engine.sampling import SamplingParams
     from telechat.model.fp8 import Fp8Linear
@@ -349,17 +350,23 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
     reference = copy.deepcopy(model)
+    weight_only = copy.deepcopy(model)
+    for module in weight_only.modules():
+        if isinstance(module, Fp8Linear):
+            module.activations = None  # the dequantized path, activations as they are
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=512))
     assert any(key[3] == torch.float8_e4m3fn for key in kernels._gemv_plan), "no FP8 shape was tuned"
     prompts = [prompt(n, n) for n in (5, 40)]
     for ids, got in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))):
-        with torch.inference_mode():
-            logits = reference(torch.tensor([ids + got], device="cuda"), use_cache=False).logits[0].float()
-        steps = logits[len(ids) - 1:-1]  # the logits each generated token was chosen from
-        picked = steps.gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0]
-        best = steps.max(dim=1).values
-        spread = best - steps.min(dim=1).values
-        assert bool((best - picked <= 0.05 * spread).all()), (got, (best - picked) / spread)
+        near_best = []
+        for ref in (reference, weight_only):
+            with torch.inference_mode():
+                logits = ref(torch.tensor([ids + got], device="cuda"), use_cache=False).logits[0].float()
+            steps = logits[len(ids) - 1:-1]  # the logits each generated token was chosen from
+            picked = steps.gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0]
+            best = steps.max(dim=1).values
+            near_best.append((best - picked) / (best - steps.min(dim=1).values))
+        assert bool((torch.minimum(*near_best) <= 0.05).all()), (got, near_best)
 
 
 @pytest.mark.parametrize("static", [False, True])
