@@ -31,7 +31,8 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: tuple = ())
     return h.digest()
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = (), parent: bytes | None = None) -> list[bytes]:
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = (),
+                 parent: bytes | None = None) -> list[bytes]:
     """Chained digests of every full block of ``token_ids`` (a trailing partial block has none), continuing
     the chain after ``parent`` (the digest of the block before the first, None at the start of a sequence):
     :func:`hash_block` of each, the ids converted to bytes once."""

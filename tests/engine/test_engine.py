@@ -256,8 +256,9 @@ def test_warm_up_runs_a_chunk_over_cached_context():
     training length, as the released models' 128-token dummy prompts are: a longer one's NTK RoPE base, part
     of the cache salt, changes with its length.)"""
     torch.manual_seed(0)
-    model = TelechatForCausalLM(TelechatConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, ffn_hidden_size=128,
-                                               training_seqlen=512, seq_length=512)).eval()
+    cfg = TelechatConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, ffn_hidden_size=128,
+                         training_seqlen=512, seq_length=512)
+    model = TelechatForCausalLM(cfg).eval()
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_num_batched_tokens=300, kv_cache_memory=2 << 20))
     steps = []
     schedule = engine.scheduler.schedule
