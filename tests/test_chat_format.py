@@ -246,11 +246,19 @@ def test_control_markers_opt_in_reads_markers(tokenizer_12b):
 @pytest.mark.parametrize("text", ["你好，世界 <_user>x<_bot> y<_end>", "  two spaces\tand <_start> <_pad>", "a<_end>b 😀",
                                   "<_user" + ">", "plain text"])
 def test_content_encodes_as_the_tokenizer_with_special_tokens_split(tokenizer_12b, text):
-    """Content goes straight to the fast tokenizer's backend (a copy that reads marker strings as text): the
-    ids are the wrapper's ``encode(..., split_special_tokens=True)``, and no dialog marker id comes out."""
+    """Content goes straight to the fast tokenizer's backend where that matches no special token, else through
+    the wrapper reading marker strings as text: either way the ids are the wrapper's ``encode(...,
+    split_special_tokens=True)`` and no dialog marker id comes out — also while the shared tokenizer's backend
+    was left set to truncate by another caller."""
     fmt = ChatFormat(tokenizer_12b)
     want = list(tokenizer_12b.encode(text, add_special_tokens=False, split_special_tokens=True))
     assert fmt.ids(text) == want
     assert not {fmt.user_id, fmt.bot_id, fmt.end_id} & set(fmt.ids(text))
+    backend = tokenizer_12b.backend_tokenizer
+    backend.enable_truncation(max_length=2)
+    try:
+        assert fmt.ids(text) == want
+    finally:
+        backend.no_truncation()
     # the tokenizer the server shares is left as it was: its own encode still reads the markers
     assert fmt.user_id in tokenizer_12b.encode("<_user>", add_special_tokens=False)
