@@ -77,10 +77,10 @@ def run_phase(engine: LLMEngine, log: StepLog, prompts: list[list[int]], params:
     ttft: dict[str, float] = {}
     outputs: dict[str, list[int]] = {}
     while pending or engine.has_unfinished():
-        for i, prompt in pending[: stagger or len(pending)]:
+        arriving, pending = pending[: stagger or len(pending)], pending[stagger or len(pending):]
+        for i, prompt in arriving:
             ids[i] = engine.add_request(prompt, params)
             submitted[ids[i]], outputs[ids[i]] = time.perf_counter(), []
-        del pending[: stagger or len(pending)]
         for out in engine.step():
             if out.new_token_ids and out.request_id not in ttft:
                 ttft[out.request_id] = (time.perf_counter() - submitted[out.request_id]) * 1e3

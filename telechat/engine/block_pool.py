@@ -23,12 +23,18 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 
+def _link(parent: bytes | None, salt: tuple, block: bytes | memoryview) -> bytes:
+    """One link of the chain: the digest of a block's ids (as int64 bytes) after ``parent``'s, or after the salt
+    for the first block."""
+    h = hashlib.sha256(parent if parent is not None else b"salt:" + repr(salt).encode())
+    h.update(block)
+    return h.digest()
+
+
 def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: tuple = ()) -> bytes:
     """Digest of one full block: chained over ``parent`` (None for the first block, which takes the
     ``salt`` instead). ``salt`` must be made of values with a stable ``repr`` (numbers, strings, tuples)."""
-    h = hashlib.sha256(parent if parent is not None else b"salt:" + repr(salt).encode())
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
+    return _link(parent, salt, array("q", token_ids).tobytes())
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = (),
@@ -39,12 +45,9 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: tuple = (),
     ids = array("q", token_ids)
     data = memoryview(ids.tobytes())
     step = block_size * ids.itemsize
-    first = b"salt:" + repr(salt).encode()
     hashes: list[bytes] = []
     for start in range(0, len(data) - step + 1, step):
-        h = hashlib.sha256(parent if parent is not None else first)
-        h.update(data[start:start + step])
-        parent = h.digest()
+        parent = _link(parent, salt, data[start:start + step])
         hashes.append(parent)
     return hashes
 
