@@ -54,10 +54,12 @@ def test_triton_paged_attention_matches_gather(n_kv, d, bsz, fp8, config):
 
 @pytest.mark.parametrize("n_kv, d", [(8, 128), (2, 160)], ids=["mha-128", "gqa-160"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
-def test_prefix_prefill_kernel_matches_gather(n_kv, d, fp8):
+@pytest.mark.parametrize("target_programs", [1, 1024], ids=["one-partition", "partitioned"])
+def test_prefix_prefill_kernel_matches_gather(n_kv, d, fp8, target_programs):
     """Chunks continuing cached context (a few tokens to 150, over 1 to 3,000 cached positions, in random
-    slots), attended in one launch straight from the cache, equal gather + SDPA per chunk; rows of other
-    chunks (decodes, fresh prompts) are left untouched."""
+    slots), attended in one launch straight from the cache — each context read by one program, or split into
+    partitions merged afterwards (these few chunks make too few programs for the card) — equal gather + SDPA
+    per chunk; rows of other chunks (decodes, fresh prompts) are left untouched."""
     from types import SimpleNamespace
 
     from telechat.engine.prefix_attention import chunk_tables, prefix_prefill_attention
@@ -77,7 +79,7 @@ def test_prefix_prefill_kernel_matches_gather(n_kv, d, fp8):
         row += end - start
     q = torch.randn(row, heads, d, device="cuda", dtype=torch.bfloat16)
     out = torch.full_like(q, 7.0)
-    prefix_prefill_attention(q, kc, vc, chunk_tables(chunks, q.device), out, k_scale, v_scale)
+    prefix_prefill_attention(q, kc, vc, chunk_tables(chunks, q.device), out, k_scale, v_scale, target_programs)
     assert bool((out[:5] == 7.0).all())
     for c in chunks:
         n = c.end - c.start

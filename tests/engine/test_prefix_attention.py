@@ -22,3 +22,20 @@ def test_chunk_tables_hold_each_chunks_rows_span_and_slots():
     assert tables.slots[1, :3].tolist() == [40, 41, 42] and not tables.slots[1, 3:].any()
     assert tables.slots[2].tolist() == list(range(200, 232))
     assert tables.max_tokens == 16
+
+
+def test_context_partitions_split_long_contexts_only_when_programs_are_few():
+    """Few programs (a chat turn or two while others decode): the context is split into whole blocks, as many
+    partitions as the target allows, none empty; enough programs already: one partition over everything."""
+    from telechat.engine.paged_attention import MAX_PARTITIONS
+    from telechat.engine.prefix_attention import context_partitions
+
+    for programs, max_end in [(64, 4433), (128, 9000), (512, 70000), (7, 100), (1, 1), (64, 64)]:
+        parts, part_len = context_partitions(programs, max_end, 64, target_programs=1024)
+        assert part_len % 64 == 0 and 1 <= parts <= MAX_PARTITIONS
+        assert (parts - 1) * part_len < max_end <= parts * part_len  # covers the context, last one not empty
+        assert parts <= min(MAX_PARTITIONS, max(1, 1024 // programs))
+    # 16 wanted: 4433 / 16 = 277 keys, rounded up to whole blocks (320), cover it in 14
+    assert context_partitions(64, 4433, 64, target_programs=1024) == (14, 320)
+    assert context_partitions(1024, 4433, 64, target_programs=1024) == (1, 4480)
+    assert context_partitions(2000, 100, 32, target_programs=1024) == (1, 128)
