@@ -6,9 +6,11 @@ to FP8 (:meth:`Fp8Linear.from_linear`: per-channel weight scales, dynamic per-to
 decode and 64 concurrent requests (128 in / 256 out), and the KV capacity the engine sizes from the same
 memory share; then, on the bf16 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each
 cache, and how many such requests each cache holds at once. Prints one JSON line per measurement, then a table;
-``--json PATH`` also writes them with the run's provenance and the speedups.
+``--json PATH`` also writes them with the run's provenance and the speedups. ``--int4`` adds the same shape as
+a GPTQ int4 checkpoint (random codes, ``bench/random_checkpoint.py --gptq-bits 4``) loaded by the quant loader
+(Marlin on CUDA; needs the quant extra), measured the same way with its fp16 cache, for comparison.
 
-    python bench/fp8_engine.py --json bench/results/h200-fp8.json
+    python bench/fp8_engine.py --int4 --json bench/results/h200-fp8.json
     python bench/fp8_engine.py --preset tiny --concurrency 4 --new-tokens 8 --long-prompt 0   # CPU smoke run
 """
 
@@ -24,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import RESULTS, add_workload_args, free_device_memory, random_prompt, record, run_requests  # noqa: E402
-from bench.random_checkpoint import bench_config  # noqa: E402
+from bench.random_checkpoint import bench_config, write_random_gptq  # noqa: E402
 from bench.report import write_json  # noqa: E402
 from telechat.engine.core import EngineConfig, LLMEngine  # noqa: E402
 from telechat.model.fp8 import Fp8Linear  # noqa: E402
@@ -74,12 +76,31 @@ def long_request(model, args, kv: str, vocab: int) -> dict:
     return row
 
 
+def measure_int4(args, vocab: int) -> dict:
+    """The GPTQ int4 row: a random int4 checkpoint of the shape, loaded as a served one is."""
+    from telechat.model.quantized import load_quantized
+
+    path = write_random_gptq(args.preset, args.work_dir / f"{args.preset}-int4", bits=4, group_size=args.group_size,
+                             seq_length=args.max_model_len)
+    model = load_quantized(path, device="cuda" if torch.cuda.is_available() else "cpu")
+    record("int4_kernel", kernel=type(model.transformer.h[0].mlp.down_proj).__name__,
+           activations=str(model.lm_head.weight.dtype).removeprefix("torch."))
+    row = measure("int4", model, args, "auto", vocab)
+    del model
+    free_device_memory()
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p)
     p.add_argument("--long-prompt", type=int, default=96 * 1024, help="0 skips the long-request measurement")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("--show-gemv", action="store_true", help="print the GEMV tuning (cuBLAS/scaled_mm vs Triton)")
+    p.add_argument("--int4", action="store_true", help="also a GPTQ int4 model of the shape (needs the quant extra)")
+    p.add_argument("--group-size", type=int, default=128, help="GPTQ group size of the int4 row")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/telechat-fp8-bench"),
+                   help="where the int4 checkpoint is written (reused)")
     args = p.parse_args()
     if args.show_gemv:
         logging.basicConfig(format="%(message)s")
@@ -102,6 +123,10 @@ def main() -> None:
                                                                              args.long_prompt + 16))).to(dtype).eval()
     quantize_in_place(model)
     rows += [measure("fp8", model, args, "auto", vocab), measure("fp8", model, args, "fp8", vocab)]
+    del model
+    free_device_memory()
+    if args.int4:
+        rows.append(measure_int4(args, vocab))
     base, fp8, fp8_kv = rows[0], rows[2], rows[3]
     summary = dict(
         fp8_bs1_speedup=round(fp8["bs1_tok_s"] / base["bs1_tok_s"], 3),
@@ -109,6 +134,9 @@ def main() -> None:
         fp8_c64_speedup_weights_only=round(fp8["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
     )
     # capacities of the long-request engines (16 × 96K wanted: the memory share decides, not the cap)
+    if args.int4:
+        summary["int4_bs1_speedup"] = round(rows[4]["bs1_tok_s"] / base["bs1_tok_s"], 3)
+        summary["int4_c64_speedup"] = round(rows[4]["concurrent_tok_s"] / base["concurrent_tok_s"], 3)
     caps = long_rows if long_rows else rows[:2]
     summary["fp8_kv_capacity_ratio"] = round(caps[1]["kv_capacity_tokens"] / caps[0]["kv_capacity_tokens"], 3)
     if len(long_rows) == 2 and long_rows[0]["concurrent_long_requests"]:

@@ -1,6 +1,7 @@
 """Random-init checkpoints of a released shape (or ``tiny``) with the demo tokenizer, for serving benchmarks.
 
     python bench/random_checkpoint.py 7B /tmp/telechat-bench/7B      # written once, reused after
+    python bench/random_checkpoint.py 7B /tmp/telechat-bench/7B-int4 --gptq-bits 4   # GPTQ-packed int4
 
 Random weights decode at the same speed as trained ones (same shapes, same kernels); the demo
 tokenizer makes the folder servable by ``telechat serve``.
@@ -81,14 +82,77 @@ def write_random_checkpoint(name: str, out: str | Path, seq_length: int = 8192) 
     return out
 
 
+GPTQ_LINEARS = ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+"""The decoder Linears a GPTQ checkpoint stores packed (``lm_head`` and the embeddings stay dense)."""
+
+
+def write_random_gptq(name: str, out: str | Path, bits: int = 4, group_size: int = 128, seq_length: int = 8192
+                      ) -> Path:
+    """Write a random GPTQ checkpoint of shape ``name`` to ``out`` (reused if there): the layout the quant job
+    writes (``quantization_config``, AutoGPTQ v1 packing, symmetric, no act-order, fp16 scales and dense
+    tensors), with random codes and scales instead of quantized weights — the int kernels decode it at the speed
+    of a quantized model without the minutes of GPTQ. Codes are uniform over the ``2**bits`` levels, scales
+    keep the dequantized weights near the random init's spread. No tokenizer (benchmarks feed token ids)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    want = {"preset": name, "seq_length": seq_length, "gptq_bits": bits, "group_size": group_size}
+    if (out / DONE).is_file() and json.loads((out / DONE).read_text(encoding="utf-8")) == want:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": True,
+            "checkpoint_format": "gptq"}
+    config = bench_config(name, architectures=["TelechatForCausalLM"], seq_length=seq_length)
+    per_word = 32 // bits
+    zero = sum((2 ** (bits - 1) - 1) << (bits * i) for i in range(per_word))  # v1 stores zero point - 1
+    zero = zero - (1 << 32) if zero >= 1 << 31 else zero
+    h, f = config.hidden_size, config.ffn_hidden_size
+    kv = 2 * config.head_dim * config.num_key_value_heads
+    shapes = {"self_attention.query": (h, h), "self_attention.key_value": (kv, h), "self_attention.dense": (h, h),
+              "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    g = torch.Generator().manual_seed(0)
+    tensors = {"transformer.word_embeddings.weight": torch.randn(config.vocab_size, h, generator=g).half() * 0.02,
+               "transformer.ln_f.weight": torch.ones(h, dtype=torch.float16)}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = torch.randn(config.vocab_size, h, generator=g).half() * 0.02
+    for i in range(config.n_layer):
+        prefix = f"transformer.h.{i}."
+        tensors[prefix + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        tensors[prefix + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
+        for linear in GPTQ_LINEARS:
+            n, k = shapes[linear]
+            key = prefix + linear
+            tensors[key + ".qweight"] = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // per_word, n), generator=g,
+                                                      dtype=torch.int32)
+            tensors[key + ".qzeros"] = torch.full((k // group_size, n // per_word), zero, dtype=torch.int32)
+            tensors[key + ".scales"] = (torch.rand(k // group_size, n, generator=g) * 0.004 + 0.002).half()
+            tensors[key + ".g_idx"] = torch.arange(k, dtype=torch.int32) // group_size
+            if linear in ("self_attention.dense", "mlp.down_proj"):
+                tensors[key + ".bias"] = torch.zeros(n, dtype=torch.float16)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": "float16",
+                                                 "quantization_config": qcfg}, indent=2), encoding="utf-8")
+    (out / "quantize_config.json").write_text(json.dumps(qcfg, indent=2), encoding="utf-8")
+    (out / DONE).write_text(json.dumps(want), encoding="utf-8")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("preset", choices=PRESET_NAMES)
     p.add_argument("out", type=Path, help="folder to write (kept and reused when it already holds this shape)")
     p.add_argument("--seq-length", type=int, default=8192, help="the config's seq_length (the server's context)")
+    p.add_argument("--gptq-bits", type=int, choices=(4, 8), default=None,
+                   help="write a GPTQ-packed checkpoint of this many bits (random codes; no tokenizer)")
     args = p.parse_args()
     t = time.perf_counter()
-    write_random_checkpoint(args.preset, args.out, args.seq_length)
+    if args.gptq_bits:
+        write_random_gptq(args.preset, args.out, args.gptq_bits, seq_length=args.seq_length)
+    else:
+        write_random_checkpoint(args.preset, args.out, args.seq_length)
     print(json.dumps({"measure": "random_checkpoint", "preset": args.preset, "path": str(args.out),
                       "seconds": round(time.perf_counter() - t, 1)}), flush=True)
 

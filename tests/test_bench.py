@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.random_checkpoint import DONE, write_random_checkpoint
+from bench.random_checkpoint import DONE, write_random_checkpoint, write_random_gptq
 from bench.serve_load import cached_fraction, multi_turn_rows
 from bench.serving_suite import TINY, expected_keys, size_tag, targets
 from tests.conftest import REPO
@@ -99,6 +99,32 @@ def test_random_checkpoint_is_reused(tmp_path):
     assert weights.stat().st_mtime_ns == stamp and (out / DONE).is_file()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_random_gptq_checkpoint_loads_with_symmetric_codes(tmp_path, bits):
+    """bench/random_checkpoint.py --gptq-bits: the quant loader reads the folder as GPTQ, and each quantized
+    Linear computes with weights (code - 2**(bits-1)) × scale — the symmetric zero point the file declares —
+    unpacked here from the checkpoint's own tensors."""
+    pytest.importorskip("gptqmodel")
+    import torch
+    from safetensors.torch import load_file
+
+    from telechat.model.quantized import load_quantized
+
+    path = write_random_gptq("tiny", tmp_path / "q", bits=bits, group_size=32)
+    model = load_quantized(path, device="cpu", dtype="float32")
+    tensors = load_file(str(path / "model.safetensors"))
+    key = "transformer.h.1.mlp.down_proj"
+    packed, scales = tensors[key + ".qweight"], tensors[key + ".scales"].float()
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    codes = ((packed[:, None, :] >> shifts[None, :, None]) & (2 ** bits - 1)).reshape(-1, packed.shape[1])
+    weight = (codes - 2 ** (bits - 1)).float() * scales.repeat_interleave(32, dim=0)  # [K, N]
+    x = torch.randn(3, weight.shape[0])
+    got, want = model.get_submodule(key)(x), x @ weight
+    # the kernel rounds to fp16 on the way; a zero point off by one level would be ≈ 20 % off
+    assert float((got - want).norm() / want.norm()) < 0.01
+    assert write_random_gptq("tiny", tmp_path / "q", bits=bits, group_size=32) == path  # reused, not rewritten
+
+
 def test_serve_load_writes_api_and_engine_rows(tmp_path):
     """The completions load test and its in-process engine baseline both report, with provenance in --json."""
     path = tmp_path / "load.json"
@@ -160,16 +186,21 @@ def test_engine_bench_measures_constrained_fractions(tmp_path):
 
 
 def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
-    """bench/fp8_engine.py: bf16 / FP8 weights × bf16 / FP8 cache rows, the long-request rows and the summary
-    keys issue 20 records."""
+    """bench/fp8_engine.py: bf16 / FP8 weights × bf16 / FP8 cache rows, then the GPTQ int4 row, the long-request
+    rows and the summary keys issue 20 records."""
+    pytest.importorskip("gptqmodel")
     path = tmp_path / "fp8.json"
     proc = run_script("bench/fp8_engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
-                      "--long-prompt", "300", "--max-model-len", "512", "--json", str(path))
+                      "--long-prompt", "300", "--max-model-len", "512", "--int4", "--group-size", "32",
+                      "--work-dir", str(tmp_path / "work"), "--json", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(path.read_text())
     rows = [(r["weights"], r["kv_cache"]) for r in data["results"] if r["measure"] == "fp8_engine"]
-    assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8")]
-    assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio", *PROVENANCE))
+    assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8"), ("int4", "auto")]
+    assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio",
+                                   "int4_bs1_speedup", "int4_c64_speedup", *PROVENANCE))
+    kernels = [r["kernel"] for r in data["results"] if r["measure"] == "int4_kernel"]
+    assert len(kernels) == 1 and kernels[0] != "Linear", kernels  # a GPTQ kernel, not a dense Linear
     long_rows = [r for r in data["results"] if r["measure"] == "fp8_long_request"]
     assert [r["kv_cache"] for r in long_rows] == ["auto", "fp8"] and all(r["wall_s"] for r in long_rows)
 
