@@ -121,29 +121,21 @@ if triton is not None:
             tl.store(stats_ptr + row * 2 + 1, l_i)
 
 
-    @triton.jit
-    def merge_partitions(acc_ptr, stats_ptr, first, num_parts, D_PAD: tl.constexpr, P_PAD: tl.constexpr):
-        """The attention output of one (query, head) from its ``num_parts`` partial results at scratch rows
-        ``first ..``: ``acc [row, D_PAD]`` unnormalized weighted sums of values, ``stats [row, 2]`` the
-        running max and sum of exponentials (log-sum-exp merge; an empty partition, m = -inf, weighs 0)."""
-        parts = tl.arange(0, P_PAD)
-        p_mask = parts < num_parts
-        m = tl.load(stats_ptr + (first + parts) * 2, mask=p_mask, other=float("-inf"))
-        l = tl.load(stats_ptr + (first + parts) * 2 + 1, mask=p_mask, other=0.0)
-        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
-        offs_d = tl.arange(0, D_PAD)
-        acc = tl.load(acc_ptr + (first + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0)
-        return tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-
-
     @triton.jit(do_not_specialize=["num_parts"])
     def _merge_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, num_parts, num_heads,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, PDL: tl.constexpr):
         pdl_begin(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
-        out = merge_partitions(acc_ptr, stats_ptr, (b * num_heads + h) * num_parts, num_parts, D_PAD, P_PAD)
+        row0 = (b * num_heads + h) * num_parts
+        parts = tl.arange(0, P_PAD)
+        p_mask = parts < num_parts
+        m = tl.load(stats_ptr + (row0 + parts) * 2, mask=p_mask, other=float("-inf"))
+        l = tl.load(stats_ptr + (row0 + parts) * 2 + 1, mask=p_mask, other=0.0)
+        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
         offs_d = tl.arange(0, D_PAD)
+        acc = tl.load(acc_ptr + (row0 + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=offs_d < HEAD_DIM)
 

@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover - depends on the install
 TARGET_PROGRAMS = 1024
 """Programs a launch aims to have (about 8 per SM of a 132-SM card, at four warps each): a step whose chunks,
 query blocks and heads give fewer splits each context over more programs (:func:`context_partitions`)."""
+MERGE_TOKENS = 32
+"""Queries per program of the merge of partitions (a [32, head dim] fp32 accumulator: 32 registers per thread at
+head dim 128); one program per query and head was measured at ≈ 9 ns per (query, head) on an H200, more than the
+split saved once a step had 8 chunks (bench/RESULTS.md)."""
 TILE_BYTES = 256
 """Bytes of one head's row (head dim padded × element size) up to which a program takes 64 queries and 64
 positions per iteration; wider rows (fp32, or the 12B's head dim 160 padded to 256) take 32 of each, so the
@@ -66,7 +70,6 @@ def chunk_tables(chunks: Sequence, device: torch.device) -> ChunkTables:
 
 
 if triton is not None:
-    from telechat.engine.paged_attention import merge_partitions
 
     @triton.jit(do_not_specialize=["stride_sc", "num_parts", "part_len", "max_tokens"])
     def _prefix_prefill_kernel(
@@ -130,17 +133,34 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_parts", "max_tokens"])
     def _prefix_merge_kernel(acc_ptr, stats_ptr, meta_ptr, out_ptr, stride_ot, stride_oh, num_parts, max_tokens,
-                             num_heads, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr):
+                             num_heads, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One chunk's block of ``BLOCK_T`` queries for one head: its partitions' partial results folded in
+        order with a running log-sum-exp (an empty share, m = -inf and l = 0, weighs nothing)."""
         c = tl.program_id(0)
-        i = tl.program_id(1)
+        offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         h = tl.program_id(2)
-        if i < tl.load(meta_ptr + c * 3 + 2):
-            row = (tl.load(meta_ptr + c * 3) + i).to(tl.int64)
-            out = merge_partitions(acc_ptr, stats_ptr, ((c * max_tokens + i) * num_heads + h) * num_parts, num_parts,
-                                   D_PAD, P_PAD)
+        n = tl.load(meta_ptr + c * 3 + 2)
+        if tl.program_id(1) * BLOCK_T < n:
+            t_mask = offs_t < n
             offs_d = tl.arange(0, D_PAD)
-            tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-                     mask=offs_d < HEAD_DIM)
+            first = ((c * max_tokens + offs_t) * num_heads + h) * num_parts
+            m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            l = tl.zeros([BLOCK_T], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_T, D_PAD], dtype=tl.float32)
+            for part in range(num_parts):
+                m_p = tl.load(stats_ptr + (first + part) * 2, mask=t_mask, other=float("-inf"))
+                l_p = tl.load(stats_ptr + (first + part) * 2 + 1, mask=t_mask, other=0.0)
+                a_p = tl.load(acc_ptr + (first + part)[:, None] * D_PAD + offs_d[None, :], mask=t_mask[:, None],
+                              other=0.0)
+                m_new = tl.maximum(m, m_p)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha, beta = tl.exp(m - m_safe), tl.exp(m_p - m_safe)
+                acc = acc * alpha[:, None] + a_p * beta[:, None]
+                l = l * alpha + l_p * beta
+                m = m_new
+            rows = (tl.load(meta_ptr + c * 3) + offs_t).to(tl.int64)
+            tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                     (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 def context_partitions(programs: int, max_end: int, block: int, target_programs: int = TARGET_PROGRAMS
@@ -181,7 +201,7 @@ def prefix_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=direct, num_warps=4, num_stages=2,
     )
     if not direct:
-        _prefix_merge_kernel[(chunks, tables.max_tokens, heads)](
+        _prefix_merge_kernel[(chunks, triton.cdiv(tables.max_tokens, MERGE_TOKENS), heads)](
             acc, stats, tables.meta, out, out.stride(0), out.stride(1), parts, tables.max_tokens, heads,
-            HEAD_DIM=d, D_PAD=d_pad, P_PAD=MAX_PARTITIONS,
+            HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=MERGE_TOKENS,
         )
