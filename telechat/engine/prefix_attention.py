@@ -11,9 +11,9 @@ program holds a block of one chunk's queries for one head and streams that seque
 from their cache slots with an online softmax (flash attention over a slot list), so the cache is read
 once and nothing is copied. When the step's chunks, query blocks and heads make too few programs to fill
 the card (a chat turn or two arriving while others decode), each context is also split into partitions read
-by programs of their own and merged with a log-sum-exp reduction, as in the decode kernel: two chunks of 48
-tokens over 4.4k cached positions took 200 µs per layer on an H200 with one program looping over the whole
-context (bench/RESULTS.md).
+by programs of their own and merged with a log-sum-exp reduction, as in the decode kernel: on an H200, one to
+four chunks of 48 tokens over 4.4k cached positions take 54-174 µs per layer this way against 192-225 µs with
+one program looping over each whole context (bench/RESULTS.md, "prefix kernel split").
 
 The cache may hold FP8 (E4M3) values (``stored = value / scale``): K's scale is folded into the softmax
 scale and V's applied to the output, as in the decode kernel.
@@ -37,9 +37,12 @@ try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-TARGET_PROGRAMS = 1024
-"""Programs a launch aims to have (about 8 per SM of a 132-SM card, at four warps each): a step whose chunks,
-query blocks and heads give fewer splits each context over more programs (:func:`context_partitions`)."""
+TARGET_PROGRAMS = 256
+"""Programs a launch aims to have (about 2 per SM of a 132-SM card): a step whose chunks, query blocks and heads
+give fewer splits each context over more programs (:func:`context_partitions`). Measured on an H200 (7B heads,
+4.4k-token contexts, bf16 and FP8 caches): the best of 128-2048 for one to four chunks of 48 tokens; a target
+of 512 or more split steps of 8-16 chunks that ran faster whole (each partition also costs a store of its
+partial results and the merge)."""
 MERGE_TOKENS = 32
 """Queries per program of the merge of partitions (a [32, head dim] fp32 accumulator: 32 registers per thread at
 head dim 128); one program per query and head was measured at ≈ 9 ns per (query, head) on an H200, more than the

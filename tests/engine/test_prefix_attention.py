@@ -39,3 +39,5 @@ def test_context_partitions_split_long_contexts_only_when_programs_are_few():
     assert context_partitions(64, 4433, 64, target_programs=1024) == (14, 320)
     assert context_partitions(1024, 4433, 64, target_programs=1024) == (1, 4480)
     assert context_partitions(2000, 100, 32, target_programs=1024) == (1, 128)
+    # the default target: one chunk of ≤ 64 tokens over 32 heads in 8 partitions, two in 4, four in 2, eight whole
+    assert [context_partitions(32 * c, 4433, 64)[0] for c in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
