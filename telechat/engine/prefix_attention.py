@@ -45,8 +45,8 @@ of 512 or more split steps of 8-16 chunks that ran faster whole (each partition 
 partial results and the merge)."""
 MERGE_TOKENS = 32
 """Queries per program of the merge of partitions (a [32, head dim] fp32 accumulator: 32 registers per thread at
-head dim 128); one program per query and head was measured at ≈ 9 ns per (query, head) on an H200, more than the
-split saved once a step had 8 chunks (bench/RESULTS.md)."""
+head dim 128). With one program per query and head, a split step's extra time on an H200 grew by ≈ 9 ns per
+(query, head), more than the split saved once a step had 8 chunks (bench/RESULTS.md)."""
 TILE_BYTES = 256
 """Bytes of one head's row (head dim padded × element size) up to which a program takes 64 queries and 64
 positions per iteration; wider rows (fp32, or the 12B's head dim 160 padded to 256) take 32 of each, so the
