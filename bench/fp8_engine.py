@@ -3,8 +3,8 @@
 Random weights of a released shape (default the 7B) in bf16; then the same weights quantized in memory
 to FP8 (:meth:`Fp8Linear.from_linear`: per-channel weight scales, dynamic per-token activations — what
 ``telechat quantize --method fp8`` writes). For each of bf16, bf16 + FP8 KV, FP8, FP8 + FP8 KV: batch-1
-decode and 64 concurrent requests (128 in / 256 out), and the KV capacity the engine sizes from the same
-memory share; then, on the bf16 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each
+decode and 64 concurrent requests (128 in / 256 out), each the median of ``--repeats`` runs after an untimed
+one of the same shape, and the KV capacity the engine sizes from the same memory share; then, on the bf16 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each
 cache, and how many such requests each cache holds at once. Prints one JSON line per measurement, then a table;
 ``--json PATH`` also writes them with the run's provenance and the speedups. ``--int4`` adds the same shape as
 a GPTQ int4 checkpoint (random codes, ``bench/random_checkpoint.py --gptq-bits 4``) loaded by the quant loader
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,16 +46,28 @@ def quantize_in_place(model: TelechatForCausalLM) -> None:
     free_device_memory()
 
 
+def median_tok_s(engine: LLMEngine, workload, runs: int) -> tuple[float, list[float]]:
+    """Output tok/s of ``workload(i)`` (the prompts of run ``i``, fresh each run: nothing comes from the prefix
+    cache): one untimed run of the same shape first (compiles, allocator and cuBLAS heuristics out of the numbers),
+    then the median of ``runs`` timed ones, and each run's figure."""
+    run_requests(engine, *workload(0))
+    timed = [run_requests(engine, *workload(i)) for i in range(1, runs + 1)]
+    if any(r["cached_prompt_tokens"] for r in timed):
+        raise RuntimeError("a timed run was served from the prefix cache; its prompts must be new")
+    figures = [r["tok_s"] for r in timed]
+    return statistics.median(figures), figures
+
+
 def measure(label: str, model, args, kv: str, vocab: int) -> dict:
-    """bs1 and concurrent throughput of one engine over ``model`` with a ``kv`` cache."""
+    """bs1 and concurrent throughput of one engine over ``model`` with a ``kv`` cache (medians of ``--repeats``)."""
     engine = LLMEngine(model, EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
                                            max_num_batched_tokens=8192, kv_cache_dtype=kv))
-    run_requests(engine, [random_prompt(16, vocab, 1)], 16)  # warm-up
-    bs1 = run_requests(engine, [random_prompt(args.prompt_len, vocab, 2)], args.new_tokens)
-    prompts = [random_prompt(args.prompt_len, vocab, 1000 + i) for i in range(args.concurrency)]
-    many = run_requests(engine, prompts, args.new_tokens)
-    row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1["tok_s"], concurrent=args.concurrency,
-               concurrent_tok_s=many["tok_s"], kv_capacity_tokens=engine.capacity_tokens)
+    bs1, bs1_runs = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 2 + i)], args.new_tokens),
+                                 args.repeats)
+    many, many_runs = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 1000 * (i + 1) + j)
+                                                       for j in range(args.concurrency)], args.new_tokens), args.repeats)
+    row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1, bs1_runs=bs1_runs, concurrent=args.concurrency,
+               concurrent_tok_s=many, concurrent_runs=many_runs, kv_capacity_tokens=engine.capacity_tokens)
     record("fp8_engine", **row)
     del engine
     free_device_memory()
@@ -97,6 +110,8 @@ def main() -> None:
     p.add_argument("--long-prompt", type=int, default=96 * 1024, help="0 skips the long-request measurement")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     p.add_argument("--show-gemv", action="store_true", help="print the GEMV tuning (cuBLAS/scaled_mm vs Triton)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each workload after an untimed one (each figure is their median)")
     p.add_argument("--int4", action="store_true", help="also a GPTQ int4 model of the shape (needs the quant extra)")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ group size of the int4 row")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/telechat-fp8-bench"),

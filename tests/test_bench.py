@@ -191,12 +191,15 @@ def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
     pytest.importorskip("gptqmodel")
     path = tmp_path / "fp8.json"
     proc = run_script("bench/fp8_engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
-                      "--long-prompt", "300", "--max-model-len", "512", "--int4", "--group-size", "32",
+                      "--long-prompt", "300", "--max-model-len", "512", "--repeats", "2", "--int4", "--group-size", "32",
                       "--work-dir", str(tmp_path / "work"), "--json", str(path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(path.read_text())
     rows = [(r["weights"], r["kv_cache"]) for r in data["results"] if r["measure"] == "fp8_engine"]
     assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8"), ("int4", "auto")]
+    for r in (r for r in data["results"] if r["measure"] == "fp8_engine"):  # medians of the two timed runs
+        assert len(r["bs1_runs"]) == len(r["concurrent_runs"]) == 2
+        assert r["bs1_tok_s"] == sum(r["bs1_runs"]) / 2 and r["concurrent_tok_s"] == sum(r["concurrent_runs"]) / 2
     assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio",
                                    "int4_bs1_speedup", "int4_c64_speedup", *PROVENANCE))
     kernels = [r["kernel"] for r in data["results"] if r["measure"] == "int4_kernel"]
