@@ -4,8 +4,9 @@ Random weights of a released shape (default the 7B) in bf16; then the same weigh
 to FP8 (:meth:`Fp8Linear.from_linear`: per-channel weight scales, dynamic per-token activations — what
 ``telechat quantize --method fp8`` writes). For each of bf16, bf16 + FP8 KV, FP8, FP8 + FP8 KV: batch-1
 decode and 64 concurrent requests (128 in / 256 out), each the median of ``--repeats`` runs after an untimed
-one of the same shape, and the KV capacity the engine sizes from the same memory share; then, on the bf16 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each
-cache, and how many such requests each cache holds at once. Prints one JSON line per measurement, then a table;
+one of the same shape, and the KV capacity the engine sizes from the same memory share; then, on the bf16
+weights, one ``--long-prompt`` request (prefill + 16 tokens) with each cache, and how many such requests each
+cache holds at once. Prints one JSON line per measurement, then a table;
 ``--json PATH`` also writes them with the run's provenance and the speedups. ``--int4`` adds the same shape as
 a GPTQ int4 checkpoint (random codes, ``bench/random_checkpoint.py --gptq-bits 4``) loaded by the quant loader
 (Marlin on CUDA; needs the quant extra), measured the same way with its fp16 cache, for comparison.
@@ -148,10 +149,10 @@ def main() -> None:
         fp8_c64_speedup=round(fp8_kv["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
         fp8_c64_speedup_weights_only=round(fp8["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
     )
-    # capacities of the long-request engines (16 × 96K wanted: the memory share decides, not the cap)
     if args.int4:
         summary["int4_bs1_speedup"] = round(rows[4]["bs1_tok_s"] / base["bs1_tok_s"], 3)
         summary["int4_c64_speedup"] = round(rows[4]["concurrent_tok_s"] / base["concurrent_tok_s"], 3)
+    # capacities of the long-request engines (16 × 96K wanted: the memory share decides, not the cap)
     caps = long_rows if long_rows else rows[:2]
     summary["fp8_kv_capacity_ratio"] = round(caps[1]["kv_capacity_tokens"] / caps[0]["kv_capacity_tokens"], 3)
     if len(long_rows) == 2 and long_rows[0]["concurrent_long_requests"]:

@@ -21,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from telechat.engine.prefix_attention import TARGET_PROGRAMS, chunk_tables, context_partitions, prefix_prefill_attention  # noqa: E402
+from telechat.engine.prefix_attention import (TARGET_PROGRAMS, chunk_tables, context_partitions,  # noqa: E402
+                                              prefix_prefill_attention, query_block)
 
 
 def time_case(chunks: int, new_len: int, context: int, heads: int, head_dim: int, fp8: bool,
@@ -40,7 +41,7 @@ def time_case(chunks: int, new_len: int, context: int, heads: int, head_dim: int
                              context_slots=perm[i * context:(i + 1) * context]) for i in range(chunks)]
     tables = chunk_tables(items, torch.device("cuda"))
     q = torch.randn(chunks * new_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    block = 64  # the kernel's block for a bf16 q of head dim ≤ 128
+    block = query_block(head_dim, q.element_size())
     row = dict(chunks=chunks, new_len=new_len, context=context, cache="fp8" if fp8 else "bf16", us={}, parts={})
     ref, diff = None, 0.0
     for target in [1, *[t for t in targets if t != 1]]:

@@ -82,20 +82,20 @@ def write_random_checkpoint(name: str, out: str | Path, seq_length: int = 8192) 
     return out
 
 
-GPTQ_LINEARS = ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj")
-"""The decoder Linears a GPTQ checkpoint stores packed (``lm_head`` and the embeddings stay dense)."""
-
-
 def write_random_gptq(name: str, out: str | Path, bits: int = 4, group_size: int = 128, seq_length: int = 8192
                       ) -> Path:
     """Write a random GPTQ checkpoint of shape ``name`` to ``out`` (reused if there): the layout the quant job
     writes (``quantization_config``, AutoGPTQ v1 packing, symmetric, no act-order, fp16 scales and dense
     tensors), with random codes and scales instead of quantized weights — the int kernels decode it at the speed
-    of a quantized model without the minutes of GPTQ. Codes are uniform over the ``2**bits`` levels, scales
-    keep the dequantized weights near the random init's spread. No tokenizer (benchmarks feed token ids)."""
+    of a quantized model without the minutes of GPTQ. Every Linear of the decoder blocks is packed (shapes and
+    biases as the model defines them); the embeddings, norms and ``lm_head`` stay dense. Codes are uniform over
+    the ``2**bits`` levels, scales keep the dequantized weights near the random init's spread. No tokenizer
+    (benchmarks feed token ids)."""
     import torch
     from safetensors.torch import save_file
+    from torch import nn
+
+    from telechat.model.modeling import TelechatForCausalLM
 
     out = Path(out)
     want = {"preset": name, "seq_length": seq_length, "gptq_bits": bits, "group_size": group_size}
@@ -106,32 +106,27 @@ def write_random_gptq(name: str, out: str | Path, bits: int = 4, group_size: int
     qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": True,
             "checkpoint_format": "gptq"}
     config = bench_config(name, architectures=["TelechatForCausalLM"], seq_length=seq_length)
+    with torch.device("meta"):
+        model = TelechatForCausalLM(config)
     per_word = 32 // bits
     zero = sum((2 ** (bits - 1) - 1) << (bits * i) for i in range(per_word))  # v1 stores zero point - 1
     zero = zero - (1 << 32) if zero >= 1 << 31 else zero
-    h, f = config.hidden_size, config.ffn_hidden_size
-    kv = 2 * config.head_dim * config.num_key_value_heads
-    shapes = {"self_attention.query": (h, h), "self_attention.key_value": (kv, h), "self_attention.dense": (h, h),
-              "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
     g = torch.Generator().manual_seed(0)
-    tensors = {"transformer.word_embeddings.weight": torch.randn(config.vocab_size, h, generator=g).half() * 0.02,
-               "transformer.ln_f.weight": torch.ones(h, dtype=torch.float16)}
-    if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = torch.randn(config.vocab_size, h, generator=g).half() * 0.02
-    for i in range(config.n_layer):
-        prefix = f"transformer.h.{i}."
-        tensors[prefix + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-        tensors[prefix + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float16)
-        for linear in GPTQ_LINEARS:
-            n, k = shapes[linear]
-            key = prefix + linear
-            tensors[key + ".qweight"] = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // per_word, n), generator=g,
-                                                      dtype=torch.int32)
-            tensors[key + ".qzeros"] = torch.full((k // group_size, n // per_word), zero, dtype=torch.int32)
-            tensors[key + ".scales"] = (torch.rand(k // group_size, n, generator=g) * 0.004 + 0.002).half()
-            tensors[key + ".g_idx"] = torch.arange(k, dtype=torch.int32) // group_size
-            if linear in ("self_attention.dense", "mlp.down_proj"):
-                tensors[key + ".bias"] = torch.zeros(n, dtype=torch.float16)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")}
+    tensors = {}
+    for key, module in packed.items():
+        n, k = module.weight.shape
+        tensors[key + ".qweight"] = torch.randint(-2 ** 31, 2 ** 31 - 1, (k // per_word, n), generator=g,
+                                                  dtype=torch.int32)
+        tensors[key + ".qzeros"] = torch.full((k // group_size, n // per_word), zero, dtype=torch.int32)
+        tensors[key + ".scales"] = (torch.rand(k // group_size, n, generator=g) * 0.004 + 0.002).half()
+        tensors[key + ".g_idx"] = torch.arange(k, dtype=torch.int32) // group_size
+        if module.bias is not None:
+            tensors[key + ".bias"] = torch.zeros(n, dtype=torch.float16)
+    for key, param in model.named_parameters():  # a tied lm_head is listed once, as the embeddings
+        if key.rpartition(".")[0] not in packed:  # embeddings, norms, an untied lm_head
+            tensors[key] = (torch.randn(*param.shape, generator=g) * 0.02 if param.dim() == 2
+                            else torch.ones(param.shape)).half()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": "float16",
                                                  "quantization_config": qcfg}, indent=2), encoding="utf-8")

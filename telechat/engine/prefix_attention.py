@@ -166,6 +166,12 @@ if triton is not None:
                      (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
+def query_block(head_dim: int, element_size: int) -> int:
+    """Queries (and keys) a program takes per iteration for a head of ``head_dim`` values of ``element_size``
+    bytes: 64, or 32 for rows wider than :data:`TILE_BYTES` once padded to a power of two."""
+    return 64 if max(16, triton.next_power_of_2(head_dim)) * element_size <= TILE_BYTES else 32
+
+
 def context_partitions(programs: int, max_end: int, block: int, target_programs: int = TARGET_PROGRAMS
                        ) -> tuple[int, int]:
     """``(partitions, keys per partition)`` of a launch with ``programs`` programs per partition over contexts of
@@ -189,7 +195,7 @@ def prefix_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     ``target_programs``: see :func:`context_partitions`. Triton only (CUDA, or its interpreter)."""
     _, heads, d = q.shape
     d_pad = max(16, triton.next_power_of_2(d))
-    block = 64 if d_pad * q.element_size() <= TILE_BYTES else 32
+    block = query_block(d, q.element_size())
     chunks, m_blocks = tables.meta.shape[0], triton.cdiv(tables.max_tokens, block)
     parts, part_len = context_partitions(chunks * m_blocks * heads, tables.slots.shape[1], block, target_programs)
     direct = parts == 1
