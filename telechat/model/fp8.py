@@ -127,6 +127,9 @@ class Fp8Linear(nn.Module):
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        self.fp8_rows_in = False
+        """Serving: the input comes with its FP8 rows, written by the kernel that produced it (the GEMV tuner
+        times this module without the quantization launch; :func:`telechat.model.kernels.linear`)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activations: str | None = "dynamic",
@@ -166,17 +169,21 @@ class Fp8Linear(nn.Module):
             fused.input_scale.copy_(torch.stack([m.input_scale for m, _ in parts]).amax(0))
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x_rows``: ``x`` already quantized per token (``(q [M, K], scale [M, 1])``, the numbers this module's
+        dynamic activations would give, :func:`telechat.model.kernels.fp8_rows`), used by the FP8 GEMM."""
         if x.is_cuda and self.activations is not None and self.gemm_shapes_ok:
-            return self.forward_scaled_mm(x)
+            return self.forward_scaled_mm(x, x_rows if self.activations == "dynamic" else None)
         return self.forward_reference(x)
 
-    def forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """One FP8 GEMM: quantized activations ``[M, K]`` × ``weightᵀ`` with row scales ``[M, 1]``
-        and column scales ``[1, N]`` (row-wise ``torch._scaled_mm``; bf16 output, the dtype its
-        row-wise kernels support everywhere, cast to the activation dtype)."""
+    def forward_scaled_mm(self, x: torch.Tensor, x_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> torch.Tensor:
+        """One FP8 GEMM: quantized activations ``[M, K]`` (``x_rows``, else quantized here) × ``weightᵀ`` with
+        row scales ``[M, 1]`` and column scales ``[1, N]`` (row-wise ``torch._scaled_mm``; bf16 output, the dtype
+        its row-wise kernels support everywhere, cast to the activation dtype)."""
         lead = x.shape[:-1]
-        q, scale = quantize_activation(x.reshape(-1, self.in_features), self.input_scale)
+        q, scale = x_rows if x_rows is not None else quantize_activation(x.reshape(-1, self.in_features),
+                                                                        self.input_scale)
         scale_a = scale.expand(q.shape[0], 1).contiguous()  # a static scale is [1, 1]
         fused_bias = self.bias is not None and self.bias.dtype == torch.bfloat16
         out = torch._scaled_mm(q, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale.t(),

@@ -116,10 +116,47 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(dtype)
 
 
+FP8_ROWS = "fp8_rows"
+"""Attribute under which a kernel's bf16/fp16 output may carry its own FP8 quantization per row, ``(q [M, K] E4M3,
+scale [M, 1] float32)`` — what :func:`quantize_rows_fp8` would make of it, written by the same launch (the norms
+and SwiGLU with ``quantize=True``), so an FP8 Linear with dynamic activations reading that output skips its own
+quantization launch (:func:`linear`)."""
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The FP8 rows ``x`` carries (:data:`FP8_ROWS`), else None (always while torch.compile traces)."""
+    return None if torch.compiler.is_compiling() else getattr(x, FP8_ROWS, None)
+
+
+def _with_fp8_rows(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    setattr(out, FP8_ROWS, (q, scale))
+    return out
+
+
+def _fp8_row_buffers(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
+            torch.empty(rows, 1, dtype=torch.float32, device=device))
+
+
+def _quantizes(x: torch.Tensor, quantize: bool) -> bool:
+    """Whether a launch writes FP8 rows too: asked, and not while torch.compile traces (no tensor attributes)."""
+    return quantize and not torch.compiler.is_compiling()
+
+
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride, n_cols, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _store_fp8_row(v, cols, mask, q_ptr, s_ptr, row, stride_q, inv_max, min_scale):
+        """Quantize one whole row ``v`` (fp32 values of the rounded output at ``cols``) as :func:`quantize_rows_fp8`
+        does: ``scale = max(max|v| / 448, min_scale)``, ``q = clamp(v / scale, ±448)``."""
+        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0) * inv_max, min_scale)
+        tl.store(s_ptr + row, scale)
+        q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, q_ptr, s_ptr, stride, n_cols, eps, inv_max, min_scale,
+                         BLOCK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
         pdl_begin(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -128,40 +165,47 @@ if triton is not None:
         var = tl.sum(x * x, axis=0) / n_cols
         normed = (x * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride + cols, out, mask=mask)
+        if QUANT:
+            _store_fp8_row(out.to(tl.float32), cols, mask, q_ptr, s_ptr, row, n_cols, inv_max, min_scale)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim; one Triton launch for inference on CUDA."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim; one Triton launch for inference on CUDA, which with ``quantize`` also
+    writes the output's FP8 rows (:func:`fp8_rows`; a 2-D ``x`` only)."""
     if not _use_triton(x) or x.dtype != weight.dtype:
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
+    quant = _quantizes(x, quantize) and x.dim() == 2
+    q, scale = _fp8_row_buffers(*x2.shape, x.device) if quant else (out, out)
     pdl = pdl_options(x.device, x2.shape[0])
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), x2.shape[1], eps,
-                                     BLOCK=triton.next_power_of_2(x2.shape[1]), **pdl)
-    return out.view_as(x)
+    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, q, scale, x2.stride(0), x2.shape[1], eps, 1.0 / FP8_MAX,
+                                     FP8_MIN_SCALE, BLOCK=triton.next_power_of_2(x2.shape[1]), QUANT=quant, **pdl)
+    out = out.view_as(x)
+    return _with_fp8_rows(out, q, scale) if quant else out
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, quantize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual`` (rounded to the input dtype) and ``rms_norm(h)``: returns ``(normed, h)``.
 
     The pre-norm block's residual add and the next norm in one launch for inference on CUDA; the
     same numerics as the reference ops (an add in the input dtype, then :func:`rms_norm_reference`).
+    With ``quantize`` (2-D inputs) the launch also writes ``normed``'s FP8 rows (:func:`fp8_rows`).
     """
     if not _use_triton(x) or x.dtype != weight.dtype or residual.dtype != x.dtype:
         h = x + residual
         return rms_norm_reference(h, weight, eps), h
-    return _launch_add_rms_norm(x, residual, weight, eps)
+    return _launch_add_rms_norm(x, residual, weight, eps, _quantizes(x, quantize) and x.dim() == 2)
 
 
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, stride_x, stride_r, n_cols, eps,
-                             BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, q_ptr, s_ptr, stride_x, stride_r, n_cols, eps,
+                             inv_max, min_scale, BLOCK: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr):
         pdl_begin(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -174,10 +218,13 @@ if triton is not None:
         var = tl.sum(hf * hf, axis=0) / n_cols
         normed = (hf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * n_cols + cols, (w * normed.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        out = (w * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * n_cols + cols, out, mask=mask)
+        if QUANT:
+            _store_fp8_row(out.to(tl.float32), cols, mask, q_ptr, s_ptr, row, n_cols, inv_max, min_scale)
 
 
-def _launch_add_rms_norm(x, residual, weight, eps):
+def _launch_add_rms_norm(x, residual, weight, eps, quant: bool):
     n = x.shape[-1]
     x2, r2 = x.reshape(-1, n), residual.reshape(-1, n)
     if x2.stride(-1) != 1:
@@ -186,10 +233,13 @@ def _launch_add_rms_norm(x, residual, weight, eps):
         r2 = r2.contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     h = torch.empty_like(out)
+    q, scale = _fp8_row_buffers(*x2.shape, x.device) if quant else (out, out)
     pdl = pdl_options(x.device, x2.shape[0])
-    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, x2.stride(0), r2.stride(0), n, eps,
-                                         BLOCK=triton.next_power_of_2(n), **pdl)
-    return out.view(x.shape), h.view(x.shape)
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, h, q, scale, x2.stride(0), r2.stride(0), n, eps,
+                                         1.0 / FP8_MAX, FP8_MIN_SCALE, BLOCK=triton.next_power_of_2(n), QUANT=quant,
+                                         **pdl)
+    out = out.view(x.shape)
+    return (_with_fp8_rows(out, q, scale) if quant else out), h.view(x.shape)
 
 
 # ---------------------------------------------------------------------------- SwiGLU
@@ -210,17 +260,49 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``; one Triton launch for inference on CUDA."""
+    @triton.jit
+    def _silu_mul_quant_kernel(g_ptr, u_ptr, out_ptr, q_ptr, s_ptr, n_cols, stride_g, stride_u, inv_max, min_scale,
+                               BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """One whole row per program: ``silu(g) * u`` as :func:`_silu_mul_kernel` writes it, then its FP8 row (the
+        row's max first, so the output is read back once, from this program's own stores)."""
+        pdl_begin(PDL)
+        row = tl.program_id(0)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for c in range(0, n_cols, BLOCK):
+            offs = c + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
+            out = (act * u).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row * n_cols + offs, out, mask=mask)
+            amax = tl.maximum(amax, tl.where(mask, tl.abs(out.to(tl.float32)), 0.0))
+        scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
+        tl.store(s_ptr + row, scale)
+        tl.debug_barrier()  # the stores above are visible to every thread of the program
+        for c in range(0, n_cols, BLOCK):
+            offs = c + tl.arange(0, BLOCK)
+            mask = offs < n_cols
+            v = tl.load(out_ptr + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
+            q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
+            tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, quantize: bool = False) -> torch.Tensor:
+    """``silu(gate) * up``; one Triton launch for inference on CUDA, which with ``quantize`` (2-D inputs) also
+    writes the output's FP8 rows (:func:`fp8_rows`)."""
     if not _use_triton(gate):
         return F.silu(gate) * up
     f = gate.shape[-1]
-    return _launch_silu_mul(gate.reshape(-1, f).contiguous(), up.reshape(-1, f).contiguous(), f).view(gate.shape)
+    out = _launch_silu_mul(gate.reshape(-1, f).contiguous(), up.reshape(-1, f).contiguous(), f,
+                           _quantizes(gate, quantize) and gate.dim() == 2)
+    return out.view(gate.shape) if fp8_rows(out) is None else out
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor:
     """``silu(a) * b`` for ``gate_up = [a | b]`` split in halves along the last dim (the fused
-    ``gate_up`` projection's output); one Triton launch for inference on CUDA."""
+    ``gate_up`` projection's output); one Triton launch for inference on CUDA, which with ``quantize``
+    (2-D input) also writes the output's FP8 rows (:func:`fp8_rows`)."""
     f = gate_up.shape[-1] // 2
     if not _use_triton(gate_up):
         gate, up = gate_up.split(f, dim=-1)
@@ -228,14 +310,21 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     x2 = gate_up.reshape(-1, 2 * f)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return _launch_silu_mul(x2, x2[:, f:], f).view(*gate_up.shape[:-1], f)
+    out = _launch_silu_mul(x2, x2[:, f:], f, _quantizes(gate_up, quantize) and gate_up.dim() == 2)
+    return out.view(*gate_up.shape[:-1], f) if fp8_rows(out) is None else out
 
 
-def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tensor:
-    """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
+def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int, quant: bool = False) -> torch.Tensor:
+    """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]`` (with ``quant``, carrying
+    its FP8 rows)."""
     out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
     block = 1024
     pdl = pdl_options(gate.device, gate.shape[0])
+    if quant:
+        q, scale = _fp8_row_buffers(gate.shape[0], f, gate.device)
+        _silu_mul_quant_kernel[(gate.shape[0],)](gate, up, out, q, scale, f, gate.stride(0), up.stride(0),
+                                                 1.0 / FP8_MAX, FP8_MIN_SCALE, BLOCK=block, num_warps=8, **pdl)
+        return _with_fp8_rows(out, q, scale)
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
                                                               BLOCK=block, **pdl)
     return out
@@ -711,13 +800,15 @@ def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig = GEMV_DEFAULT, scale: torch.Tensor | None = None,
-         input_scale: torch.Tensor | None = None) -> torch.Tensor:
+         input_scale: torch.Tensor | None = None,
+         x_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for ``x [..., K]`` of at most ``config.max_m`` rows and ``weight [N, K]``
     (unit column stride) with the Triton kernel: fp32 accumulation, one rounding. ``weight`` has ``x``'s
     dtype, or is FP8 (E4M3) with ``scale`` (``[N, 1]`` per output channel or ``[1]`` per tensor, float32):
     ``x @ (weight * scale).T`` with activations as they are (weight-only dequantization, read at one byte
     per weight) — or, with a ``"dot8"`` tiling, with x quantized to E4M3 first, per token or by the static
-    ``input_scale`` (the numbers of an FP8 Linear's ``_scaled_mm``)."""
+    ``input_scale`` (the numbers of an FP8 Linear's ``_scaled_mm``), or taken as given by ``x_rows`` (per-token
+    ``(q, scale)`` of ``x``, :func:`fp8_rows`)."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -737,7 +828,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     xs = out  # never read unless x is quantized
     if x_fp8:
-        x2, xs = quantize_rows_fp8(x2, input_scale, FP8_MIN_SCALE)
+        x2, xs = x_rows if x_rows is not None else quantize_rows_fp8(x2, input_scale, FP8_MIN_SCALE)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     serial = split > 1 and config.serial_reduce
     counters = _split_counters(x.device, grid[0]) if serial else out
@@ -764,7 +855,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def _plan_key(layer: nn.Module, m: int) -> tuple:
     w = layer.weight
-    return w.shape[0], w.shape[1], gemv_bucket(m), w.dtype, layer.bias is not None, _fp8_activations(layer)
+    return (w.shape[0], w.shape[1], gemv_bucket(m), w.dtype, layer.bias is not None, _fp8_activations(layer),
+            _takes_fp8_rows(layer))
 
 
 def _gemv_scale(layer: nn.Module) -> torch.Tensor | None:
@@ -778,8 +870,16 @@ def _fp8_activations(layer: nn.Module) -> bool:
     return _gemv_scale(layer) is not None and getattr(layer, "activations", None) is not None
 
 
-def _layer_gemv(x: torch.Tensor, layer: nn.Module, config: GemvConfig) -> torch.Tensor:
-    return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer), getattr(layer, "input_scale", None))
+def _takes_fp8_rows(layer: nn.Module) -> bool:
+    """Whether the layer is an FP8 Linear with dynamic activations whose input comes with its FP8 rows
+    (``fp8_rows_in``, set by :meth:`~telechat.model.modeling.TelechatBlock.fuse_fp8_quantization`)."""
+    return getattr(layer, "fp8_rows_in", False) and getattr(layer, "activations", None) == "dynamic"
+
+
+def _layer_gemv(x: torch.Tensor, layer: nn.Module, config: GemvConfig,
+                x_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer), getattr(layer, "input_scale", None),
+                x_rows if config.kind == "dot8" else None)
 
 
 def _gemv_able(layer: nn.Module) -> bool:
@@ -789,13 +889,17 @@ def _gemv_able(layer: nn.Module) -> bool:
 
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """``layer(x)``; a dense or FP8 Linear with few rows goes through the Triton GEMV where
-    :func:`tune_gemv` found it faster for this shape (CUDA inference only)."""
+    :func:`tune_gemv` found it faster for this shape (CUDA inference only). An FP8 Linear with dynamic
+    activations uses the FP8 rows ``x`` carries (:func:`fp8_rows`) instead of quantizing ``x`` again."""
+    rows = fp8_rows(x) if getattr(layer, "activations", None) == "dynamic" else None
     if _gemv_plan and _use_triton(x) and _gemv_able(layer):
         m = x.numel() // x.shape[-1]
         if 0 < m <= GEMV_MAX_M:
             config = _gemv_plan.get(_plan_key(layer, m))
             if config is not None:
-                return _layer_gemv(x, layer, config)
+                return _layer_gemv(x, layer, config, rows)
+    if rows is not None:
+        return layer(x, x_rows=rows)
     return layer(x)
 
 
@@ -839,11 +943,12 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
     for module in model.modules():
         w = module.weight if _gemv_able(module) else None
         if w is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16, FP8_DTYPE) and w.stride(-1) == 1:
-            groups[(*w.shape, w.dtype, module.bias is not None, _fp8_activations(module))].append(module)
+            groups[(*w.shape, w.dtype, module.bias is not None, _fp8_activations(module),
+                    _takes_fp8_rows(module))].append(module)
     buckets = sorted({gemv_bucket(b) for b in batch_sizes if b <= GEMV_MAX_M})
     t0 = time.perf_counter()
     rows = []
-    for (n, k, dtype, _, x_fp8), layers in groups.items():
+    for (n, k, dtype, _, x_fp8, given_rows), layers in groups.items():
         scale = _gemv_scale(layers[0])
         act = dtype if scale is None else next(model.parameters()).dtype  # FP8 weights are buffers
         # FP8: the GEMV dequantizes weights only; its reference is the dequantized weight times x
@@ -852,14 +957,18 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
             x = torch.randn(m, k, dtype=act, device=layers[0].weight.device)
             ref = F.linear(x, w0, layers[0].bias).float()
             ref_x_fp8 = layers[0](x).float() if x_fp8 else None  # the layer's own FP8 GEMM: x quantized too
-            cublas = time_per_call(lambda: [lyr(x) for lyr in layers], len(layers), graph=True)
+            # an input that comes with its FP8 rows (from the norm or SwiGLU before): neither path quantizes it
+            rows = quantize_rows_fp8(x, None, FP8_MIN_SCALE) if given_rows else None
+            own = {"x_rows": rows} if given_rows else {}
+            cublas = time_per_call(lambda: [lyr(x, **own) for lyr in layers], len(layers), graph=True)
             best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
             for config in configs:
                 if m > config.max_m or (config.kind == "dot8" and not x_fp8):
                     continue
                 try:
-                    t = time_per_call(lambda: [_layer_gemv(x, lyr, config) for lyr in layers], len(layers), graph=True)
-                    out = _layer_gemv(x, layers[0], config).float()
+                    t = time_per_call(lambda: [_layer_gemv(x, lyr, config, rows) for lyr in layers], len(layers),
+                                      graph=True)
+                    out = _layer_gemv(x, layers[0], config, rows).float()
                     want = ref_x_fp8 if config.kind == "dot8" else ref
                     if not torch.allclose(out, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                         log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)

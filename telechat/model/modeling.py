@@ -48,15 +48,18 @@ class TelechatRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fp8_rows_out = False
+        """Serving: the CUDA kernel also writes the output's FP8 rows for the FP8 Linears reading it
+        (:meth:`TelechatBlock.fuse_fp8_quantization`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, quantize=self.fp8_rows_out)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x + residual), x + residual)``, the add fused into the norm; ``residual=None``: ``(norm(x), x)``."""
         if residual is None:
             return self(x), x
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, quantize=self.fp8_rows_out)
 
 
 class TelechatRotary:
@@ -197,6 +200,9 @@ class TelechatMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=True)
         self.gate_up: nn.Linear | None = None
         """Serving only (:meth:`fuse`): ``gate_proj`` rows, then ``up_proj`` rows."""
+        self.fp8_rows_out = False
+        """Serving: the SwiGLU kernel also writes its output's FP8 rows for an FP8 ``down_proj``
+        (:meth:`TelechatBlock.fuse_fp8_quantization`)."""
 
     def fuse(self) -> None:
         """Replace ``gate_proj`` + ``up_proj`` by one ``gate_up`` Linear (bias-free plain or FP8 Linears only;
@@ -214,8 +220,9 @@ class TelechatMLP(nn.Module):
     def forward(self, x: torch.Tensor, lin=_call) -> torch.Tensor:
         """``lin(x, layer)`` applies a projection (the serving path passes :func:`linear`)."""
         if self.gate_up is not None:
-            return lin(swiglu(lin(x, self.gate_up)), self.down_proj)
-        return lin(silu_mul(lin(x, self.gate_proj), lin(x, self.up_proj)), self.down_proj)
+            return lin(swiglu(lin(x, self.gate_up), quantize=self.fp8_rows_out), self.down_proj)
+        return lin(silu_mul(lin(x, self.gate_proj), lin(x, self.up_proj), quantize=self.fp8_rows_out),
+                   self.down_proj)
 
 
 class TelechatBlock(GradientCheckpointingLayer):
@@ -230,6 +237,23 @@ class TelechatBlock(GradientCheckpointingLayer):
         self.hidden_dropout = config.hidden_dropout
         # Unused by every released config (false), kept for fidelity: residual from the normed input.
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
+
+    def fuse_fp8_quantization(self) -> None:
+        """Serving: where every projection reading an activation is an FP8 Linear with dynamic (per-token)
+        activations, the kernel producing that activation (the two norms, the SwiGLU) also writes its FP8 rows,
+        and the projections take them instead of quantizing in a launch of their own — the same numbers, one
+        launch fewer per projection input (``dense`` reads the attention output and still quantizes it).
+        Idempotent; other models are left as they are."""
+        attn, mlp = self.self_attention, self.mlp
+        readers = [(self.input_layernorm, [attn.qkv] if attn.qkv is not None else [attn.query, attn.key_value]),
+                   (self.post_attention_layernorm,
+                    [mlp.gate_up] if mlp.gate_up is not None else [mlp.gate_proj, mlp.up_proj]),
+                   (mlp, [mlp.down_proj])]
+        for producer, layers in readers:
+            if all(isinstance(m, Fp8Linear) and m.activations == "dynamic" for m in layers):
+                producer.fp8_rows_out = True
+                for m in layers:
+                    m.fp8_rows_in = True
 
     def forward(
         self,
@@ -423,12 +447,14 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
 
     def fuse_projections(self) -> None:
         """Serving only: merge each layer's ``query`` + ``key_value`` into ``qkv`` and ``gate_proj`` +
-        ``up_proj`` into ``gate_up`` (one GEMM each instead of two). Only plain ``nn.Linear`` modules
-        fuse (GPTQ-quantized ones stay as they are); idempotent; outputs are unchanged. The fused model
+        ``up_proj`` into ``gate_up`` (one GEMM each instead of two), and let FP8 projections take their inputs
+        quantized by the kernels producing them (:meth:`TelechatBlock.fuse_fp8_quantization`). Only plain
+        ``nn.Linear`` and FP8 modules fuse (GPTQ-quantized ones stay as they are); idempotent; outputs are unchanged. The fused model
         no longer has the official parameter names, so train and save unfused models only."""
         for block in self.transformer.h:
             block.self_attention.fuse()
             block.mlp.fuse()
+            block.fuse_fp8_quantization()
 
     def forward_batch(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Serving forward (docs/engine.md, The model seam): float32 logits ``[R, V]`` of the rows
