@@ -958,17 +958,17 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
             ref = F.linear(x, w0, layers[0].bias).float()
             ref_x_fp8 = layers[0](x).float() if x_fp8 else None  # the layer's own FP8 GEMM: x quantized too
             # an input that comes with its FP8 rows (from the norm or SwiGLU before): neither path quantizes it
-            rows = quantize_rows_fp8(x, None, FP8_MIN_SCALE) if given_rows else None
-            own = {"x_rows": rows} if given_rows else {}
+            x_rows = quantize_rows_fp8(x, None, FP8_MIN_SCALE) if given_rows else None
+            own = {"x_rows": x_rows} if given_rows else {}
             cublas = time_per_call(lambda: [lyr(x, **own) for lyr in layers], len(layers), graph=True)
             best, best_t = None, cublas * (1 - GEMV_MIN_GAIN)
             for config in configs:
                 if m > config.max_m or (config.kind == "dot8" and not x_fp8):
                     continue
                 try:
-                    t = time_per_call(lambda: [_layer_gemv(x, lyr, config, rows) for lyr in layers], len(layers),
+                    t = time_per_call(lambda: [_layer_gemv(x, lyr, config, x_rows) for lyr in layers], len(layers),
                                       graph=True)
-                    out = _layer_gemv(x, layers[0], config, rows).float()
+                    out = _layer_gemv(x, layers[0], config, x_rows).float()
                     want = ref_x_fp8 if config.kind == "dot8" else ref
                     if not torch.allclose(out, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                         log.warning("GEMV tiling %s gives wrong results for %dx%d; skipped", config, n, k)

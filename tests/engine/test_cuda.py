@@ -386,10 +386,12 @@ def test_norms_and_swiglu_write_the_fp8_rows_quantize_rows_would(m):
     if m > 1:
         x[1], r[1], gate_up[1] = 0, 0, 0
     gate, up = gate_up[:, :f].contiguous(), gate_up[:, f:].contiguous()
-    cases = {"rms_norm": (rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5, quantize=True)),
-             "add_rms_norm": (fused_add_rms_norm(x, r, w, 1e-5)[0], fused_add_rms_norm(x, r, w, 1e-5, quantize=True)[0]),
-             "swiglu": (swiglu(gate_up), swiglu(gate_up, quantize=True)),
-             "silu_mul": (silu_mul(gate, up), silu_mul(gate, up, quantize=True))}
+    with torch.inference_mode():  # the Triton kernels serve inference only
+        cases = {"rms_norm": (rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5, quantize=True)),
+                 "add_rms_norm": (fused_add_rms_norm(x, r, w, 1e-5)[0],
+                                  fused_add_rms_norm(x, r, w, 1e-5, quantize=True)[0]),
+                 "swiglu": (swiglu(gate_up), swiglu(gate_up, quantize=True)),
+                 "silu_mul": (silu_mul(gate, up), silu_mul(gate, up, quantize=True))}
     for name, (plain, fused) in cases.items():
         assert fp8_rows(plain) is None and torch.equal(plain, fused), name
         q, scale = fp8_rows(fused)
