@@ -119,7 +119,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 FP8_ROWS = "fp8_rows"
 """Attribute under which a kernel's bf16/fp16 output may carry its own FP8 quantization per row, ``(q [M, K] E4M3,
 scale [M, 1] float32)`` — what :func:`quantize_rows_fp8` would make of it, written by the same launch (the norms
-and SwiGLU with ``quantize=True``), so an FP8 Linear with dynamic activations reading that output skips its own
+with ``quantize=True``), so an FP8 Linear with dynamic activations reading that output skips its own
 quantization launch (:func:`linear`)."""
 
 
@@ -260,49 +260,17 @@ if triton is not None:
         tl.store(out_ptr + row * n_cols + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
-    def _silu_mul_quant_kernel(g_ptr, u_ptr, out_ptr, q_ptr, s_ptr, n_cols, stride_g, stride_u, inv_max, min_scale,
-                               BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """One whole row per program: ``silu(g) * u`` as :func:`_silu_mul_kernel` writes it, then its FP8 row (the
-        row's max first, so the output is read back once, from this program's own stores)."""
-        pdl_begin(PDL)
-        row = tl.program_id(0)
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(0, n_cols, BLOCK):
-            offs = c + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
-            act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
-            out = (act * u).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + row * n_cols + offs, out, mask=mask)
-            amax = tl.maximum(amax, tl.where(mask, tl.abs(out.to(tl.float32)), 0.0))
-        scale = tl.maximum(tl.max(amax, axis=0) * inv_max, min_scale)
-        tl.store(s_ptr + row, scale)
-        tl.debug_barrier()  # the stores above are visible to every thread of the program
-        for c in range(0, n_cols, BLOCK):
-            offs = c + tl.arange(0, BLOCK)
-            mask = offs < n_cols
-            v = tl.load(out_ptr + row * n_cols + offs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
-            tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, quantize: bool = False) -> torch.Tensor:
-    """``silu(gate) * up``; one Triton launch for inference on CUDA, which with ``quantize`` (2-D inputs) also
-    writes the output's FP8 rows (:func:`fp8_rows`)."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``; one Triton launch for inference on CUDA."""
     if not _use_triton(gate):
         return F.silu(gate) * up
     f = gate.shape[-1]
-    out = _launch_silu_mul(gate.reshape(-1, f).contiguous(), up.reshape(-1, f).contiguous(), f,
-                           _quantizes(gate, quantize) and gate.dim() == 2)
-    return out.view(gate.shape) if fp8_rows(out) is None else out
+    return _launch_silu_mul(gate.reshape(-1, f).contiguous(), up.reshape(-1, f).contiguous(), f).view(gate.shape)
 
 
-def swiglu(gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor:
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` for ``gate_up = [a | b]`` split in halves along the last dim (the fused
-    ``gate_up`` projection's output); one Triton launch for inference on CUDA, which with ``quantize``
-    (2-D input) also writes the output's FP8 rows (:func:`fp8_rows`)."""
+    ``gate_up`` projection's output); one Triton launch for inference on CUDA."""
     f = gate_up.shape[-1] // 2
     if not _use_triton(gate_up):
         gate, up = gate_up.split(f, dim=-1)
@@ -310,21 +278,14 @@ def swiglu(gate_up: torch.Tensor, quantize: bool = False) -> torch.Tensor:
     x2 = gate_up.reshape(-1, 2 * f)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = _launch_silu_mul(x2, x2[:, f:], f, _quantizes(gate_up, quantize) and gate_up.dim() == 2)
-    return out.view(*gate_up.shape[:-1], f) if fp8_rows(out) is None else out
+    return _launch_silu_mul(x2, x2[:, f:], f).view(*gate_up.shape[:-1], f)
 
 
-def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int, quant: bool = False) -> torch.Tensor:
-    """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]`` (with ``quant``, carrying
-    its FP8 rows)."""
+def _launch_silu_mul(gate: torch.Tensor, up: torch.Tensor, f: int) -> torch.Tensor:
+    """``gate, up``: ``[rows, ≥f]`` views with unit column stride; returns ``[rows, f]``."""
     out = torch.empty(gate.shape[0], f, dtype=gate.dtype, device=gate.device)
     block = 1024
     pdl = pdl_options(gate.device, gate.shape[0])
-    if quant:
-        q, scale = _fp8_row_buffers(gate.shape[0], f, gate.device)
-        _silu_mul_quant_kernel[(gate.shape[0],)](gate, up, out, q, scale, f, gate.stride(0), up.stride(0),
-                                                 1.0 / FP8_MAX, FP8_MIN_SCALE, BLOCK=block, num_warps=8, **pdl)
-        return _with_fp8_rows(out, q, scale)
     _silu_mul_kernel[(gate.shape[0], triton.cdiv(f, block))](gate, up, out, f, gate.stride(0), up.stride(0),
                                                               BLOCK=block, **pdl)
     return out
@@ -874,6 +835,16 @@ def _takes_fp8_rows(layer: nn.Module) -> bool:
     """Whether the layer is an FP8 Linear with dynamic activations whose input comes with its FP8 rows
     (``fp8_rows_in``, set by :meth:`~telechat.model.modeling.TelechatBlock.fuse_fp8_quantization`)."""
     return getattr(layer, "fp8_rows_in", False) and getattr(layer, "activations", None) == "dynamic"
+
+
+def fp8_rows_wanted(layer: nn.Module, m: int) -> bool:
+    """Whether ``linear(x, layer)`` over ``m`` rows would use FP8 rows carried by ``x``: the layer takes them
+    (:func:`_takes_fp8_rows`) and computes with x quantized — ``_scaled_mm``, or a ``dot8`` GEMV tiling — rather
+    than with x as it is (the weight-only GEMV tilings the tuner picks at one row)."""
+    if not _takes_fp8_rows(layer):
+        return False
+    config = _gemv_plan.get(_plan_key(layer, m)) if 0 < m <= GEMV_MAX_M else None
+    return config is None or config.kind == "dot8"
 
 
 def _layer_gemv(x: torch.Tensor, layer: nn.Module, config: GemvConfig,

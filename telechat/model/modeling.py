@@ -30,7 +30,7 @@ from telechat.model.checkpoint import split_key_value
 from telechat.model.config import Telechat2Config, TelechatConfig
 from telechat.model.fp8 import Fp8Linear
 from telechat.model.forward_batch import AttentionBackend, ForwardBatch
-from telechat.model.kernels import fused_add_rms_norm, linear, rms_norm, silu_mul, swiglu
+from telechat.model.kernels import fp8_rows_wanted, fused_add_rms_norm, linear, rms_norm, silu_mul, swiglu
 from telechat.model.losses import chunked_causal_lm_loss
 from telechat.model.rope import RopeParams, apply_rope, cos_sin, inv_freq, rope_params
 
@@ -48,18 +48,22 @@ class TelechatRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.fp8_rows_out = False
-        """Serving: the CUDA kernel also writes the output's FP8 rows for the FP8 Linears reading it
-        (:meth:`TelechatBlock.fuse_fp8_quantization`)."""
+        self.fp8_readers: tuple[nn.Module, ...] = ()
+        """Serving: the FP8 Linears reading the output (:meth:`TelechatBlock.fuse_fp8_quantization`); the CUDA
+        kernel also writes the output's FP8 rows when one of them would use them (a tuple: not submodules)."""
+
+    def _quantize(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // x.shape[-1]
+        return any(fp8_rows_wanted(m, rows) for m in self.fp8_readers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, quantize=self.fp8_rows_out)
+        return rms_norm(x, self.weight, self.eps, quantize=self._quantize(x))
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm(x + residual), x + residual)``, the add fused into the norm; ``residual=None``: ``(norm(x), x)``."""
         if residual is None:
             return self(x), x
-        return fused_add_rms_norm(x, residual, self.weight, self.eps, quantize=self.fp8_rows_out)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, quantize=self._quantize(x))
 
 
 class TelechatRotary:
@@ -200,9 +204,6 @@ class TelechatMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=True)
         self.gate_up: nn.Linear | None = None
         """Serving only (:meth:`fuse`): ``gate_proj`` rows, then ``up_proj`` rows."""
-        self.fp8_rows_out = False
-        """Serving: the SwiGLU kernel also writes its output's FP8 rows for an FP8 ``down_proj``
-        (:meth:`TelechatBlock.fuse_fp8_quantization`)."""
 
     def fuse(self) -> None:
         """Replace ``gate_proj`` + ``up_proj`` by one ``gate_up`` Linear (bias-free plain or FP8 Linears only;
@@ -220,9 +221,8 @@ class TelechatMLP(nn.Module):
     def forward(self, x: torch.Tensor, lin=_call) -> torch.Tensor:
         """``lin(x, layer)`` applies a projection (the serving path passes :func:`linear`)."""
         if self.gate_up is not None:
-            return lin(swiglu(lin(x, self.gate_up), quantize=self.fp8_rows_out), self.down_proj)
-        return lin(silu_mul(lin(x, self.gate_proj), lin(x, self.up_proj), quantize=self.fp8_rows_out),
-                   self.down_proj)
+            return lin(swiglu(lin(x, self.gate_up)), self.down_proj)
+        return lin(silu_mul(lin(x, self.gate_proj), lin(x, self.up_proj)), self.down_proj)
 
 
 class TelechatBlock(GradientCheckpointingLayer):
@@ -239,19 +239,18 @@ class TelechatBlock(GradientCheckpointingLayer):
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
 
     def fuse_fp8_quantization(self) -> None:
-        """Serving: where every projection reading an activation is an FP8 Linear with dynamic (per-token)
-        activations, the kernel producing that activation (the two norms, the SwiGLU) also writes its FP8 rows,
-        and the projections take them instead of quantizing in a launch of their own — the same numbers, one
-        launch fewer per projection input (``dense`` reads the attention output and still quantizes it).
-        Idempotent; other models are left as they are."""
+        """Serving: where the projections reading a norm's output (``qkv``, ``gate_up``) are FP8 Linears with
+        dynamic (per-token) activations, the norm's kernel also writes its output's FP8 rows whenever they would
+        use them, and they skip their own quantization launch — the same numbers. (``dense`` reads the attention
+        output and ``down_proj`` the SwiGLU's, whose kernels spread a row over many programs: they quantize as
+        before.) Idempotent; other models are left as they are."""
         attn, mlp = self.self_attention, self.mlp
         readers = [(self.input_layernorm, [attn.qkv] if attn.qkv is not None else [attn.query, attn.key_value]),
                    (self.post_attention_layernorm,
-                    [mlp.gate_up] if mlp.gate_up is not None else [mlp.gate_proj, mlp.up_proj]),
-                   (mlp, [mlp.down_proj])]
-        for producer, layers in readers:
+                    [mlp.gate_up] if mlp.gate_up is not None else [mlp.gate_proj, mlp.up_proj])]
+        for norm, layers in readers:
             if all(isinstance(m, Fp8Linear) and m.activations == "dynamic" for m in layers):
-                producer.fp8_rows_out = True
+                norm.fp8_readers = tuple(layers)
                 for m in layers:
                     m.fp8_rows_in = True
 

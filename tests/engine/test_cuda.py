@@ -372,26 +372,21 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
 
 
 @pytest.mark.parametrize("m", [1, 5, 64])
-def test_norms_and_swiglu_write_the_fp8_rows_quantize_rows_would(m):
-    """With ``quantize`` the RMSNorm, add + RMSNorm, SwiGLU and SiLU-mul launches also write their output's FP8 rows:
-    byte for byte what quantize_rows_fp8 makes of that output (an all-zero row included), the output unchanged."""
-    from telechat.model.kernels import FP8_MIN_SCALE, fp8_rows, quantize_rows_fp8, rms_norm, silu_mul, swiglu
+def test_norms_write_the_fp8_rows_quantize_rows_would(m):
+    """With ``quantize`` the RMSNorm and add + RMSNorm launches also write their output's FP8 rows: byte for byte
+    what quantize_rows_fp8 makes of that output (an all-zero row included), the output unchanged."""
+    from telechat.model.kernels import FP8_MIN_SCALE, fp8_rows, quantize_rows_fp8, rms_norm
 
     torch.manual_seed(0)
-    h, f = 4096, 12288
-    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     r = torch.randn_like(x)
-    w = torch.rand(h, device="cuda", dtype=torch.bfloat16) + 0.5
-    gate_up = torch.randn(m, 2 * f, device="cuda", dtype=torch.bfloat16) * 2
+    w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
     if m > 1:
-        x[1], r[1], gate_up[1] = 0, 0, 0
-    gate, up = gate_up[:, :f].contiguous(), gate_up[:, f:].contiguous()
+        x[1], r[1] = 0, 0
     with torch.inference_mode():  # the Triton kernels serve inference only
         cases = {"rms_norm": (rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5, quantize=True)),
                  "add_rms_norm": (fused_add_rms_norm(x, r, w, 1e-5)[0],
-                                  fused_add_rms_norm(x, r, w, 1e-5, quantize=True)[0]),
-                 "swiglu": (swiglu(gate_up), swiglu(gate_up, quantize=True)),
-                 "silu_mul": (silu_mul(gate, up), silu_mul(gate, up, quantize=True))}
+                                  fused_add_rms_norm(x, r, w, 1e-5, quantize=True)[0])}
     for name, (plain, fused) in cases.items():
         assert fp8_rows(plain) is None and torch.equal(plain, fused), name
         q, scale = fp8_rows(fused)
@@ -399,14 +394,14 @@ def test_norms_and_swiglu_write_the_fp8_rows_quantize_rows_would(m):
         assert torch.equal(scale, scale_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize("plan", ["scaled_mm", "dot8"])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_fp8_blocks_take_their_inputs_quantized_by_the_kernels_before(plan, rows):
-    """After fuse_projections an FP8 model's norms and SwiGLU hand their FP8 rows to qkv, gate_up and down_proj
-    (dense, reading the attention output, quantizes it itself); forward_batch gives the very numbers it gives with
-    that off — through ``_scaled_mm`` (no GEMV plan) and through a ``dot8`` GEMV plan."""
+@pytest.mark.parametrize("plan, rows", [("scaled_mm", 1), ("scaled_mm", 5), ("dot8", 1), ("dot8", 5), ("fma", 1)])
+def test_fp8_blocks_take_their_inputs_quantized_by_the_norms(plan, rows):
+    """After fuse_projections an FP8 model's norms hand their FP8 rows to qkv and gate_up when those compute with
+    x quantized (``_scaled_mm``, no GEMV plan; a ``dot8`` plan) and not for a weight-only FMA plan; dense and
+    down_proj quantize their inputs themselves. forward_batch gives the very numbers it gives with that off."""
     from telechat.model.forward_batch import CausalAttention, ForwardBatch
     from telechat.model.fp8 import Fp8Linear
+    from telechat.model.kernels import fp8_rows
     from telechat.model.rope import inv_freq
 
     model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2048, initializer_range=0.05)
@@ -417,24 +412,29 @@ def test_fp8_blocks_take_their_inputs_quantized_by_the_kernels_before(plan, rows
             setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
     model.fuse_projections()
     block = model.transformer.h[0]
-    assert block.input_layernorm.fp8_rows_out and block.post_attention_layernorm.fp8_rows_out
-    assert block.mlp.fp8_rows_out and block.mlp.down_proj.fp8_rows_in and not block.self_attention.dense.fp8_rows_in
+    attn, mlp = block.self_attention, block.mlp
+    assert block.input_layernorm.fp8_readers == (attn.qkv,) and block.post_attention_layernorm.fp8_readers == (mlp.gate_up,)
+    assert attn.qkv.fp8_rows_in and not attn.dense.fp8_rows_in and not mlp.down_proj.fp8_rows_in
     kernels._gemv_plan.clear()
-    if plan == "dot8":
-        for layer in (block.self_attention.qkv, block.self_attention.dense, block.mlp.gate_up, block.mlp.down_proj):
-            kernels._gemv_plan[kernels._plan_key(layer, rows)] = GemvConfig(64, 256, kind="dot8", num_stages=3)
+    configs = {"dot8": GemvConfig(64, 256, kind="dot8", num_stages=3), "fma": GemvConfig(8, 512, num_stages=3)}
+    if plan in configs:
+        for layer in (attn.qkv, attn.dense, mlp.gate_up, mlp.down_proj):
+            kernels._gemv_plan[kernels._plan_key(layer, rows)] = configs[plan]
     ids = torch.randint(0, model.config.vocab_size, (rows,), device="cuda")
     rope = model.rope_params(rows)
     batch = ForwardBatch(positions=torch.arange(rows, device="cuda"), mscale=torch.full((rows,), rope.mscale, device="cuda"),
                          inv_freq=inv_freq(rope.base, model.config.head_dim).to("cuda").expand(rows, -1),
                          attention=CausalAttention())
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
+        normed, _ = block.post_attention_layernorm.add_forward(x, x)
         fused = model.transformer.forward_batch(ids, batch)
         for module in model.modules():
-            if hasattr(module, "fp8_rows_out"):
-                module.fp8_rows_out = False
+            if hasattr(module, "fp8_readers"):
+                module.fp8_readers = ()
         plain = model.transformer.forward_batch(ids, batch)
     kernels._gemv_plan.clear()
+    assert (fp8_rows(normed) is not None) == (plan != "fma")
     assert torch.equal(fused, plain)
 
 
