@@ -23,6 +23,7 @@ best of each.
     python bench/gemv.py --all-configs --json bench/results/h200-gemv.json
     python bench/gemv.py --preset 12B --m 1,8
     python bench/gemv.py --fp8 --m 1,16,64 --all-configs
+    python bench/gemv.py --fp8 --m 1,4,16 --tuned-only --kinds fma,dot8   # the engine's tilings only
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="E4M3 weights with per-channel scales (baseline: _scaled_mm)")
     p.add_argument("--kinds", default=",".join(GEMV_KINDS), help="only the tilings of these kinds (comma-separated)")
     p.add_argument("--all-configs", action="store_true", help="also print every Triton tiling's figure")
+    p.add_argument("--tuned-only", action="store_true",
+                   help="only the tilings the engine tunes (GEMV_CONFIGS), not every candidate")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -102,8 +105,9 @@ def main() -> None:
         sys.exit(f"--m: each row count must be 1 to {GEMV_MAX_M}")
     copy_bw = copy_bandwidth()
     # every FMA tiling also with its one-row loop pipelined through shared memory (same run, same shapes)
-    candidates = tuple(dict.fromkeys(GEMV_CANDIDATES + tuple(dataclasses.replace(c, pipelined=True)
-                                                             for c in GEMV_CANDIDATES if c.kind == "fma")))
+    candidates = GEMV_CONFIGS if args.tuned_only else \
+        tuple(dict.fromkeys(GEMV_CANDIDATES + tuple(dataclasses.replace(c, pipelined=True)
+                                                    for c in GEMV_CANDIDATES if c.kind == "fma")))
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rows = [{"measure": "copy_bandwidth", "gb_s": round(copy_bw / 1e9, 1)}]
     print(json.dumps(rows[0]), flush=True)

@@ -700,15 +700,20 @@ if triton is not None:
                          stride_xm, stride_wn, stride_s, stride_om, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                          M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SERIAL: tl.constexpr,
-                         EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr, PDL: tl.constexpr):
-        """``tl.dot`` tiles; with X_FP8, x is E4M3 with per-row scales ``xs`` and the weight too (FP8 MMA)."""
+                         EVEN_K: tl.constexpr, SWAP: tl.constexpr, X_FP8: tl.constexpr, ONE_ROW: tl.constexpr,
+                         PDL: tl.constexpr):
+        """``tl.dot`` tiles; with X_FP8, x is E4M3 with per-row scales ``xs`` and the weight too (FP8 MMA); with
+        ONE_ROW (M = 1), x's one row is read once and the padding rows are register copies of it."""
         pdl_begin(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, M_PAD)
         w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-        x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm  # rows ≥ M: copies, never stored
+        if ONE_ROW:
+            x_rows = x_ptr + tl.zeros([1, 1], dtype=tl.int32)
+        else:
+            x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm  # rows ≥ M: copies, never stored
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         if SWAP:
@@ -721,6 +726,8 @@ if triton is not None:
             if not X_FP8:
                 w = w.to(x_ptr.dtype.element_ty)  # FP8 weights with 16-bit x: converted in registers
             x = _gemv_load_x(x_rows, offs_k, k_hi, EVEN_K)
+            if ONE_ROW:
+                x = tl.broadcast_to(x, [M_PAD, BLOCK_K])
             if SWAP:
                 acc_t += tl.dot(w, tl.trans(x))
             else:
@@ -807,7 +814,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                LOOP_STAGES=config.num_stages if config.pipelined else 1, **common)
     else:
         _gemv_dot_kernel[grid](*args, xs, *sizes, M_PAD=max(16, triton.next_power_of_2(m)),
-                               SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, **common)
+                               SWAP=config.kind in ("dot_w", "dot8"), X_FP8=x_fp8, ONE_ROW=m == 1, **common)
     if split > 1 and not serial:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024), m)](ws, b, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
                                                          SPLIT_K=split, BLOCK=1024, **pdl)
