@@ -47,28 +47,34 @@ def quantize_in_place(model: TelechatForCausalLM) -> None:
     free_device_memory()
 
 
-def median_tok_s(engine: LLMEngine, workload, runs: int) -> tuple[float, list[float]]:
+def median_tok_s(engine: LLMEngine, workload, runs: int) -> dict:
     """Output tok/s of ``workload(i)`` (the prompts of run ``i``, fresh each run: nothing comes from the prefix
     cache): one untimed run of the same shape first (compiles, allocator and cuBLAS heuristics out of the numbers),
-    then the median of ``runs`` timed ones, and each run's figure."""
+    then the median of ``runs`` timed ones (``tok_s``), each run's figure (``runs``), and the medians of the first
+    token's latency (``ttft_ms``, p50 over the run's requests) and of the rate after it (``decode_tok_s``: the
+    other tokens over the wall time after the median first token)."""
     run_requests(engine, *workload(0))
     timed = [run_requests(engine, *workload(i)) for i in range(1, runs + 1)]
     if any(r["cached_prompt_tokens"] for r in timed):
         raise RuntimeError("a timed run was served from the prefix cache; its prompts must be new")
     figures = [r["tok_s"] for r in timed]
-    return statistics.median(figures), figures
+    after_first = [(r["output_tokens"] - r["requests"]) / (r["wall_s"] - r["ttft_p50_ms"] / 1e3) for r in timed]
+    return dict(tok_s=statistics.median(figures), runs=figures,
+                ttft_ms=round(statistics.median(r["ttft_p50_ms"] for r in timed), 1),
+                decode_tok_s=round(statistics.median(after_first), 1))
 
 
 def measure(label: str, model, args, kv: str, vocab: int) -> dict:
     """bs1 and concurrent throughput of one engine over ``model`` with a ``kv`` cache (medians of ``--repeats``)."""
     engine = LLMEngine(model, EngineConfig(max_num_seqs=args.concurrency, max_model_len=args.max_model_len,
                                            max_num_batched_tokens=8192, kv_cache_dtype=kv))
-    bs1, bs1_runs = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 2 + i)], args.new_tokens),
-                                 args.repeats)
-    many, many_runs = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 1000 * (i + 1) + j)
-                                                       for j in range(args.concurrency)], args.new_tokens), args.repeats)
-    row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1, bs1_runs=bs1_runs, concurrent=args.concurrency,
-               concurrent_tok_s=many, concurrent_runs=many_runs, kv_capacity_tokens=engine.capacity_tokens)
+    bs1 = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 2 + i)], args.new_tokens),
+                       args.repeats)
+    many = median_tok_s(engine, lambda i: ([random_prompt(args.prompt_len, vocab, 1000 * (i + 1) + j)
+                                            for j in range(args.concurrency)], args.new_tokens), args.repeats)
+    row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1["tok_s"], bs1_runs=bs1["runs"], bs1_ttft_ms=bs1["ttft_ms"],
+               bs1_decode_tok_s=bs1["decode_tok_s"], concurrent=args.concurrency, concurrent_tok_s=many["tok_s"],
+               concurrent_runs=many["runs"], concurrent_ttft_ms=many["ttft_ms"], kv_capacity_tokens=engine.capacity_tokens)
     record("fp8_engine", **row)
     del engine
     free_device_memory()
@@ -159,10 +165,11 @@ def main() -> None:
         summary["fp8_long_requests_ratio"] = round(long_rows[1]["concurrent_long_requests"]
                                                    / long_rows[0]["concurrent_long_requests"], 3)
     record("fp8_summary", **summary)
-    print("\n| weights | KV cache | bs1 tok/s | c%d tok/s | KV capacity |\n|---|---|---|---|---|" % args.concurrency)
+    print("\n| weights | KV cache | bs1 tok/s | bs1 TTFT ms | bs1 after first tok/s | c%d tok/s | KV capacity |\n"
+          "|---|---|---|---|---|---|---|" % args.concurrency)
     for r in rows:
-        print(f"| {r['weights']} | {r['kv_cache']} | {r['bs1_tok_s']} | {r['concurrent_tok_s']} | "
-              f"{r['kv_capacity_tokens']} |")
+        print(f"| {r['weights']} | {r['kv_cache']} | {r['bs1_tok_s']} | {r['bs1_ttft_ms']} | {r['bs1_decode_tok_s']} | "
+              f"{r['concurrent_tok_s']} | {r['kv_capacity_tokens']} |")
     if args.json:
         write_json(args.json, RESULTS, **summary)
 

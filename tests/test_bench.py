@@ -200,6 +200,8 @@ def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
     for r in (r for r in data["results"] if r["measure"] == "fp8_engine"):  # medians of the two timed runs
         assert len(r["bs1_runs"]) == len(r["concurrent_runs"]) == 2
         assert r["bs1_tok_s"] == sum(r["bs1_runs"]) / 2 and r["concurrent_tok_s"] == sum(r["concurrent_runs"]) / 2
+        # the rate after the first token leaves the prefill out: faster than the whole request's
+        assert r["bs1_ttft_ms"] > 0 and r["concurrent_ttft_ms"] > 0 and r["bs1_decode_tok_s"] > r["bs1_tok_s"]
     assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio",
                                    "int4_bs1_speedup", "int4_c64_speedup", *PROVENANCE))
     kernels = [r["kernel"] for r in data["results"] if r["measure"] == "int4_kernel"]
