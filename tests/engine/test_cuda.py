@@ -209,6 +209,19 @@ def _model(dtype, **kw):
     return TelechatForCausalLM(cfg).to("cuda", dtype).eval()
 
 
+def _fp8_model():
+    """A bf16 model whose decoder Linears are all FP8 (per-channel weights, dynamic activations), the head bf16."""
+    from telechat.model.fp8 import Fp8Linear
+
+    model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2048, initializer_range=0.05)
+    for layer in model.transformer.h:
+        for name in ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
+                     "mlp.up_proj", "mlp.down_proj"):
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    return model
+
+
 def test_graph_decode_with_overlap_matches_generate_fp32():
     """Decode-only steps replay captured graphs (3 sequences in bucket 4), take their inputs from the
     previous step on the device, and reproduce generate() token for token past training_seqlen."""
@@ -345,12 +358,7 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
     from telechat.model.fp8 import Fp8Linear
 
     kernels._gemv_plan.clear()
-    model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2048, initializer_range=0.05)
-    for layer in model.transformer.h:
-        for name in ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj"):
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    model = _fp8_model()
     reference = copy.deepcopy(model)
     weight_only = copy.deepcopy(model)
     for module in weight_only.modules():
@@ -400,16 +408,10 @@ def test_fp8_blocks_take_their_inputs_quantized_by_the_norms(plan, rows):
     x quantized (``_scaled_mm``, no GEMV plan; a ``dot8`` plan) and not for a weight-only FMA plan; dense and
     down_proj quantize their inputs themselves. forward_batch gives the very numbers it gives with that off."""
     from telechat.model.forward_batch import CausalAttention, ForwardBatch
-    from telechat.model.fp8 import Fp8Linear
     from telechat.model.kernels import fp8_rows
     from telechat.model.rope import inv_freq
 
-    model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2048, initializer_range=0.05)
-    for layer in model.transformer.h:
-        for name in ("self_attention.query", "self_attention.key_value", "self_attention.dense", "mlp.gate_proj",
-                     "mlp.up_proj", "mlp.down_proj"):
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    model = _fp8_model()
     model.fuse_projections()
     block = model.transformer.h[0]
     attn, mlp = block.self_attention, block.mlp
