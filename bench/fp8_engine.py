@@ -74,7 +74,8 @@ def measure(label: str, model, args, kv: str, vocab: int) -> dict:
                                             for j in range(args.concurrency)], args.new_tokens), args.repeats)
     row = dict(weights=label, kv_cache=kv, bs1_tok_s=bs1["tok_s"], bs1_runs=bs1["runs"], bs1_ttft_ms=bs1["ttft_ms"],
                bs1_decode_tok_s=bs1["decode_tok_s"], concurrent=args.concurrency, concurrent_tok_s=many["tok_s"],
-               concurrent_runs=many["runs"], concurrent_ttft_ms=many["ttft_ms"], kv_capacity_tokens=engine.capacity_tokens)
+               concurrent_runs=many["runs"], concurrent_ttft_ms=many["ttft_ms"],
+               kv_capacity_tokens=engine.capacity_tokens)
     record("fp8_engine", **row)
     del engine
     free_device_memory()

@@ -448,8 +448,9 @@ class TelechatForCausalLM(TelechatPreTrainedModel, GenerationMixin):
         """Serving only: merge each layer's ``query`` + ``key_value`` into ``qkv`` and ``gate_proj`` +
         ``up_proj`` into ``gate_up`` (one GEMM each instead of two), and let FP8 projections take their inputs
         quantized by the kernels producing them (:meth:`TelechatBlock.fuse_fp8_quantization`). Only plain
-        ``nn.Linear`` and FP8 modules fuse (GPTQ-quantized ones stay as they are); idempotent; outputs are unchanged. The fused model
-        no longer has the official parameter names, so train and save unfused models only."""
+        ``nn.Linear`` and FP8 modules fuse (GPTQ-quantized ones stay as they are); idempotent; outputs are
+        unchanged. The fused model no longer has the official parameter names, so train and save unfused
+        models only."""
         for block in self.transformer.h:
             block.self_attention.fuse()
             block.mlp.fuse()
