@@ -54,11 +54,12 @@ def median_tok_s(engine: LLMEngine, workload, runs: int) -> dict:
     token's latency (``ttft_ms``, p50 over the run's requests) and of the rate after it (``decode_tok_s``: the
     other tokens over the wall time after the median first token)."""
     run_requests(engine, *workload(0))
+    requests = len(workload(0)[0])
     timed = [run_requests(engine, *workload(i)) for i in range(1, runs + 1)]
     if any(r["cached_prompt_tokens"] for r in timed):
         raise RuntimeError("a timed run was served from the prefix cache; its prompts must be new")
     figures = [r["tok_s"] for r in timed]
-    after_first = [(r["output_tokens"] - r["requests"]) / (r["wall_s"] - r["ttft_p50_ms"] / 1e3) for r in timed]
+    after_first = [(r["output_tokens"] - requests) / (r["wall_s"] - r["ttft_p50_ms"] / 1e3) for r in timed]
     return dict(tok_s=statistics.median(figures), runs=figures,
                 ttft_ms=round(statistics.median(r["ttft_p50_ms"] for r in timed), 1),
                 decode_tok_s=round(statistics.median(after_first), 1))
