@@ -53,8 +53,9 @@ def median_tok_s(engine: LLMEngine, workload, runs: int) -> dict:
     then the median of ``runs`` timed ones (``tok_s``), each run's figure (``runs``), and the medians of the first
     token's latency (``ttft_ms``, p50 over the run's requests) and of the rate after it (``decode_tok_s``: the
     other tokens over the wall time after the median first token)."""
-    run_requests(engine, *workload(0))
-    requests = len(workload(0)[0])
+    prompts, new = workload(0)
+    run_requests(engine, prompts, new)
+    requests = len(prompts)
     timed = [run_requests(engine, *workload(i)) for i in range(1, runs + 1)]
     if any(r["cached_prompt_tokens"] for r in timed):
         raise RuntimeError("a timed run was served from the prefix cache; its prompts must be new")

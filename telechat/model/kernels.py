@@ -139,8 +139,9 @@ def _fp8_row_buffers(rows: int, cols: int, device: torch.device) -> tuple[torch.
 
 
 def _quantizes(x: torch.Tensor, quantize: bool) -> bool:
-    """Whether a launch writes FP8 rows too: asked, and not while torch.compile traces (no tensor attributes)."""
-    return quantize and not torch.compiler.is_compiling()
+    """Whether a launch writes FP8 rows too: asked, for a 2-D ``x``, and not while torch.compile traces (no tensor
+    attributes)."""
+    return quantize and x.dim() == 2 and not torch.compiler.is_compiling()
 
 
 if triton is not None:
@@ -178,7 +179,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool =
         return rms_norm_reference(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(x2)
-    quant = _quantizes(x, quantize) and x.dim() == 2
+    quant = _quantizes(x, quantize)
     q, scale = _fp8_row_buffers(*x2.shape, x.device) if quant else (out, out)
     pdl = pdl_options(x.device, x2.shape[0])
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, q, scale, x2.stride(0), x2.shape[1], eps, 1.0 / FP8_MAX,
@@ -198,7 +199,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if not _use_triton(x) or x.dtype != weight.dtype or residual.dtype != x.dtype:
         h = x + residual
         return rms_norm_reference(h, weight, eps), h
-    return _launch_add_rms_norm(x, residual, weight, eps, _quantizes(x, quantize) and x.dim() == 2)
+    return _launch_add_rms_norm(x, residual, weight, eps, _quantizes(x, quantize))
 
 
 if triton is not None:
@@ -856,8 +857,7 @@ def fp8_rows_wanted(layer: nn.Module, m: int) -> bool:
 
 def _layer_gemv(x: torch.Tensor, layer: nn.Module, config: GemvConfig,
                 x_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer), getattr(layer, "input_scale", None),
-                x_rows if config.kind == "dot8" else None)
+    return gemv(x, layer.weight, layer.bias, config, _gemv_scale(layer), getattr(layer, "input_scale", None), x_rows)
 
 
 def _gemv_able(layer: nn.Module) -> bool:
@@ -935,7 +935,7 @@ def tune_gemv(model: nn.Module, batch_sizes=GEMV_BUCKETS, configs=GEMV_CONFIGS) 
             x = torch.randn(m, k, dtype=act, device=layers[0].weight.device)
             ref = F.linear(x, w0, layers[0].bias).float()
             ref_x_fp8 = layers[0](x).float() if x_fp8 else None  # the layer's own FP8 GEMM: x quantized too
-            # an input that comes with its FP8 rows (from the norm or SwiGLU before): neither path quantizes it
+            # an input that comes with its FP8 rows (from the norm before it): neither path quantizes it
             x_rows = quantize_rows_fp8(x, None, FP8_MIN_SCALE) if given_rows else None
             own = {"x_rows": x_rows} if given_rows else {}
             cublas = time_per_call(lambda: [lyr(x, **own) for lyr in layers], len(layers), graph=True)
