@@ -2,9 +2,10 @@
 
 Random weights of a released shape (default the 7B) in bf16; then the same weights quantized in memory
 to FP8 (:meth:`Fp8Linear.from_linear`: per-channel weight scales, dynamic per-token activations — what
-``telechat quantize --method fp8`` writes). For each of bf16, bf16 + FP8 KV, FP8, FP8 + FP8 KV: batch-1
-decode and 64 concurrent requests (128 in / 256 out), each the median of ``--repeats`` runs after an untimed
-one of the same shape, and the KV capacity the engine sizes from the same memory share; then, on the bf16
+``telechat quantize --method fp8`` writes). For each of bf16, bf16 + FP8 KV, FP8, FP8 + FP8 KV, and FP8 with
+the head in FP8 too (``--quantize-head``) + FP8 KV: batch-1 decode and 64 concurrent requests (128 in / 256
+out), each the median of ``--repeats`` runs after an untimed one of the same shape, and the KV capacity the
+engine sizes from the same memory share; then, on the bf16
 weights, one ``--long-prompt`` request (prefill + 16 tokens) with each cache, and how many such requests each
 cache holds at once. Prints one JSON line per measurement, then a table;
 ``--json PATH`` also writes them with the run's provenance and the speedups. ``--int4`` adds the same shape as
@@ -38,13 +39,21 @@ LINEARS = ("self_attention.query", "self_attention.key_value", "self_attention.d
            "mlp.up_proj", "mlp.down_proj")
 
 
-def quantize_in_place(model: TelechatForCausalLM) -> None:
-    """Every decoder Linear to FP8 (the head stays bf16, as the quant job leaves it)."""
+def quantize_in_place(model: TelechatForCausalLM, head: bool = False) -> None:
+    """Every decoder Linear to FP8; the head too with ``head`` (``--quantize-head``; else it stays bf16, as the
+    quant job leaves it by default). A tied head's embeddings stay bf16 for the lookups."""
     for layer in model.transformer.h:
         for name in LINEARS:
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    if head:
+        quantize_head_in_place(model)
     free_device_memory()
+
+
+def quantize_head_in_place(model: TelechatForCausalLM) -> None:
+    """The head to FP8 (``--quantize-head``), e.g. after engines have fused the decoder's Linears."""
+    model.lm_head = Fp8Linear.from_linear(model.lm_head)
 
 
 def median_tok_s(engine: LLMEngine, workload, runs: int) -> dict:
@@ -148,19 +157,29 @@ def main() -> None:
                                                                              args.long_prompt + 16))).to(dtype).eval()
     quantize_in_place(model)
     rows += [measure("fp8", model, args, "auto", vocab), measure("fp8", model, args, "fp8", vocab)]
+    quantize_head_in_place(model)  # the same FP8 decoder; the head now FP8 too
+    rows.append(measure("fp8+head", model, args, "fp8", vocab))
     del model
     free_device_memory()
     if args.int4:
         rows.append(measure_int4(args, vocab))
-    base, fp8, fp8_kv = rows[0], rows[2], rows[3]
+    base, fp8, fp8_kv, fp8_head = rows[0], rows[2], rows[3], rows[4]
+
+    def ratio(row: dict, key: str) -> float:
+        return round(row[key] / base[key], 3)
+
     summary = dict(
-        fp8_bs1_speedup=round(fp8["bs1_tok_s"] / base["bs1_tok_s"], 3),
-        fp8_c64_speedup=round(fp8_kv["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
-        fp8_c64_speedup_weights_only=round(fp8["concurrent_tok_s"] / base["concurrent_tok_s"], 3),
+        fp8_bs1_speedup=ratio(fp8, "bs1_tok_s"),
+        fp8_bs1_decode_speedup=ratio(fp8, "bs1_decode_tok_s"),
+        fp8_c64_speedup=ratio(fp8_kv, "concurrent_tok_s"),
+        fp8_c64_speedup_weights_only=ratio(fp8, "concurrent_tok_s"),
+        fp8_head_bs1_speedup=ratio(fp8_head, "bs1_tok_s"),
+        fp8_head_bs1_decode_speedup=ratio(fp8_head, "bs1_decode_tok_s"),
+        fp8_head_c64_speedup=ratio(fp8_head, "concurrent_tok_s"),
     )
     if args.int4:
-        summary["int4_bs1_speedup"] = round(rows[4]["bs1_tok_s"] / base["bs1_tok_s"], 3)
-        summary["int4_c64_speedup"] = round(rows[4]["concurrent_tok_s"] / base["concurrent_tok_s"], 3)
+        summary["int4_bs1_speedup"] = ratio(rows[5], "bs1_tok_s")
+        summary["int4_c64_speedup"] = ratio(rows[5], "concurrent_tok_s")
     # capacities of the long-request engines (16 × 96K wanted: the memory share decides, not the cap)
     caps = long_rows if long_rows else rows[:2]
     summary["fp8_kv_capacity_ratio"] = round(caps[1]["kv_capacity_tokens"] / caps[0]["kv_capacity_tokens"], 3)

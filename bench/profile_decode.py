@@ -2,6 +2,7 @@
 
     python bench/profile_decode.py --preset 7B --batch 64 [--compile]
     python bench/profile_decode.py --batch 1 --fp8 --kv-cache-dtype fp8   # FP8 weights (as bench/fp8_engine.py)
+    python bench/profile_decode.py --batch 1 --fp8 --fp8-head --kv-cache-dtype fp8   # the head in FP8 too
     python bench/profile_decode.py --batch 1 --pdl both   # step time without, then with programmatic dependent launch
 """
 
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="decode steps timed")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fp8", action="store_true", help="decoder Linears quantized to FP8 in memory (head stays bf16)")
+    p.add_argument("--fp8-head", action="store_true", help="with --fp8: the head in FP8 too (--quantize-head)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--pdl", choices=("on", "off", "both"), default="on",
                    help="programmatic dependent launch of the decode kernels (both: off, then on, same model)")
@@ -62,7 +64,7 @@ def main() -> None:
     with torch.device("cuda"):
         model = TelechatForCausalLM(preset(args.preset, seq_length=args.max_model_len)).to(torch.bfloat16).eval()
     if args.fp8:
-        quantize_in_place(model)
+        quantize_in_place(model, head=args.fp8_head)
     kernels.PDL_MAX_ROWS = args.pdl_max_rows
     steps = {}
     for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]:

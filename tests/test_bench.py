@@ -186,8 +186,8 @@ def test_engine_bench_measures_constrained_fractions(tmp_path):
 
 
 def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
-    """bench/fp8_engine.py: bf16 / FP8 weights × bf16 / FP8 cache rows, then the GPTQ int4 row, the long-request
-    rows and the summary keys issue 20 records."""
+    """bench/fp8_engine.py: bf16 / FP8 weights × bf16 / FP8 cache rows, the FP8-head row, then the GPTQ int4 row,
+    the long-request rows and the summary keys issue 20 records."""
     pytest.importorskip("gptqmodel")
     path = tmp_path / "fp8.json"
     proc = run_script("bench/fp8_engine.py", "--preset", "tiny", "--concurrency", "4", "--new-tokens", "8",
@@ -196,14 +196,16 @@ def test_fp8_bench_compares_every_weight_and_cache_combination(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(path.read_text())
     rows = [(r["weights"], r["kv_cache"]) for r in data["results"] if r["measure"] == "fp8_engine"]
-    assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8"), ("int4", "auto")]
+    assert rows == [("bf16", "auto"), ("bf16", "fp8"), ("fp8", "auto"), ("fp8", "fp8"), ("fp8+head", "fp8"),
+                    ("int4", "auto")]
     for r in (r for r in data["results"] if r["measure"] == "fp8_engine"):  # medians of the two timed runs
         assert len(r["bs1_runs"]) == len(r["concurrent_runs"]) == 2
         assert r["bs1_tok_s"] == sum(r["bs1_runs"]) / 2 and r["concurrent_tok_s"] == sum(r["concurrent_runs"]) / 2
         # the rate after the first token leaves the prefill out: faster than the whole request's
         assert r["bs1_ttft_ms"] > 0 and r["concurrent_ttft_ms"] > 0 and r["bs1_decode_tok_s"] > r["bs1_tok_s"]
-    assert all(k in data for k in ("fp8_bs1_speedup", "fp8_c64_speedup", "fp8_kv_capacity_ratio",
-                                   "int4_bs1_speedup", "int4_c64_speedup", *PROVENANCE))
+    assert all(k in data for k in ("fp8_bs1_speedup", "fp8_bs1_decode_speedup", "fp8_c64_speedup",
+                                   "fp8_kv_capacity_ratio", "fp8_head_bs1_speedup", "fp8_head_bs1_decode_speedup",
+                                   "fp8_head_c64_speedup", "int4_bs1_speedup", "int4_c64_speedup", *PROVENANCE))
     kernels = [r["kernel"] for r in data["results"] if r["measure"] == "int4_kernel"]
     assert len(kernels) == 1 and kernels[0] != "Linear", kernels  # a GPTQ kernel, not a dense Linear
     long_rows = [r for r in data["results"] if r["measure"] == "fp8_long_request"]

@@ -8,7 +8,9 @@ largest |input| seen on calibration samples / 448 (:func:`calibrate_input_scales
 The writer streams: source tensors are read one at a time (safetensors, or memory-mapped ``.bin``),
 quantized and gathered into output shards of at most :data:`MAX_SHARD_BYTES`, each written as soon
 as it is full, so memory holds one output shard plus one tensor, never two copies of the model.
-Keys are written in our (= official 12B) naming; the tied head of the 7B layout stays absent.
+Keys are written in our (= official 12B) naming; the tied head of the 7B layout stays absent. With
+``head`` (``--quantize-head``) ``lm_head`` is stored in FP8 too, untied: the 7B layout's embeddings are
+written dense and again, quantized, as ``lm_head`` (``tie_word_embeddings`` false in config.json).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from telechat.model.checkpoint import CheckpointInfo, canonical_key, iter_tensors
-from telechat.model.fp8 import FP8_MAX, FP8_MIN_SCALE, Fp8Scheme, fp8_quantization_config, quantize_weight
+from telechat.model.fp8 import FP8_MAX, FP8_MIN_SCALE, HEAD, Fp8Scheme, fp8_quantization_config, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def meta_model(info: CheckpointInfo):
 
 
 def quantized_linears(model, scheme: Fp8Scheme) -> set[str]:
-    """The ``nn.Linear`` names of ``model`` that ``scheme`` stores in FP8 (for ours: all but ``lm_head``)."""
+    """The ``nn.Linear`` names of ``model`` that ``scheme`` stores in FP8 (ours: all but ``lm_head``, or all)."""
     return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and scheme.quantizes(name)}
 
 
@@ -97,21 +99,24 @@ def write_fp8_checkpoint(
     activations: str = "dynamic",
     input_scales: dict[str, float] | None = None,
     dtype: torch.dtype | None = None,
+    head: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write ``info``'s checkpoint to ``out_dir`` with FP8 Linears (config.json, safetensors shards and,
     when sharded, their index); returns the quantized Linears' names.
 
     ``input_scales`` (Linear name → scale) is required for ``activations="static"``. ``dtype`` casts
-    the tensors left dense (embeddings, norms, biases, head); None keeps the source's.
+    the tensors left dense (embeddings, norms, biases, head); None keeps the source's. ``head`` stores
+    ``lm_head`` in FP8 too (untied from the embeddings where the source ties them).
     """
     from safetensors.torch import save_file
 
     if (activations == "static") != (input_scales is not None):
         raise ValueError("input_scales are required for static activations and only then")
     model = meta_model(info)
-    targets = quantized_linears(model, Fp8Scheme(activations))
+    targets = quantized_linears(model, Fp8Scheme.ours(activations, head))
     tied = model.config.tie_word_embeddings
+    embeddings = "transformer.word_embeddings.weight"
     shards: list[tuple[list[str], int]] = []  # per written part: its keys and tensor bytes
     current: dict[str, torch.Tensor] = {}
     size = 0
@@ -124,20 +129,26 @@ def write_fp8_checkpoint(
             current, size = {}, 0
 
     done: set[str] = set()
+    def quantized(module: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quantize_weight(tensor)
+        out = {f"{module}.weight": q, f"{module}.weight_scale": scale}
+        if input_scales is not None:
+            out[f"{module}.input_scale"] = torch.tensor([input_scales[module]], dtype=torch.float32)
+        done.add(module)
+        return out
+
     for key, tensor in tqdm(_source_tensors(info), total=_count_tensors(info), desc="FP8", unit="tensor"):
         name = canonical_key(key)
-        if name == "lm_head.weight" and tied:
+        if name == f"{HEAD}.weight" and tied:
             continue  # the 7B layout's head is the embedding (a .bin may hold both names on one storage)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in targets:
-            q, scale = quantize_weight(tensor)
-            out = {name: q, f"{module}.weight_scale": scale}
-            if input_scales is not None:
-                out[f"{module}.input_scale"] = torch.tensor([input_scales[module]], dtype=torch.float32)
-            done.add(module)
+            out = quantized(module, tensor)
         else:
             keep = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             out = {name: keep.contiguous()}
+            if name == embeddings and tied and HEAD in targets:
+                out.update(quantized(HEAD, tensor))  # the tied head, stored apart in FP8
         nbytes = sum(t.numel() * t.element_size() for t in out.values())
         if current and size + nbytes > max_shard_bytes:
             flush()
@@ -148,7 +159,9 @@ def write_fp8_checkpoint(
     if missing:
         raise RuntimeError(f"{info.path} has no weight for {len(missing)} Linears (first: {missing[0]})")
     _name_shards(out_dir, shards)
-    config = {**info.config, "quantization_config": fp8_quantization_config(activations)}
+    config = {**info.config, "quantization_config": fp8_quantization_config(activations, head)}
+    if tied and head:
+        config["tie_word_embeddings"] = False
     if dtype is not None:  # transformers 5 writes ``dtype``, older releases ``torch_dtype``
         for key in {"dtype", *({"torch_dtype"} & set(config))}:
             config[key] = str(dtype).removeprefix("torch.")

@@ -8,7 +8,7 @@ float, symmetric, static, per output channel (or per tensor), and whose input ac
 quantized Linear stores ``<layer>.weight`` (``float8_e4m3fn`` ``[out, in]``),
 ``<layer>.weight_scale`` (``[out, 1]``, or ``[1]`` per tensor) and, with static activations,
 ``<layer>.input_scale`` (``[1]``); ``weight ≈ weight_fp8 * weight_scale``. Everything else
-(embeddings, norms, biases, the head) is stored as in a dense checkpoint.
+(embeddings, norms, biases, the head unless the scheme names it) is stored as in a dense checkpoint.
 
 Numerics: ``W ≈ Q_w · s_w`` with ``s_w = max|W_row| / 448`` (E4M3's largest finite value) and
 ``x ≈ Q_x · s_x`` with ``s_x = max|x_token| / 448`` (dynamic) or a calibrated constant (static).
@@ -54,6 +54,8 @@ ACTIVATIONS = ("dynamic", "static")
 """Activation quantization of an :class:`Fp8Linear`: dynamic per token, or static per tensor (calibrated)."""
 LINEAR_TARGET = "Linear"
 """compressed-tensors target naming the module class: every ``nn.Linear`` not in ``ignore``."""
+HEAD = "lm_head"
+"""The output projection: dense in llm-compressor's schemes (``ignore``); FP8 too with ``--quantize-head``."""
 
 
 # ---- numerics ---------------------------------------------------------------------------------
@@ -232,7 +234,12 @@ class Fp8Scheme:
     weight_strategy: str = "channel"
     """``channel`` (``weight_scale [out, 1]``) or ``tensor`` (``[1]``, broadcast over rows on load)."""
     targets: tuple[str, ...] = (LINEAR_TARGET,)
-    ignore: tuple[str, ...] = ("lm_head",)
+    ignore: tuple[str, ...] = (HEAD,)
+
+    @classmethod
+    def ours(cls, activations: str | None, head: bool = False) -> Fp8Scheme:
+        """The scheme ``telechat quantize --method fp8`` writes: every Linear, the head too with ``head``."""
+        return cls(activations, ignore=() if head else (HEAD,))
 
     def quantizes(self, name: str) -> bool:
         """Whether the ``nn.Linear`` called ``name`` (our naming) is stored in FP8."""
@@ -251,10 +258,11 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern
 
 
-def fp8_quantization_config(activations: str = "dynamic") -> dict:
+def fp8_quantization_config(activations: str = "dynamic", head: bool = False) -> dict:
     """``config.json`` ``quantization_config`` of the checkpoints ``telechat quantize --method fp8``
     writes: llm-compressor's ``FP8_DYNAMIC`` scheme (weights per channel, activations dynamic per
-    token) or, with ``static``, per-tensor activation scales from calibration; the head stays dense."""
+    token) or, with ``static``, per-tensor activation scales from calibration; the head stays dense
+    (``ignore``) unless ``head``."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
     def args(strategy: str, dynamic: bool) -> dict:
@@ -268,7 +276,7 @@ def fp8_quantization_config(activations: str = "dynamic") -> dict:
         "config_groups": {"group_0": {"targets": [LINEAR_TARGET], "weights": args("channel", False),
                                       "input_activations": inputs, "output_activations": None,
                                       "format": FLOAT_FORMATS[0]}},
-        "ignore": ["lm_head"],
+        "ignore": list(Fp8Scheme.ours(activations, head).ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }
@@ -317,6 +325,16 @@ def read_fp8_scheme(qcfg: dict, source: str = "config.json quantization_config")
     return Fp8Scheme(activations, weights["strategy"], targets, tuple(qcfg.get("ignore") or ()))
 
 
+def fp8_head(config) -> bool:
+    """Whether ``config`` (a TeleChat config) declares a compressed-tensors FP8 checkpoint whose head is FP8."""
+    qcfg = getattr(config, "quantization_config", None)
+    if hasattr(qcfg, "to_dict"):
+        qcfg = qcfg.to_dict()
+    if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != QUANT_METHOD:
+        return False
+    return read_fp8_scheme(qcfg).quantizes(HEAD)
+
+
 def _is_fp8(args: dict) -> bool:
     return args.get("num_bits") == 8 and str(args.get("type")).lower() == "float" and args.get("symmetric", True) \
         and args.get("group_size") in (None, -1)
@@ -351,6 +369,10 @@ def load_fp8(
         config.validate_telechat()
     except ValueError as e:
         raise CheckpointError(f"{info.path / 'config.json'}: {first_line(e)}") from e
+    if config.tie_word_embeddings and scheme.quantizes(HEAD):
+        raise CheckpointError(f"{info.path / 'config.json'}: the FP8 scheme quantizes lm_head, which "
+                              "tie_word_embeddings ties to the dense embeddings; an FP8 head is stored untied "
+                              "(tie_word_embeddings false, as telechat quantize --quantize-head writes it)")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     swapped = replace_linears(model, scheme, torch_dtype)

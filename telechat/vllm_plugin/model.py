@@ -12,7 +12,9 @@ the 12B layout's keys load as they are and the 7B layout's (no ``transformer.`` 
 | ``mlp.gate_proj`` / ``mlp.up_proj``   | ``mlp.gate_up_proj`` shards 0 / 1 (MergedColumnParallel)    |
 | ``mlp.down_proj.weight/bias``         | ``mlp.down_proj`` (RowParallelLinear, bias)                 |
 
-The head is ``lm_head`` (12B) or tied to ``word_embeddings`` (7B, ``tie_word_embeddings`` true).
+The head is ``lm_head`` (12B) or tied to ``word_embeddings`` (7B, ``tie_word_embeddings`` true). An FP8
+head (``telechat quantize --method fp8 --quantize-head``: ``lm_head.weight`` E4M3 with ``weight_scale``) is
+dequantized on load into vLLM's dense head: the same weights, with unquantized activations.
 Math as :mod:`telechat.model.modeling`: pre-norm blocks, RMSNorm, SwiGLU, NeoX RoPE with the NTK base and
 mscale of :mod:`telechat.vllm_plugin.rope`, causal MHA/GQA scaled by ``1/sqrt(head_dim)``.
 """
@@ -45,6 +47,7 @@ from vllm.sequence import IntermediateTensors
 
 from telechat.model.checkpoint import canonical_key, split_key_value
 from telechat.model.config import TelechatConfig
+from telechat.model.fp8 import HEAD, fp8_head
 from telechat.vllm_plugin.rope import TelechatRotaryEmbedding, engine_rope_params
 
 STACKED = {  # checkpoint module → (fused vLLM module, shard id)
@@ -192,8 +195,9 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
         self.config = config
         self.transformer = TelechatModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
         if get_pp_group().is_last_rank:
+            head_quant = None if fp8_head(config) else vllm_config.quant_config  # FP8: dequantized in load_weights
             self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                config.vocab_size, config.hidden_size, quant_config=head_quant,
                 prefix=maybe_prefix(prefix, "lm_head"),
             )
             if config.tie_word_embeddings:
@@ -222,10 +226,17 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
         """Load official tensors (either layout) into this rank's shards; returns the parameters loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        head_fp8 = fp8_head(self.config)
+        head: dict[str, torch.Tensor] = {}  # an FP8 head's tensors, until its weight and scale are both read
         for key, tensor in weights:
             name = canonical_key(key)
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # the tied head is the embedding; a stray copy in the checkpoint is ignored
+            if head_fp8 and name.startswith(f"{HEAD}."):
+                head[name.removeprefix(f"{HEAD}.")] = tensor
+                if not {"weight", "weight_scale"} <= head.keys():
+                    continue  # input_scale (static activations) has no use in the dense head
+                name, tensor = f"{HEAD}.weight", head.pop("weight").float() * head.pop("weight_scale").float()
             for target, shard, part in self._shards(name, tensor):
                 if is_pp_missing_parameter(target, self):
                     continue
@@ -235,6 +246,8 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, part) if shard is None else loader(param, part, shard)
                 loaded.add(target)
+        if head.keys() - {"input_scale"}:
+            raise ValueError(f"the checkpoint's FP8 {HEAD} lacks its weight or weight_scale (has {sorted(head)})")
         return loaded
 
     def _shards(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, str | int | None, torch.Tensor]]:

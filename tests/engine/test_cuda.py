@@ -209,8 +209,9 @@ def _model(dtype, **kw):
     return TelechatForCausalLM(cfg).to("cuda", dtype).eval()
 
 
-def _fp8_model():
-    """A bf16 model whose decoder Linears are all FP8 (per-channel weights, dynamic activations), the head bf16."""
+def _fp8_model(head: bool = False):
+    """A bf16 model whose decoder Linears are all FP8 (per-channel weights, dynamic activations), the head bf16
+    (FP8 too with ``head``, as ``--quantize-head`` writes it)."""
     from telechat.model.fp8 import Fp8Linear
 
     model = _model(torch.bfloat16, hidden_size=1024, ffn_hidden_size=2048, initializer_range=0.05)
@@ -219,6 +220,8 @@ def _fp8_model():
                      "mlp.up_proj", "mlp.down_proj"):
             parent, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    if head:
+        model.lm_head = Fp8Linear.from_linear(model.lm_head)
     return model
 
 
@@ -346,8 +349,10 @@ def test_fp8_weight_gemv_matches_the_dequantized_weight(config, m, per_tensor, s
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_fp8_model_decodes_through_the_tuned_gemv():
-    """An FP8 model (fused FP8 projections) tunes the GEMV for its FP8 shapes at capture, and every token
+@pytest.mark.parametrize("head", [False, True], ids=["bf16-head", "fp8-head"])
+def test_fp8_model_decodes_through_the_tuned_gemv(head):
+    """An FP8 model (fused FP8 projections; the head FP8 too or not) tunes the GEMV for its FP8 shapes at
+    capture, the head's included, and every token
     graph decode picks is, within a rounding margin, the best under one of the two computations the tuned
     kernels do: FP8 × FP8 (activations quantized per token: the model's unfused forward, ``_scaled_mm``) or
     weight-only (bf16 activations times the dequantized weights). Which one a shape gets is a timing race
@@ -358,7 +363,7 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
     from telechat.model.fp8 import Fp8Linear
 
     kernels._gemv_plan.clear()
-    model = _fp8_model()
+    model = _fp8_model(head)
     reference = copy.deepcopy(model)
     weight_only = copy.deepcopy(model)
     for module in weight_only.modules():
@@ -366,6 +371,8 @@ def test_fp8_model_decodes_through_the_tuned_gemv():
             module.activations = None  # the dequantized path, activations as they are
     engine = LLMEngine(model, EngineConfig(max_num_seqs=4, max_model_len=512))
     assert any(key[3] == torch.float8_e4m3fn for key in kernels._gemv_plan), "no FP8 shape was tuned"
+    head_dtypes = {key[3] for key in kernels._gemv_plan if key[0] == model.config.vocab_size}
+    assert head_dtypes <= {torch.float8_e4m3fn if head else torch.bfloat16}, head_dtypes
     prompts = [prompt(n, n) for n in (5, 40)]
     for ids, got in zip(prompts, engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))):
         near_best = []

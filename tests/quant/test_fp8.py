@@ -47,17 +47,19 @@ def fp8_args(model: Path, out: Path, *extra: str, calib: Path | None = None) -> 
 
 @pytest.fixture(scope="session")
 def fp8_quantized(trained_model: Path, sft_file: Path):
-    """``activations -> output folder`` of ``telechat quantize --method fp8`` on the trained model."""
+    """``(activations, head) -> output folder`` of ``telechat quantize --method fp8 [--quantize-head]`` on the
+    trained model."""
     from jobs.quant.cli import main
 
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, bool], Path] = {}
 
-    def get(activations: str) -> Path:
-        if activations not in built:
-            out = trained_model.parent / f"small-fp8-{activations}"
-            assert main(fp8_args(trained_model, out, "--activations", activations, calib=sft_file)) == 0
-            built[activations] = out
-        return built[activations]
+    def get(activations: str, head: bool = False) -> Path:
+        if (activations, head) not in built:
+            out = trained_model.parent / f"small-fp8-{activations}{'-head' if head else ''}"
+            extra = ("--activations", activations, *(["--quantize-head"] if head else []))
+            assert main(fp8_args(trained_model, out, *extra, calib=sft_file)) == 0
+            built[activations, head] = out
+        return built[activations, head]
 
     return get
 
@@ -254,6 +256,66 @@ def test_loads_as_fp8_linears_equal_to_in_memory_quantization(fp8_quantized, tra
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_quantize_head_writes_an_untied_fp8_head(fp8_quantized, trained_model: Path, activations):
+    """--quantize-head: the tied test model's embeddings are written dense and again as an E4M3 lm_head with
+    per-row scales (+ an input scale when static), tie_word_embeddings becomes false, ignore is empty; the
+    report names the FP8 head and the perplexity stays within 1 %."""
+    out = fp8_quantized(activations, head=True)
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads((trained_model / "config.json").read_text())["tie_word_embeddings"] is True
+    assert config["tie_word_embeddings"] is False
+    assert config["quantization_config"] == fp8_quantization_config(activations, head=True)
+    assert config["quantization_config"]["ignore"] == [] and fp8_quantization_config()["ignore"] == ["lm_head"]
+    source, written = _tensors(trained_model), _tensors(out)
+    embeddings = source["transformer.word_embeddings.weight"]
+    q, scale = quantize_weight(embeddings)
+    assert _same(written["transformer.word_embeddings.weight"], embeddings)
+    assert _same(written["lm_head.weight"], q) and _same(written["lm_head.weight_scale"], scale)
+    assert ("lm_head.input_scale" in written) == (activations == "static")
+    assert set(written) - set(source) == {"lm_head.weight", *(k for k in written if k.endswith("_scale"))}
+    report = json.loads((out / "quant_report.json").read_text())
+    assert "lm_head FP8" in report["scheme"] and abs(report["ppl_change_pct"]) <= PPL_BUDGET_PCT, report
+
+
+def test_fp8_head_loads_and_serves_as_quantized_in_memory(fp8_quantized, trained_model: Path):
+    """The FP8-head checkpoint loads with an Fp8Linear head beside dense embeddings, gives the logits of the
+    same quantization (head included) built in memory, and the serving engine decodes generate()'s tokens."""
+    from telechat.engine.core import LLMEngine
+    from telechat.engine.sampling import SamplingParams
+    from telechat.model.loader import load_model
+
+    model = load_model(fp8_quantized("dynamic", head=True), device="cpu")
+    assert isinstance(model.lm_head, Fp8Linear) and model.lm_head.activations == "dynamic"
+    assert model.transformer.word_embeddings.weight.dtype == torch.float32
+    reference = load_model(trained_model, device="cpu")
+    for layer in reference.transformer.h:
+        for name in LINEARS:
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, Fp8Linear.from_linear(layer.get_submodule(name)))
+    reference.lm_head = Fp8Linear.from_linear(reference.lm_head)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)
+    prompt = [10, 20, 30, 40, 50]
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, 5:].tolist()
+    assert LLMEngine(model).generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0] == hf
+
+
+def test_tied_config_with_an_fp8_head_is_refused_in_one_line(fp8_quantized, tmp_path: Path):
+    """An FP8 head cannot also be the (dense) embedding table: a config that ties them is refused, naming
+    the field."""
+    from telechat.model.loader import load_model
+
+    folder = tmp_path / "tied"
+    shutil.copytree(fp8_quantized("dynamic", head=True), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings") as e:
+        load_model(folder, device="cpu")
+    assert "\n" not in str(e.value)
+
+
 def test_engine_generates_the_same_tokens_as_generate(fp8_quantized):
     """Greedy decoding through generate() and through the serving engine give the same tokens."""
     from telechat.engine.core import LLMEngine
@@ -416,6 +478,7 @@ def test_option_errors_are_one_line(trained_model: Path, tmp_path: Path, caplog)
         ("--bits", "4"): "--bits 4 is a GPTQ setting",
         ("--group-size", "64"): "--group-size is a GPTQ setting",
         ("--activations", "static"): "--activations static needs --calib",
+        ("--method", "gptq", "--quantize-head"): "--quantize-head is an fp8 setting",
     }
     for extra, message in cases.items():
         caplog.clear()

@@ -1,5 +1,6 @@
 """Our FP8 checkpoints (``telechat quantize --method fp8``, compressed-tensors) serve in vLLM with the plugin
-and reproduce our own FP8 model: greedy tokens and log-probabilities, 7B and 12B layouts.
+and reproduce our own FP8 model: greedy tokens and log-probabilities, 7B and 12B layouts, and the 7B with an
+FP8 head (``--quantize-head``).
 
 Static activation scales are not run here: vLLM's CPU FP8 kernel cannot apply a per-tensor input
 scale with per-channel weight scales (it narrows the scale as if per token); GPUs use CUTLASS.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.vllm.conftest import PROMPTS, Native
 
@@ -17,25 +19,41 @@ NEW_TOKENS = 8
 TOP = 5
 
 
-def _fp8_copy(src: Path, out: Path) -> Path:
-    """``src`` written as FP8 (dynamic activation scales) by the quant job's writer, tokenizer beside it."""
+def _fp8_copy(src: Path, out: Path, head: bool) -> Path:
+    """``src`` written as FP8 (dynamic activation scales; the head too with ``head``) by the quant job's
+    writer, tokenizer beside it."""
     from jobs.output import copy_companions
     from jobs.quant.fp8 import write_fp8_checkpoint
     from telechat.model.checkpoint import inspect_checkpoint
 
     out.mkdir()
-    write_fp8_checkpoint(inspect_checkpoint(src), out)
+    write_fp8_checkpoint(inspect_checkpoint(src), out, head=head)
     copy_companions(src, out)
     return out
 
 
-@pytest.fixture(scope="module", params=["7b", "12b"])
+def _dequantized(head) -> torch.nn.Linear:
+    """A dense Linear holding an Fp8Linear's weights, dequantized (what the plugin loads an FP8 head as)."""
+    dense = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    dense.weight.data = head.weight.float() * head.weight_scale
+    return dense
+
+
+@pytest.fixture(scope="module", params=["7b", "12b", "7b-fp8-head"])
 def pair(request, llm_factory, tmp_path_factory):
     """(native FP8 model, vLLM engine, native dense model) on the FP8 copy of one tiny checkpoint
-    (tied 7B / untied 12B layout)."""
-    dense = request.getfixturevalue(f"tiny_{request.param}")
-    folder = _fp8_copy(dense, tmp_path_factory.mktemp("fp8") / request.param)
-    return Native(folder), llm_factory(folder, max_logprobs=TOP), Native(dense)
+    (tied 7B / untied 12B layout; the 7B with its head in FP8 too, which the plugin serves dequantized:
+    the native reference gets the same dense head)."""
+    from telechat.model.fp8 import Fp8Linear
+
+    layout, _, head = request.param.partition("-")
+    dense = request.getfixturevalue(f"tiny_{layout}")
+    folder = _fp8_copy(dense, tmp_path_factory.mktemp("fp8") / request.param, head=bool(head))
+    native = Native(folder)
+    assert isinstance(native.model.lm_head, Fp8Linear) == bool(head)
+    if head:
+        native.model.lm_head = _dequantized(native.model.lm_head)
+    return native, llm_factory(folder, max_logprobs=TOP), Native(dense)
 
 
 def test_fp8_checkpoint_serves_with_our_greedy_tokens(pair):
