@@ -6,7 +6,8 @@ partitions per (sequence, head), chosen from the batch size so the GPU has enoug
 flight (many for one sequence, one for large batches), and each sequence splits its *own* context
 evenly over them at run time, so a short context is read by several programs in one pass instead
 of one program looping, and a long one still fills the card. With one partition the kernel writes
-the output itself; otherwise the partitions are merged with a log-sum-exp reduction. Elsewhere the
+the output itself; otherwise the partitions are merged with a log-sum-exp reduction by the program
+of each (sequence, head) that finishes last (an atomic count), in the same launch. Elsewhere the
 keys are gathered and fed to SDPA. Both take the same metadata and are CUDA-graph safe.
 
 The cache may hold FP8 (E4M3) values: ``stored = value / scale`` with one scale per layer for K and
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from telechat.model.attention import attention
-from telechat.model.kernels import FP8_DTYPE, pdl_options
+from telechat.model.kernels import FP8_DTYPE, arrival_counters, pdl_options
 
 try:  # Triton ships with CUDA builds of torch; CPU installs use the gather path.
     import triton
@@ -66,11 +67,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_parts"])  # eager launches vary it: no compile per value
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, out_ptr, q_scale, v_scale,
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, acc_ptr, stats_ptr, out_ptr, cnt_ptr, q_scale, v_scale,
         stride_qb, stride_qh, stride_tb, stride_ks, stride_kh, stride_ob, stride_oh,
         num_parts, num_heads,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        TOKENS: tl.constexpr, DIRECT: tl.constexpr, EARLY_V: tl.constexpr, PDL: tl.constexpr,
+        TOKENS: tl.constexpr, DIRECT: tl.constexpr, EARLY_V: tl.constexpr, P_PAD: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pdl_begin(PDL)
         b = tl.program_id(0)
@@ -119,22 +121,28 @@ if triton is not None:
             tl.store(acc_ptr + row * D_PAD + offs_d, acc)
             tl.store(stats_ptr + row * 2, m_i)
             tl.store(stats_ptr + row * 2 + 1, l_i)
+            tl.debug_barrier()  # every thread's part is written before the release below
+            arrived = tl.atomic_add(cnt_ptr + b * num_heads + h, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_parts - 1:  # the last partition of this (sequence, head) merges them all
+                _merge_parts(acc_ptr, stats_ptr, out_ptr, b, h, stride_ob, stride_oh, num_parts, num_heads,
+                             HEAD_DIM, D_PAD, P_PAD)
+                tl.store(cnt_ptr + b * num_heads + h, 0)
 
 
-    @triton.jit(do_not_specialize=["num_parts"])
-    def _merge_kernel(acc_ptr, stats_ptr, out_ptr, stride_ob, stride_oh, num_parts, num_heads,
-                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, PDL: tl.constexpr):
-        pdl_begin(PDL)
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+    @triton.jit
+    def _merge_parts(acc_ptr, stats_ptr, out_ptr, b, h, stride_ob, stride_oh, num_parts, num_heads,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr):
+        """The output of (sequence ``b``, head ``h``) from its partitions' ``acc, m, l`` (log-sum-exp weights),
+        read past L1: other programs of this launch wrote them."""
         row0 = (b * num_heads + h) * num_parts
         parts = tl.arange(0, P_PAD)
         p_mask = parts < num_parts
-        m = tl.load(stats_ptr + (row0 + parts) * 2, mask=p_mask, other=float("-inf"))
-        l = tl.load(stats_ptr + (row0 + parts) * 2 + 1, mask=p_mask, other=0.0)
+        m = tl.load(stats_ptr + (row0 + parts) * 2, mask=p_mask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(stats_ptr + (row0 + parts) * 2 + 1, mask=p_mask, other=0.0, cache_modifier=".cg")
         w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
         offs_d = tl.arange(0, D_PAD)
-        acc = tl.load(acc_ptr + (row0 + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0)
+        acc = tl.load(acc_ptr + (row0 + parts)[:, None] * D_PAD + offs_d[None, :], mask=p_mask[:, None], other=0.0,
+                      cache_modifier=".cg")
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
                  mask=offs_d < HEAD_DIM)
@@ -171,17 +179,16 @@ def _triton_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, k_sc
     direct = parts == 1
     acc = out if direct else torch.empty(bsz, heads, parts, d_pad, dtype=torch.float32, device=q.device)
     stats = out if direct else torch.empty(bsz, heads, parts, 2, dtype=torch.float32, device=q.device)
+    counters = out if direct else arrival_counters(q.device, bsz * heads, "paged_decode")
     pdl = pdl_options(q.device, bsz)
     _paged_decode_kernel[(bsz, heads, parts)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, k_scale / math.sqrt(d), v_scale,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, stats, out, counters, k_scale / math.sqrt(d), v_scale,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         out.stride(0), out.stride(1), parts, heads,
         GROUP=heads // n_kv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad, TOKENS=config.tokens, DIRECT=direct,
-        EARLY_V=config.early_v, num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
+        EARLY_V=config.early_v, P_PAD=MAX_PARTITIONS, num_warps=config.num_warps, num_stages=config.num_stages,
+        **pdl,
     )
-    if not direct:
-        _merge_kernel[(bsz, heads)](acc, stats, out, out.stride(0), out.stride(1), parts, heads,
-                                    HEAD_DIM=d, D_PAD=d_pad, P_PAD=MAX_PARTITIONS, **pdl)
     return out
 
 

@@ -590,13 +590,13 @@ winners of :data:`GEMV_CANDIDATES` on an H200 for the 7B shapes (bench/RESULTS.m
 start-up short."""
 GEMV_MIN_GAIN = 0.03
 """A tiling replaces cuBLAS only when it is at least this much faster (timing noise)."""
-GEMV_MAX_ROW_BLOCKS = 1 << 16
-"""Row blocks a serially reduced split-K launch may have (one int32 counter each, per device)."""
 
 _gemv_plan: dict[tuple, GemvConfig] = {}
 """(N, K, row bucket, dtype, has bias, FP8 activations) → the tiling that beat cuBLAS; absent = cuBLAS."""
-_gemv_counters: dict[torch.device, torch.Tensor] = {}
-"""Per device: zeroed arrival counters of the serially reduced split-K (each launch leaves them zero)."""
+ARRIVAL_COUNTERS = 1 << 16
+"""Arrival counters per (device, user) of :func:`arrival_counters`."""
+_arrival_counters: dict[tuple[torch.device, str], torch.Tensor] = {}
+"""Per device and user: zeroed arrival counters (each launch leaves them zero)."""
 
 
 def gemv_bucket(m: int) -> int:
@@ -755,15 +755,18 @@ if triton is not None:
         tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_counters(device: torch.device, blocks: int) -> torch.Tensor:
-    """The device's arrival counters (allocated zeroed on first use, which must precede graph capture)."""
-    if blocks > GEMV_MAX_ROW_BLOCKS:
-        raise ValueError(f"gemv: a serially reduced split-K takes ≤ {GEMV_MAX_ROW_BLOCKS} row blocks, got {blocks}")
-    counters = _gemv_counters.get(device)
+def arrival_counters(device: torch.device, groups: int, user: str) -> torch.Tensor:
+    """Zeroed int32 counters, one per group of programs, for kernels in which the last program of a group to
+    finish (an atomic count) combines the group's partial results and sets its counter back to zero — so a
+    captured CUDA graph replays correctly. One buffer per device and ``user`` (``"gemv"``, ``"paged_decode"``),
+    allocated on first use, which must precede graph capture."""
+    if groups > ARRIVAL_COUNTERS:
+        raise ValueError(f"{user}: at most {ARRIVAL_COUNTERS} groups of programs reduce serially, got {groups}")
+    counters = _arrival_counters.get((device, user))
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("gemv: run a serially reduced split-K tiling once before CUDA-graph capture")
-        counters = _gemv_counters[device] = torch.zeros(GEMV_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
+            raise RuntimeError(f"{user}: run a serially reduced launch once before CUDA-graph capture")
+        counters = _arrival_counters[(device, user)] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=device)
     return counters
 
 
@@ -800,7 +803,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2, xs = x_rows if x_rows is not None else quantize_rows_fp8(x2, input_scale, FP8_MIN_SCALE)
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     serial = split > 1 and config.serial_reduce
-    counters = _split_counters(x.device, grid[0]) if serial else out
+    counters = arrival_counters(x.device, grid[0], "gemv") if serial else out
     b = bias if bias is not None else weight  # never read without HAS_BIAS
     scales = scale.reshape(-1) if fp8 else out  # never read without HAS_SCALE
     pdl = pdl_options(x.device, m)

@@ -160,4 +160,4 @@ def test_every_gemv_tiling_equals_linear_in_the_triton_interpreter(dtype):
                     for _ in range(2):
                         out = gemv(x, w, b, config).float()
                         assert (out - ref).norm() / ref.norm() < 1e-2, (config, m, k)
-    assert all(int(c.count_nonzero()) == 0 for c in kernels._gemv_counters.values())
+    assert all(int(c.count_nonzero()) == 0 for c in kernels._arrival_counters.values())
