@@ -24,8 +24,7 @@ from telechat.engine.paged_attention import paged_decode_attention, read_kv
 from telechat.engine.prefix_attention import ChunkTables, chunk_tables, prefix_prefill_attention
 from telechat.engine.sampling import to_device
 from telechat.model.attention import attention
-from telechat.model.kernels import FP8_DTYPE, rope_and_cache, store_kv
-from telechat.model.rope import apply_rope
+from telechat.model.kernels import FP8_DTYPE, rope_and_cache
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 """``auto``: the model's dtype; ``fp8``: E4M3 with per-layer scales (also spelled ``fp8_e4m3``)."""
@@ -184,12 +183,10 @@ class StepAttention:
         if not self.prefills:
             q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots, ks, vs)
             return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, cache.block_size, ks, vs)
-        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q, k = apply_rope(q, c, s), apply_rope(k, c, s)
-        store_kv(kc, self.write_slots, k, ks)
-        store_kv(vc, self.write_slots, v, vs)
-        if cache.is_fp8:  # attend to what the cache holds (see the module doc)
-            k, v = read_kv(kc, self.write_slots, ks, q.dtype), read_kv(vc, self.write_slots, vs, q.dtype)
+        q = rope_and_cache(q, k, v, cos, sin, kc, vc, self.write_slots, ks, vs)  # one launch, as decode's
+        k = read_kv(kc, self.write_slots, ks, q.dtype)  # the rotated keys, as the cache holds them
+        if cache.is_fp8:  # attend to the values the cache holds too (see the module doc)
+            v = read_kv(vc, self.write_slots, vs, q.dtype)
         out = torch.empty_like(q)
         if self.decode_rows:
             n = self.decode_rows
