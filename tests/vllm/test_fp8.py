@@ -17,6 +17,12 @@ from tests.vllm.conftest import PROMPTS, Native
 
 NEW_TOKENS = 8
 TOP = 5
+TOLERANCE = 2e-2
+"""|vLLM − ours| per top log-probability: vLLM's per-token activation rounding may differ by an E4M3 step on a few
+values (measured: 12B layout ≤ 2e-6, 7B ≤ 0.011)."""
+HEAD_TOLERANCE = 6e-2
+"""The same with the FP8 head, served dequantized by both: measured ≤ 0.050 (mean 0.005), against ≤ 0.075 (mean
+0.023) for our FP8 head with its input quantized too, and ≤ 2.6 for the dense embeddings as the head."""
 
 
 def _fp8_copy(src: Path, out: Path, head: bool) -> Path:
@@ -41,9 +47,9 @@ def _dequantized(head) -> torch.nn.Linear:
 
 @pytest.fixture(scope="module", params=["7b", "12b", "7b-fp8-head"])
 def pair(request, llm_factory, tmp_path_factory):
-    """(native FP8 model, vLLM engine, native dense model) on the FP8 copy of one tiny checkpoint
-    (tied 7B / untied 12B layout; the 7B with its head in FP8 too, which the plugin serves dequantized:
-    the native reference gets the same dense head)."""
+    """(native FP8 model, vLLM engine, native dense model, logprob tolerance) on the FP8 copy of one tiny
+    checkpoint (tied 7B / untied 12B layout; the 7B with its head in FP8 too, which the plugin serves
+    dequantized: the native reference gets the same dense head)."""
     from telechat.model.fp8 import Fp8Linear
 
     layout, _, head = request.param.partition("-")
@@ -53,19 +59,18 @@ def pair(request, llm_factory, tmp_path_factory):
     assert isinstance(native.model.lm_head, Fp8Linear) == bool(head)
     if head:
         native.model.lm_head = _dequantized(native.model.lm_head)
-    return native, llm_factory(folder, max_logprobs=TOP), Native(dense)
+    return native, llm_factory(folder, max_logprobs=TOP), Native(dense), HEAD_TOLERANCE if head else TOLERANCE
 
 
 def test_fp8_checkpoint_serves_with_our_greedy_tokens(pair):
     """vLLM picks its compressed-tensors FP8 scheme for our checkpoint; its greedy tokens equal our FP8
-    model's and its top log-probabilities agree to 2e-2 (same quantized weights; vLLM's per-token
-    activation rounding may differ by an E4M3 step on a few values), while the dense model's differ
-    by more (the comparison sees the quantization)."""
+    model's and its top log-probabilities agree within the tolerance (same quantized weights), while the
+    dense model's differ by more (the comparison sees the quantization)."""
     from vllm import SamplingParams
 
     from telechat.model.fp8 import Fp8Linear
 
-    native, llm, dense = pair
+    native, llm, dense, tolerance = pair
     assert llm.llm_engine.model_config.quantization == "compressed-tensors"
     assert isinstance(native.model.transformer.h[0].self_attention.key_value, Fp8Linear)
     prompts = [native.encode(p) for p in PROMPTS]
@@ -79,6 +84,6 @@ def test_fp8_checkpoint_serves_with_our_greedy_tokens(pair):
         worst_dense = 0.0
         for row, entries in enumerate(out.outputs[0].logprobs):
             for token, logprob in entries.items():
-                assert logprob.logprob == pytest.approx(reference[row, token].item(), abs=2e-2)
+                assert logprob.logprob == pytest.approx(reference[row, token].item(), abs=tolerance)
                 worst_dense = max(worst_dense, abs(logprob.logprob - unquantized[row, token].item()))
         assert worst_dense > 5e-2, "vLLM's logprobs equal the dense model's: were the FP8 weights used?"
