@@ -129,6 +129,7 @@ def write_fp8_checkpoint(
             current, size = {}, 0
 
     done: set[str] = set()
+
     def quantized(module: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scale = quantize_weight(tensor)
         out = {f"{module}.weight": q, f"{module}.weight_scale": scale}
