@@ -58,9 +58,12 @@ def main(argv: list[str]) -> int:
         return 1
     from telechat.model.config import TelechatConfig
     from telechat.model.fp8 import QUANT_METHOD as FP8_QUANT_METHOD
+    from telechat.model.fp8 import fp8_head
 
     cfg = TelechatConfig.from_pretrained(info.path)
     quant = ("FP8" if info.quant_method == FP8_QUANT_METHOD else "GPTQ") if info.quantized else None
+    if quant == "FP8" and fp8_head(cfg):
+        quant = "FP8 (lm_head too)"
     layout = "7B-style (tied head)" if cfg.tie_word_embeddings else "12B-style (untied lm_head)"
     print(f"model         {info.path}: {cfg.n_layer} layers, hidden {cfg.hidden_size}, heads {cfg.n_head}"
           f"/{cfg.num_key_value_heads} kv, vocab {cfg.vocab_size}, {layout}, {len(info.weight_files)} weight file(s)"
