@@ -281,8 +281,7 @@ def _quantize_fp8(args, tmp: Path, device: str, data, evaluate_model, report):
         model = load_original()
         calibrate(model)
         del model
-    log.info("FP8 weights (%s activations, lm_head %s) → %s", args.activations,
-             "FP8" if args.quantize_head else "dense", args.output)
+    log.info("%s → %s", _scheme(args), args.output)
     start = time.perf_counter()
     write_fp8_checkpoint(inspect_checkpoint(args.model), tmp, activations=args.activations,
                          input_scales=scales if static else None,

@@ -193,11 +193,12 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
         if not isinstance(config, TelechatConfig):
             raise TypeError(f"expected a TelechatConfig (model_type telechat), got {type(config).__name__}")
         self.config = config
+        self.fp8_head = fp8_head(config)
+        """The checkpoint's head is FP8 (``--quantize-head``): served dense, dequantized in :meth:`load_weights`."""
         self.transformer = TelechatModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "transformer"))
         if get_pp_group().is_last_rank:
-            head_quant = None if fp8_head(config) else vllm_config.quant_config  # FP8: dequantized in load_weights
             self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, quant_config=head_quant,
+                config.vocab_size, config.hidden_size, quant_config=None if self.fp8_head else vllm_config.quant_config,
                 prefix=maybe_prefix(prefix, "lm_head"),
             )
             if config.tie_word_embeddings:
@@ -226,13 +227,12 @@ class TelechatForCausalLM(nn.Module, SupportsPP):
         """Load official tensors (either layout) into this rank's shards; returns the parameters loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        head_fp8 = fp8_head(self.config)
         head: dict[str, torch.Tensor] = {}  # an FP8 head's tensors, until its weight and scale are both read
         for key, tensor in weights:
             name = canonical_key(key)
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # the tied head is the embedding; a stray copy in the checkpoint is ignored
-            if head_fp8 and name.startswith(f"{HEAD}."):
+            if self.fp8_head and name.startswith(f"{HEAD}."):
                 head[name.removeprefix(f"{HEAD}.")] = tensor
                 if not {"weight", "weight_scale"} <= head.keys():
                     continue  # input_scale (static activations) has no use in the dense head
