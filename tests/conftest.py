@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,15 @@ REF = REPO / "tests" / "fixtures"
 GOLDEN_DIR = REF / "golden"
 TOKENIZER_12B = REF / "tokenizer-12b"
 SFT_DATA = REF / "sft-data"
+
+
+def telechat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``telechat ARGS`` (``python -m telechat.cli``) from the repository root, without a ``MODEL_PATH`` from the
+    caller's environment; its output captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MODEL_PATH", None)
+    return subprocess.run([sys.executable, "-m", "telechat.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def fixture_file(path: Path) -> Path:

@@ -7,14 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
-
-
-def telechat(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("MODEL_PATH", None)
-    return subprocess.run([sys.executable, "-m", "telechat.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+from tests.conftest import REPO, telechat
 
 
 def test_generate_prints_a_reply_and_labels_the_demo(demo_model_dir):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from tests.conftest import GOLDEN_DIR
+from tests.conftest import GOLDEN_DIR, telechat
 from tests.quant.conftest import CALIB_SAMPLES, SEQ_LEN
 from telechat.model.checkpoint import CheckpointError
 from telechat.model.fp8 import (
@@ -277,8 +276,7 @@ def test_quantize_head_writes_an_untied_fp8_head(fp8_quantized, trained_model: P
     assert set(written) - set(source) == {"lm_head.weight", *(k for k in written if k.endswith("_scale"))}
     report = json.loads((out / "quant_report.json").read_text())
     assert "lm_head FP8" in report["scheme"] and abs(report["ppl_change_pct"]) <= PPL_BUDGET_PCT, report
-    doctor = subprocess.run([sys.executable, "-m", "telechat.cli", "doctor", "--model", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    doctor = telechat("doctor", "--model", str(out))
     assert doctor.returncode == 0 and "FP8 (lm_head too)" in doctor.stdout and "untied" in doctor.stdout, doctor
 
 
